@@ -1,0 +1,706 @@
+//! End-to-end performance benchmark of tailcache against the product's bar.
+//!
+//! Not a test: it starts a private MariaDB and memcached (the integration
+//! harness), runs the release `tailcache` binary (cargo builds it with the
+//! bench profile, i.e. `target/release/tailcache`) and prints one line per
+//! metric: `BENCH <metric> = <value> (target <target>) PASS|MISS`.
+//!
+//! ```sh
+//! cargo bench --bench pipeline                 # everything
+//! cargo bench --bench pipeline -- latency      # only some: idle latency resync catchup bulk
+//! ```
+//!
+//! Sizes can be shrunk for profiling: `BENCH_LATENCY_N`, `BENCH_CATCHUP_ROWS`,
+//! `BENCH_BULK_ROWS`, `BENCH_RESYNC_ROWS`.
+
+// The harness carries its own `#![allow(dead_code)]`.
+#[path = "../tests/it/harness.rs"]
+mod harness;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use mysql_async::prelude::*;
+
+use harness::{Daemon, Memcached, TestDb};
+
+// ---------------------------------------------------------------------------
+// Reporting
+// ---------------------------------------------------------------------------
+
+struct Report {
+    lines: Vec<String>,
+}
+
+impl Report {
+    fn metric(&mut self, metric: &str, value: String, target: &str, pass: Option<bool>) {
+        let verdict = match pass {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "info",
+        };
+        let line = format!("BENCH {metric:<44} = {value:>16}   (target {target}) {verdict}");
+        println!("{line}");
+        self.lines.push(line);
+    }
+
+    fn info(&mut self, metric: &str, value: String) {
+        self.metric(metric, value, "-", None);
+    }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Nearest-rank percentile of an ascending slice.
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    pct(&v, 50.0)
+}
+
+// ---------------------------------------------------------------------------
+// Binlog positions, the replica checkpoint, the daemon's log
+// ---------------------------------------------------------------------------
+
+/// (file number, offset): positions compare by binlog number, then offset.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Pos {
+    num: u64,
+    off: u64,
+    file: String,
+}
+
+impl Pos {
+    fn new(file: String, off: u64) -> Pos {
+        let num = file.rsplit('.').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        Pos { num, off, file }
+    }
+    fn reached(&self, target: &Pos) -> bool {
+        (self.num, self.off) >= (target.num, target.off)
+    }
+}
+
+async fn master_pos(conn: &mut mysql_async::Conn) -> Pos {
+    let row: mysql_async::Row = conn.query_first("SHOW MASTER STATUS").await.unwrap().expect("binlog is on");
+    Pos::new(row.get::<String, _>(0).unwrap(), row.get::<u64, _>(1).unwrap())
+}
+
+/// Reads `_tailcache_state` of a state file the daemon writes.
+struct StateReader {
+    conn: Option<rusqlite::Connection>,
+    path: PathBuf,
+}
+
+impl StateReader {
+    fn new(path: &Path) -> StateReader {
+        StateReader { conn: None, path: path.to_owned() }
+    }
+
+    /// (checkpoint, consistent), or None before the daemon wrote one.
+    fn read(&mut self) -> Option<(Pos, bool)> {
+        if self.conn.is_none() {
+            if !self.path.exists() {
+                return None;
+            }
+            let c =
+                rusqlite::Connection::open_with_flags(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE).ok()?;
+            // No busy waiting inside SQLite: a locked file is "not yet" and
+            // the caller polls again; a busy handler would sleep up to 100 ms.
+            c.busy_timeout(Duration::ZERO).ok()?;
+            self.conn = Some(c);
+        }
+        let c = self.conn.as_ref()?;
+        let r: rusqlite::Result<(Option<String>, Option<i64>, bool)> =
+            c.query_row("SELECT file, pos, consistent FROM _tailcache_state WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            });
+        match r {
+            Ok((Some(f), Some(p), cons)) => Some((Pos::new(f, p as u64), cons)),
+            _ => None,
+        }
+    }
+
+    /// Polls every `every` until the checkpoint is consistent and at or past
+    /// `target`; the instant it was first seen there.
+    fn wait_reached(&mut self, target: &Pos, timeout: Duration, every: Duration, daemon: &Daemon) -> Instant {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((p, true)) = self.read()
+                && p.reached(target)
+            {
+                return Instant::now();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "checkpoint did not reach {target:?} within {timeout:?} (at {:?})\n{}",
+                    self.read(),
+                    tail_log(daemon, 40)
+                );
+            }
+            std::thread::sleep(every);
+        }
+    }
+}
+
+fn tail_log(d: &Daemon, n: usize) -> String {
+    let log = d.log();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// One JSON log line (`--log-format json`) whose message is `message` and
+/// that satisfies `pred`.
+fn find_log(d: &Daemon, message: &str, pred: impl Fn(&serde_json::Value) -> bool) -> Option<serde_json::Value> {
+    d.log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == message && pred(&v["fields"]))
+}
+
+fn wait_log(
+    d: &Daemon,
+    message: &str,
+    timeout: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> (serde_json::Value, Instant) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = find_log(d, message, &pred) {
+            return (v, Instant::now());
+        }
+        assert!(Instant::now() < deadline, "no log line {message:?} within {timeout:?}\n{}", tail_log(d, 40));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The wall-clock timestamp of a JSON log line, as a `SystemTime`.
+fn log_time(v: &serde_json::Value) -> Option<SystemTime> {
+    // "2025-01-02T03:04:05.123456Z": only the time of day matters here.
+    let ts = v["timestamp"].as_str()?;
+    let (date, time) = ts.split_once('T')?;
+    let time = time.trim_end_matches('Z');
+    let mut hms = time.split(':');
+    let h: u64 = hms.next()?.parse().ok()?;
+    let m: u64 = hms.next()?.parse().ok()?;
+    let s: f64 = hms.next()?.parse().ok()?;
+    let mut d = date.split('-');
+    let (y, mo, da): (i64, u64, u64) = (d.next()?.parse().ok()?, d.next()?.parse().ok()?, d.next()?.parse().ok()?);
+    // Days since the epoch (civil calendar, Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = (y - era * 400) as u64;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + da - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe as i64 - 719_468;
+    let secs = days as f64 * 86_400.0 + (h * 3600 + m * 60) as f64 + s;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs))
+}
+
+// ---------------------------------------------------------------------------
+// memcached meta-protocol poller over one persistent connection
+// ---------------------------------------------------------------------------
+
+struct Mg {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+    line: String,
+}
+
+impl Mg {
+    fn connect(addr: &str) -> Mg {
+        let s = TcpStream::connect(addr).expect("connect memcached");
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Mg { r: BufReader::new(s.try_clone().unwrap()), w: s, line: String::new() }
+    }
+
+    /// `mg KEY v`: the value, or None on a miss.
+    fn get(&mut self, key: &str) -> Option<Vec<u8>> {
+        self.w.write_all(format!("mg {key} v\r\n").as_bytes()).expect("write mg");
+        self.line.clear();
+        self.r.read_line(&mut self.line).expect("read mg");
+        if self.line.starts_with("EN") {
+            return None;
+        }
+        let len: usize = self
+            .line
+            .strip_prefix("VA ")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected mg reply {:?}", self.line));
+        let mut buf = vec![0; len + 2];
+        self.r.read_exact(&mut buf).expect("read mg value");
+        buf.truncate(len);
+        Some(buf)
+    }
+
+    fn wait_present(&mut self, key: &str, timeout: Duration, daemon: &Daemon) {
+        let deadline = Instant::now() + timeout;
+        while self.get(key).is_none() {
+            assert!(Instant::now() < deadline, "{key} never appeared in memcached\n{}", tail_log(daemon, 40));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+// ---------------------------------------------------------------------------
+// Setup helpers
+// ---------------------------------------------------------------------------
+
+fn config(db: &TestDb, state: &Path, tables: &[&str], mc: Option<(&Memcached, &str)>, views: &str) -> String {
+    let tables: Vec<String> = tables.iter().map(|t| format!("\"{t}\"")).collect();
+    let mut s = format!(
+        "[mysql]\nurl = \"{}\"\nserver_id = {}\ntables = [{}]\n\n[state]\npath = \"{}\"\n\n",
+        db.url,
+        db.server_id,
+        tables.join(", "),
+        state.display()
+    );
+    if let Some((mc, prefix)) = mc {
+        s += &format!("[memcached]\nservers = [\"{}\"]\nkey_prefix = \"{prefix}\"\n\n", mc.addr());
+    }
+    s + views
+}
+
+async fn exec(conn: &mut mysql_async::Conn, sql: &str) {
+    conn.query_drop(sql).await.unwrap_or_else(|e| panic!("`{sql}`: {e}"));
+}
+
+fn vm_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------
+// 5. Idle memory
+// ---------------------------------------------------------------------------
+
+async fn bench_idle(rep: &mut Report, mc: &Memcached) {
+    let db = harness::server().create_db("idle").await;
+    let mut conn = db.root_conn().await;
+    let schema = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/schema.sql")).unwrap();
+    exec(&mut conn, &schema).await;
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")).unwrap();
+    let mut cfg = example.clone();
+    for (from, to) in [
+        ("url = \"mysql://tailcache:secret@127.0.0.1:3306/appdb\"".to_owned(), format!("url = \"{}\"", db.url)),
+        ("server_id = 4001".to_owned(), format!("server_id = {}", db.server_id)),
+        (
+            "path = \"/var/lib/tailcache/state.db\"".to_owned(),
+            format!("path = \"{}\"", dir.path().join("s.db").display()),
+        ),
+        ("servers = [\"127.0.0.1:11211\"]".to_owned(), format!("servers = [\"{}\"]", mc.addr())),
+    ] {
+        assert!(cfg.contains(&from), "config.example.toml no longer contains {from}");
+        cfg = cfg.replace(&from, &to);
+    }
+    let started = Instant::now();
+    let daemon = Daemon::start(&cfg);
+    let mut mg = Mg::connect(&mc.addr());
+    mg.wait_present("myapp:apps", Duration::from_secs(30), &daemon);
+    let ready = started.elapsed();
+    // Let it settle (publisher idle, allocator caches warm), then sample.
+    let mut rss = Vec::new();
+    std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..5 {
+        rss.push(vm_kb(daemon.pid(), "VmRSS:").expect("VmRSS"));
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let hwm = vm_kb(daemon.pid(), "VmHWM:").unwrap_or(0);
+    let max = *rss.iter().max().unwrap();
+    rep.info("idle: start-up to first publish (example cfg)", format!("{:.0} ms", ms(ready)));
+    rep.metric(
+        "idle: RSS (VmRSS, max of 5 samples)",
+        format!("{:.1} MB", max as f64 / 1024.0),
+        "<= 30 MB",
+        Some(max <= 30 * 1024),
+    );
+    rep.info("idle: peak RSS (VmHWM)", format!("{:.1} MB", hwm as f64 / 1024.0));
+    drop(daemon);
+}
+
+// ---------------------------------------------------------------------------
+// 1. Commit → readable in memcached
+// ---------------------------------------------------------------------------
+
+/// `rows` rows in the table (and so in the view); `n` measured commits.
+/// `target`: whether these numbers are held against the targets.
+async fn bench_latency(rep: &mut Report, mc: &Memcached, rows: usize, n: usize, target: bool) {
+    let db = harness::server().create_db("latency").await;
+    let mut conn = db.root_conn().await;
+    exec(&mut conn, "CREATE TABLE app (id INT PRIMARY KEY, name VARCHAR(64) NOT NULL, v INT NOT NULL)").await;
+    exec(&mut conn, &format!("INSERT INTO app SELECT seq, CONCAT('app', seq), seq FROM seq_1_to_{rows}")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let views = "[[views]]\nname = \"app\"\nkey = \"app:{id}\"\nquery = \"SELECT id, name, v FROM app\"\n";
+    let prefix = format!("lat{rows}:");
+    let cfg = config(&db, &dir.path().join("s.db"), &["app"], Some((mc, &prefix)), views);
+    let daemon = Daemon::start(&cfg);
+    let mut mg = Mg::connect(&mc.addr());
+    mg.wait_present(&format!("{prefix}app:{rows}"), Duration::from_secs(30), &daemon);
+
+    let warmup = 20;
+    let mut lat = Vec::with_capacity(n);
+    let mut commit_rtt = Vec::with_capacity(n);
+    let mut polls = 0u64;
+    let mut timeouts = 0;
+    for i in 0..warmup + n {
+        let id = i % rows + 1;
+        let marker = format!("m{i:07}");
+        let mut tx = conn.start_transaction(Default::default()).await.unwrap();
+        tx.exec_drop("UPDATE app SET name = ? WHERE id = ?", (&marker, id)).await.unwrap();
+        let key = format!("{prefix}app:{id}");
+        let t0 = Instant::now();
+        tx.commit().await.unwrap();
+        let committed = t0.elapsed();
+        let deadline = t0 + Duration::from_secs(2);
+        let t1 = loop {
+            polls += 1;
+            if mg.get(&key).is_some_and(|v| contains(&v, marker.as_bytes())) {
+                break Some(Instant::now());
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+        };
+        if i >= warmup {
+            match t1 {
+                Some(t1) => lat.push(t1 - t0),
+                None => timeouts += 1,
+            }
+            commit_rtt.push(committed);
+        }
+        // Spaced commits: each one is a lone edit, not part of a burst.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    lat.sort();
+    commit_rtt.sort();
+    let (p50, p99) = (pct(&lat, 50.0), pct(&lat, 99.0));
+    let l = format!("latency[{rows} rows]");
+    let ok = |d: Duration, lim: u64| target.then_some(d <= Duration::from_millis(lim) && timeouts == 0);
+    rep.info(&format!("{l}: samples (20 warm-up, 5 ms apart)"), format!("{} ok, {timeouts} >2s", lat.len()));
+    rep.info(&format!("{l}: COMMIT round trip p50"), format!("{:.3} ms", ms(pct(&commit_rtt, 50.0))));
+    let tgt = |t: &str| if target { t.to_owned() } else { format!("{t}, info only") };
+    rep.metric(&format!("{l}: commit -> memcached p50"), format!("{:.3} ms", ms(p50)), &tgt("<= 1 ms"), ok(p50, 1));
+    rep.metric(&format!("{l}: commit -> memcached p99"), format!("{:.3} ms", ms(p99)), &tgt("<= 5 ms"), ok(p99, 5));
+    rep.info(&format!("{l}: commit -> memcached max"), format!("{:.3} ms", ms(*lat.last().unwrap_or(&Duration::ZERO))));
+    rep.info(&format!("{l}: mg polls per sample"), format!("{:.0}", polls as f64 / (warmup + n) as f64));
+    drop(daemon);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Catch-up through a mostly-unwatched binlog vs mariadb-binlog
+// ---------------------------------------------------------------------------
+
+fn backup_state(state: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let from = PathBuf::from(format!("{}{suffix}", state.display()));
+        let dst = to.join(format!("s.db{suffix}"));
+        let _ = std::fs::remove_file(&dst);
+        if from.exists() {
+            std::fs::copy(&from, &dst).unwrap();
+        }
+    }
+}
+
+fn restore_state(from: &Path, state: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let src = from.join(format!("s.db{suffix}"));
+        let dst = PathBuf::from(format!("{}{suffix}", state.display()));
+        let _ = std::fs::remove_file(&dst);
+        if src.exists() {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+async fn bench_catchup(rep: &mut Report, mc: &Memcached) {
+    let total = env_usize("BENCH_CATCHUP_ROWS", 200_000);
+    let per_txn = 1000;
+    let watched_per_txn = 10; // 1%
+    let txns = total / per_txn;
+    let runs = env_usize("BENCH_CATCHUP_RUNS", 5);
+    let server = harness::server();
+    let db = server.create_db("catchup").await;
+    let mut conn = db.root_conn().await;
+    exec(&mut conn, "CREATE TABLE w (id INT PRIMARY KEY, v INT NOT NULL, pad VARCHAR(40) NOT NULL)").await;
+    exec(&mut conn, "CREATE TABLE u (id INT PRIMARY KEY, v INT NOT NULL, pad VARCHAR(40) NOT NULL)").await;
+    exec(&mut conn, "INSERT INTO w VALUES (0, 0, 'seed')").await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let views = "[[views]]\nname = \"w\"\nkey = \"w:{id}\"\nquery = \"SELECT id, v, pad FROM w\"\n";
+    let cfg = config(&db, &state, &["w"], Some((mc, "cu:")), views);
+    let mut daemon = Daemon::start(&cfg);
+    let here = master_pos(&mut conn).await;
+    StateReader::new(&state).wait_reached(&here, Duration::from_secs(30), Duration::from_millis(5), &daemon);
+    Mg::connect(&mc.addr()).wait_present("cu:w:0", Duration::from_secs(30), &daemon);
+    daemon.stop();
+    drop(daemon);
+    let backup = dir.path().join("backup");
+    backup_state(&state, &backup);
+
+    // The backlog: `txns` transactions of 990 unwatched + 10 watched rows.
+    let start = master_pos(&mut conn).await;
+    let unwatched_per_txn = per_txn - watched_per_txn;
+    let wrote = Instant::now();
+    for t in 0..txns {
+        let (ua, wa) = (t * unwatched_per_txn + 1, t * watched_per_txn + 1);
+        let mut tx = conn.start_transaction(Default::default()).await.unwrap();
+        tx.query_drop(format!(
+            "INSERT INTO u SELECT seq, seq % 1000, REPEAT('u', 40) FROM seq_{ua}_to_{}",
+            ua + unwatched_per_txn - 1
+        ))
+        .await
+        .unwrap();
+        tx.query_drop(format!(
+            "INSERT INTO w SELECT seq, seq % 1000, REPEAT('w', 40) FROM seq_{wa}_to_{}",
+            wa + watched_per_txn - 1
+        ))
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let end = master_pos(&mut conn).await;
+    let same_file = start.file == end.file;
+    let bytes = if same_file { end.off - start.off } else { 0 };
+    rep.info("catchup: backlog", format!("{} rows/{txns} txns, {:.1} MB", txns * per_txn, bytes as f64 / 1048576.0));
+    println!("  (backlog written in {:.0} ms; {start:?} .. {end:?})", ms(wrote.elapsed()));
+
+    // tailcache: restore the pre-backlog state, start, time to the end.
+    let mut tc = Vec::new();
+    let mut to_stream = Vec::new();
+    for _ in 0..runs {
+        restore_state(&backup, &state);
+        let mut reader = StateReader::new(&state);
+        let t0 = Instant::now();
+        let wall0 = SystemTime::now();
+        let mut d = Daemon::start_args(&cfg, &["--log-format", "json"]);
+        let t1 = reader.wait_reached(&end, Duration::from_secs(300), Duration::from_millis(1), &d);
+        tc.push(t1 - t0);
+        if let Some(ts) = find_log(&d, "streaming binlog", |_| true).as_ref().and_then(log_time) {
+            to_stream.push(ts.duration_since(wall0).unwrap_or_default());
+        }
+        d.stop();
+        let n: i64 = reader.conn.as_ref().unwrap().query_row("SELECT count(*) FROM w", [], |r| r.get(0)).unwrap();
+        assert_eq!(n as usize, txns * watched_per_txn + 1, "watched rows in the replica after catch-up");
+        let batches = d.log().lines().filter(|l| l.contains("\"applied\"")).count();
+        // When did the daemon do what (log timestamps relative to the spawn)?
+        let at = |msg: &str| -> Vec<String> {
+            d.log()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["fields"]["message"] == msg)
+                .filter_map(|v| {
+                    let t = log_time(&v)?.duration_since(wall0).unwrap_or_default();
+                    Some(format!("{:.0}{}", ms(t), if v["fields"]["full"] == true { "(full)" } else { "" }))
+                })
+                .collect()
+        };
+        println!(
+            "  (run: {:.0} ms, {batches} replica commits with watched rows; ms after spawn: applied {:?}, published {:?})",
+            ms(t1 - t0),
+            at("applied"),
+            at("published")
+        );
+    }
+
+    // mariadb-binlog pulling the same byte range, raw, to a temp dir.
+    let mut mb = Vec::new();
+    let mut out_size = 0;
+    for r in 0..runs {
+        let out = dir.path().join(format!("raw{r}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let mut cmd = Command::new("mariadb-binlog");
+        cmd.arg("--read-from-remote-server")
+            .arg("--raw")
+            .arg(format!("--host={}", server.host))
+            .arg(format!("--port={}", server.port))
+            .arg(format!("--user={}", db.user))
+            .arg(format!("--password={}", db.password))
+            .arg(format!("--start-position={}", start.off))
+            .arg(format!("--result-file={}/", out.display()));
+        if !same_file {
+            cmd.arg("--to-last-log");
+        }
+        cmd.arg(&start.file).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let t0 = Instant::now();
+        let o = cmd.output().expect("run mariadb-binlog");
+        mb.push(t0.elapsed());
+        assert!(o.status.success(), "mariadb-binlog failed: {}", String::from_utf8_lossy(&o.stderr));
+        out_size = std::fs::read_dir(&out).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum::<u64>();
+    }
+    let (tc_med, mb_med) = (median(tc.clone()), median(mb.clone()));
+    let ratio = tc_med.as_secs_f64() / mb_med.as_secs_f64();
+    let fmt = |v: &[Duration]| v.iter().map(|d| format!("{:.0}", ms(*d))).collect::<Vec<_>>().join("/");
+    rep.info("catchup: tailcache start -> checkpoint at end", format!("{:.0} ms", ms(tc_med)));
+    println!("  (tailcache runs {} ms; start -> 'streaming binlog' {} ms)", fmt(&tc), fmt(&to_stream));
+    rep.info("catchup: mariadb-binlog --raw same range", format!("{:.0} ms", ms(mb_med)));
+    println!("  (mariadb-binlog runs {} ms, {out_size} bytes written incl. its header)", fmt(&mb));
+    rep.metric("catchup: tailcache / mariadb-binlog", format!("{ratio:.2}x"), "<= 1.3x", Some(ratio <= 1.3));
+}
+
+// ---------------------------------------------------------------------------
+// 3. Watched rows applied per second (one big transaction)
+// ---------------------------------------------------------------------------
+
+async fn bench_bulk(rep: &mut Report) {
+    let rows = env_usize("BENCH_BULK_ROWS", 1_000_000);
+    let db = harness::server().create_db("bulk").await;
+    let mut conn = db.root_conn().await;
+    exec(&mut conn, "CREATE TABLE big (id INT PRIMARY KEY, v INT NOT NULL, s VARCHAR(32) NOT NULL)").await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    // Replica only: no view reads `big`, so this times decoding + SQLite apply.
+    let cfg = config(&db, &state, &["big"], None, "");
+    let daemon = Daemon::start(&cfg);
+    let mut reader = StateReader::new(&state);
+    let here = master_pos(&mut conn).await;
+    reader.wait_reached(&here, Duration::from_secs(30), Duration::from_millis(5), &daemon);
+
+    let mut tx = conn.start_transaction(Default::default()).await.unwrap();
+    let loaded = Instant::now();
+    tx.query_drop(format!("INSERT INTO big SELECT seq, seq, 'abcdefghijklmnop' FROM seq_1_to_{rows}")).await.unwrap();
+    let load = loaded.elapsed();
+    let t0 = Instant::now();
+    tx.commit().await.unwrap();
+    let commit = t0.elapsed();
+    let end = master_pos(&mut conn).await;
+    let t1 = reader.wait_reached(&end, Duration::from_secs(600), Duration::from_millis(2), &daemon);
+    let el = t1 - t0;
+    let rate = rows as f64 / el.as_secs_f64();
+    println!("  (INSERT took {:.0} ms inside the transaction, COMMIT {:.0} ms; {end:?})", ms(load), ms(commit));
+    rep.info("bulk: COMMIT -> checkpoint past it", format!("{:.0} ms", ms(el)));
+    rep.metric(
+        &format!("bulk: watched rows applied/s ({rows} rows)"),
+        format!("{:.0}", rate),
+        ">= 1000000/s",
+        Some(rate >= 1e6),
+    );
+    let n: i64 =
+        rusqlite::Connection::open(&state).unwrap().query_row("SELECT count(*) FROM big", [], |r| r.get(0)).unwrap();
+    assert_eq!(n as usize, rows, "replica row count");
+    drop(daemon);
+}
+
+// ---------------------------------------------------------------------------
+// 4. Full resync of a 100k-row table
+// ---------------------------------------------------------------------------
+
+async fn bench_resync(rep: &mut Report, mc: &Memcached) {
+    let rows = env_usize("BENCH_RESYNC_ROWS", 100_000);
+    let db = harness::server().create_db("resync").await;
+    let mut conn = db.root_conn().await;
+    exec(
+        &mut conn,
+        "CREATE TABLE r (id INT PRIMARY KEY, name VARCHAR(64) NOT NULL, v INT NOT NULL, price DECIMAL(10,2))",
+    )
+    .await;
+    exec(
+        &mut conn,
+        &format!("INSERT INTO r SELECT seq, CONCAT('row-', seq), seq % 977, seq / 100 FROM seq_1_to_{rows}"),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let views = "[[views]]\nname = \"r\"\nkey = \"r:{id}\"\nquery = \"SELECT id, name, v, price FROM r\"\n";
+    let cfg = config(&db, &state, &["r"], Some((mc, "rs:")), views);
+    let mut mg = Mg::connect(&mc.addr());
+    let last_key = format!("rs:r:{rows}");
+
+    for (label, args) in
+        [("empty state", &["--log-format", "json"][..]), ("--resync", &["--log-format", "json", "--resync"][..])]
+    {
+        let t0 = Instant::now();
+        let mut d = Daemon::start_args(&cfg, args);
+        let (snap, t_snap) = wait_log(&d, "replica replaced by snapshot", Duration::from_secs(120), |_| true);
+        let (_, t_pub) = wait_log(&d, "published", Duration::from_secs(120), |f| {
+            f["view"] == "r" && f["keys_set"].as_u64() == Some(rows as u64)
+        });
+        mg.wait_present(&last_key, Duration::from_secs(5), &d);
+        let snap_ms = snap["fields"]["elapsed_ms"].as_u64().unwrap_or(u64::MAX);
+        let publish = t_pub - t0;
+        rep.metric(
+            &format!("resync ({label}): snapshot elapsed_ms (log)"),
+            format!("{snap_ms} ms"),
+            "<= 1000 ms",
+            Some(snap_ms <= 1000),
+        );
+        rep.info(&format!("resync ({label}): start -> snapshot logged"), format!("{:.0} ms", ms(t_snap - t0)));
+        rep.metric(
+            &format!("resync ({label}): start -> {rows} keys published"),
+            format!("{:.0} ms", ms(publish)),
+            "<= 1000 ms",
+            Some(publish <= Duration::from_millis(1000)),
+        );
+        d.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let want = |name: &str| args.is_empty() || args.iter().any(|a| name.contains(a.as_str()));
+    let bin = harness::tailcache_bin();
+    println!("tailcache binary: {}", bin.display());
+    if !bin.components().any(|c| c.as_os_str() == "release") {
+        println!("WARNING: not a release build of tailcache; numbers are not representative");
+    }
+    println!("cpus: {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let started = Instant::now();
+        let server = harness::server();
+        println!(
+            "server: {} on port {} (started in {:.1} s)",
+            server.version,
+            server.port,
+            started.elapsed().as_secs_f64()
+        );
+        let mc = Memcached::start();
+        let mut rep = Report { lines: Vec::new() };
+        if want("idle") {
+            bench_idle(&mut rep, &mc).await;
+        }
+        if want("latency") {
+            bench_latency(&mut rep, &mc, 100, env_usize("BENCH_LATENCY_N", 300), true).await;
+            // The same with a bigger table: shows how latency scales with view size.
+            bench_latency(&mut rep, &mc, 10_000, 50, false).await;
+        }
+        if want("resync") {
+            bench_resync(&mut rep, &mc).await;
+        }
+        if want("catchup") {
+            bench_catchup(&mut rep, &mc).await;
+        }
+        if want("bulk") {
+            bench_bulk(&mut rep).await;
+        }
+        println!("\n=== summary ({:.0} s) ===", started.elapsed().as_secs_f64());
+        for l in &rep.lines {
+            println!("{l}");
+        }
+    });
+}

@@ -1,0 +1,633 @@
+//! Configuration: TOML in, validated structs out.
+//!
+//! Parsing (`Config::from_toml`) and validation (`Config::validate`) are pure
+//! and separate from building connections, so `tailcache check` and the tests
+//! can report every problem at once without touching a server.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tailcache/tailcache.toml";
+pub const PASSWORD_ENV: &str = "TAILCACHE_MYSQL_PASSWORD";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub mysql: MysqlConfig,
+    pub state: StateConfig,
+    #[serde(default)]
+    pub memcached: Option<MemcachedConfig>,
+    #[serde(default)]
+    pub views: Vec<ViewConfig>,
+    #[serde(default)]
+    pub resync: ResyncConfig,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlConfig {
+    /// `mysql://user[:password]@host[:port]/database`
+    pub url: String,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    pub server_id: u32,
+    pub tables: Vec<String>,
+    /// Seconds between server heartbeats on an idle binlog stream; a link
+    /// silent for 3 periods is considered dead and reconnected.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: f64,
+    #[serde(default = "default_connect_timeout_secs")]
+    pub connect_timeout_secs: f64,
+}
+
+// The URL may carry a password: never let it reach a log line.
+impl fmt::Debug for MysqlConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MysqlConfig")
+            .field("url", &redact_url(&self.url))
+            .field("password_file", &self.password_file)
+            .field("server_id", &self.server_id)
+            .field("tables", &self.tables)
+            .field("heartbeat_secs", &self.heartbeat_secs)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// SQLite file holding the replica, the checkpoint and what was
+    /// published; `:memory:` takes a fresh snapshot at every start.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    #[default]
+    Msgpack,
+    Dogpile,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemcachedConfig {
+    pub servers: Vec<String>,
+    #[serde(default)]
+    pub key_prefix: String,
+    #[serde(default)]
+    pub codec: Codec,
+    /// Seconds; 0 = never expires.
+    #[serde(default)]
+    pub exptime: u32,
+    /// Largest value written; memcached's `-I` (item size) limit, 1 MB by default.
+    #[serde(default = "default_max_item_size")]
+    pub max_item_size: usize,
+    /// Upper bound on how long a burst of commits is coalesced before the
+    /// views are recomputed. A lone edit is published at once.
+    #[serde(default = "default_coalesce_ms")]
+    pub coalesce_ms: u64,
+    #[serde(default = "default_memcached_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    #[default]
+    Row,
+    List,
+    Map,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewConfig {
+    pub name: String,
+    pub key: String,
+    pub query: String,
+    #[serde(default)]
+    pub shape: Shape,
+    #[serde(default)]
+    pub map_key: Option<String>,
+    #[serde(default)]
+    pub value_column: Option<String>,
+    #[serde(default)]
+    pub json_columns: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncConfig {
+    /// Seconds between full resyncs (fresh snapshot, recompute, repair
+    /// memcached); 0 disables the periodic one.
+    #[serde(default = "default_resync_interval")]
+    pub interval_secs: u64,
+}
+
+impl Default for ResyncConfig {
+    fn default() -> Self {
+        Self { interval_secs: default_resync_interval() }
+    }
+}
+
+fn default_heartbeat_secs() -> f64 {
+    1.0
+}
+fn default_connect_timeout_secs() -> f64 {
+    10.0
+}
+fn default_max_item_size() -> usize {
+    1024 * 1024
+}
+fn default_coalesce_ms() -> u64 {
+    2
+}
+fn default_memcached_timeout_ms() -> u64 {
+    1000
+}
+fn default_resync_interval() -> u64 {
+    600
+}
+
+/// One problem in the configuration: the key it is about, what was found and
+/// what is expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub found: String,
+    pub expected: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: found {}; expected {}", self.key, self.found, self.expected)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass --config FILE (default {DEFAULT_CONFIG_PATH})")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: PathBuf, problems: Vec<ConfigProblem> },
+    #[error("{key}: cannot read password file {path}: {source}")]
+    PasswordFile { key: String, path: PathBuf, source: std::io::Error },
+}
+
+/// A watched table: `schema.name` in MySQL, reachable in SQLite as `name`
+/// (default schema) or `schema.name` (an attached database).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableRef {
+    pub schema: String,
+    pub name: String,
+    /// False for tables of the URL's default schema.
+    pub qualified: bool,
+}
+
+impl TableRef {
+    /// The name view SQL uses for this table.
+    pub fn sqlite_name(&self) -> String {
+        if self.qualified { format!("{}.{}", self.schema, self.name) } else { self.name.clone() }
+    }
+    /// `schema`.`name`, quoted for MySQL.
+    pub fn mysql_quoted(&self) -> String {
+        format!("`{}`.`{}`", self.schema.replace('`', "``"), self.name.replace('`', "``"))
+    }
+}
+
+impl fmt::Display for TableRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// The parts of `mysql.url` we need, parsed without the password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MysqlUrl {
+    pub user: String,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+}
+
+pub fn redact_url(url: &str) -> String {
+    // mysql://user:secret@host -> mysql://user:***@host
+    if let Some(rest) = url.strip_prefix("mysql://")
+        && let Some((userinfo, host)) = rest.rsplit_once('@')
+    {
+        let user = userinfo.split(':').next().unwrap_or("");
+        let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
+        return format!("mysql://{masked}@{host}");
+    }
+    url.to_owned()
+}
+
+impl MysqlConfig {
+    pub fn parse_url(&self) -> Result<MysqlUrl, ConfigProblem> {
+        let bad = |expected: &str| ConfigProblem {
+            key: "mysql.url".into(),
+            found: format!("{:?}", redact_url(&self.url)),
+            expected: expected.into(),
+        };
+        let rest = self
+            .url
+            .strip_prefix("mysql://")
+            .ok_or_else(|| bad("a URL starting with mysql://, e.g. mysql://tailcache:secret@127.0.0.1:3306/appdb"))?;
+        let (userinfo, hostpart) = rest
+            .rsplit_once('@')
+            .ok_or_else(|| bad("a user name before '@': mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE"))?;
+        let user = userinfo.split(':').next().unwrap_or("");
+        if user.is_empty() {
+            return Err(bad("a user name before '@': mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE"));
+        }
+        let (hostport, db) = hostpart
+            .split_once('/')
+            .ok_or_else(|| bad("a default database after the host: mysql://USER@HOST[:PORT]/DATABASE"))?;
+        let db = db.split('?').next().unwrap_or("");
+        if db.is_empty() {
+            return Err(bad("a default database after the host: mysql://USER@HOST[:PORT]/DATABASE"));
+        }
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad("a numeric port, e.g. 127.0.0.1:3306"))?),
+            None => (hostport, 3306),
+        };
+        if host.is_empty() {
+            return Err(bad("a host name, e.g. 127.0.0.1"));
+        }
+        Ok(MysqlUrl { user: percent_decode(user), host: host.to_owned(), port, database: percent_decode(db) })
+    }
+
+    /// The password from `password_file`, else `TAILCACHE_MYSQL_PASSWORD`,
+    /// else the URL (`None` when there is none anywhere).
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::PasswordFile {
+                key: "mysql.password_file".into(),
+                path: path.clone(),
+                source,
+            })?;
+            return Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()));
+        }
+        if let Ok(p) = std::env::var(PASSWORD_ENV) {
+            return Ok(Some(p));
+        }
+        let rest = self.url.strip_prefix("mysql://").unwrap_or(&self.url);
+        Ok(rest.rsplit_once('@').and_then(|(userinfo, _)| userinfo.split_once(':').map(|(_, p)| percent_decode(p))))
+    }
+
+    /// Watched tables, resolved against the URL's default schema.
+    pub fn table_refs(&self) -> Vec<TableRef> {
+        let default_db = self.parse_url().map(|u| u.database).unwrap_or_default();
+        self.tables
+            .iter()
+            .map(|t| match t.split_once('.') {
+                Some((s, n)) if s != default_db => TableRef { schema: s.into(), name: n.into(), qualified: true },
+                Some((_, n)) => TableRef { schema: default_db.clone(), name: n.into(), qualified: false },
+                None => TableRef { schema: default_db.clone(), name: t.clone(), qualified: false },
+            })
+            .collect()
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+}
+
+/// A parsed key template: literal text and `{column}` placeholders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplatePart {
+    Literal(String),
+    Column(String),
+}
+
+/// Parses `app:{name}`; `{{` and `}}` are literal braces.
+pub fn parse_key_template(t: &str) -> Result<Vec<TemplatePart>, String> {
+    let mut parts = Vec::new();
+    let mut lit = String::new();
+    let mut chars = t.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                lit.push('{');
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                lit.push('}');
+            }
+            '{' => {
+                let mut name = String::new();
+                loop {
+                    match chars.next() {
+                        Some('}') => break,
+                        Some('{') | None => {
+                            return Err(format!("unclosed placeholder '{{{name}' (write {{{{ for a literal brace)"));
+                        }
+                        Some(c) => name.push(c),
+                    }
+                }
+                if name.trim().is_empty() {
+                    return Err("empty placeholder {}".into());
+                }
+                if !lit.is_empty() {
+                    parts.push(TemplatePart::Literal(std::mem::take(&mut lit)));
+                }
+                parts.push(TemplatePart::Column(name));
+            }
+            '}' => return Err("unmatched '}' (write }} for a literal brace)".into()),
+            c => lit.push(c),
+        }
+    }
+    if !lit.is_empty() {
+        parts.push(TemplatePart::Literal(lit));
+    }
+    Ok(parts)
+}
+
+fn has_bad_key_chars(s: &str) -> bool {
+    s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let cfg = Self::from_toml(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })?;
+        let problems = cfg.validate();
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid { path: path.into(), problems });
+        }
+        Ok(cfg)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Every problem found, without touching any server.
+    pub fn validate(&self) -> Vec<ConfigProblem> {
+        let mut p = Vec::new();
+        let mut push = |key: String, found: String, expected: &str| {
+            p.push(ConfigProblem { key, found, expected: expected.into() })
+        };
+        let m = &self.mysql;
+        let url = m.parse_url();
+        if let Err(e) = &url {
+            push(e.key.clone(), e.found.clone(), &e.expected);
+        }
+        if m.server_id == 0 {
+            push("mysql.server_id".into(), "0".into(), "a non-zero id unique among the server's replicas, e.g. 4001");
+        }
+        if m.tables.is_empty() {
+            push("mysql.tables".into(), "[]".into(), "at least one table to watch, e.g. [\"application\"]");
+        }
+        let refs = m.table_refs();
+        for (i, t) in m.tables.iter().enumerate() {
+            let ok = match t.split_once('.') {
+                Some((s, n)) => is_identifier(s) && is_identifier(n),
+                None => is_identifier(t),
+            };
+            if !ok {
+                push(
+                    format!("mysql.tables[{i}]"),
+                    format!("{t:?}"),
+                    "a table name like \"application\" or \"otherdb.table\" (letters, digits, _ and $)",
+                );
+            } else if refs[..i].contains(&refs[i]) {
+                push(format!("mysql.tables[{i}]"), format!("{t:?} a second time"), "each table listed once");
+            }
+        }
+        if !(m.heartbeat_secs > 0.0 && m.heartbeat_secs <= 3600.0) {
+            push("mysql.heartbeat_secs".into(), m.heartbeat_secs.to_string(), "a number of seconds in (0, 3600]");
+        }
+        if !(m.connect_timeout_secs > 0.0 && m.connect_timeout_secs <= 3600.0) {
+            push(
+                "mysql.connect_timeout_secs".into(),
+                m.connect_timeout_secs.to_string(),
+                "a number of seconds in (0, 3600]",
+            );
+        }
+        if self.state.path.trim().is_empty() {
+            push(
+                "state.path".into(),
+                "\"\"".into(),
+                "a file path such as /var/lib/tailcache/state.db, or \":memory:\"",
+            );
+        }
+        if let Some(mc) = &self.memcached {
+            if mc.servers.is_empty() {
+                push("memcached.servers".into(), "[]".into(), "at least one HOST:PORT, e.g. [\"127.0.0.1:11211\"]");
+            }
+            for (i, s) in mc.servers.iter().enumerate() {
+                let ok = s
+                    .rsplit_once(':')
+                    .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+                if !ok {
+                    push(format!("memcached.servers[{i}]"), format!("{s:?}"), "HOST:PORT, e.g. \"127.0.0.1:11211\"");
+                }
+            }
+            if has_bad_key_chars(&mc.key_prefix) || mc.key_prefix.len() > 200 {
+                push(
+                    "memcached.key_prefix".into(),
+                    format!("{:?}", mc.key_prefix),
+                    "at most 200 bytes without whitespace or control characters",
+                );
+            }
+            if mc.max_item_size < 1024 {
+                push(
+                    "memcached.max_item_size".into(),
+                    mc.max_item_size.to_string(),
+                    "the server's item size limit in bytes (memcached -I), 1048576 by default",
+                );
+            }
+            if mc.coalesce_ms > 1000 {
+                push("memcached.coalesce_ms".into(), mc.coalesce_ms.to_string(), "a few milliseconds (0..=1000)");
+            }
+            if mc.timeout_ms == 0 {
+                push("memcached.timeout_ms".into(), "0".into(), "a timeout in milliseconds, e.g. 1000");
+            }
+        } else if !self.views.is_empty() {
+            push(
+                "memcached".into(),
+                "no [memcached] section".into(),
+                "a [memcached] section with servers = [\"HOST:PORT\"] to publish the views to",
+            );
+        }
+        for (i, v) in self.views.iter().enumerate() {
+            let key = |k: &str| format!("views[{i}].{k} (view {:?})", v.name);
+            if v.name.trim().is_empty() || has_bad_key_chars(&v.name) {
+                push(format!("views[{i}].name"), format!("{:?}", v.name), "a non-empty name without whitespace");
+            } else if self.views[..i].iter().any(|o| o.name == v.name) {
+                push(key("name"), format!("{:?} used twice", v.name), "unique view names");
+            }
+            if v.query.trim().is_empty() {
+                push(key("query"), "an empty query".into(), "a SELECT over the watched tables");
+            }
+            match parse_key_template(&v.key) {
+                Err(e) => push(key("key"), format!("{:?}: {e}", v.key), "a template like \"app:{name}\""),
+                Ok(parts) => {
+                    let placeholders = parts.iter().filter(|p| matches!(p, TemplatePart::Column(_))).count();
+                    match v.shape {
+                        Shape::Row if placeholders == 0 => push(
+                            key("key"),
+                            format!("{:?} without a placeholder", v.key),
+                            "shape = \"row\" writes one entry per row, so the key needs a {column}, e.g. \"app:{name}\"; use shape = \"list\" or \"map\" for one entry",
+                        ),
+                        Shape::List | Shape::Map if placeholders > 0 => push(
+                            key("key"),
+                            format!("{:?} with a placeholder", v.key),
+                            "a fixed key: shape = \"list\"/\"map\" writes a single entry",
+                        ),
+                        _ => {}
+                    }
+                    if v.key.is_empty() || has_bad_key_chars(&v.key) {
+                        push(
+                            key("key"),
+                            format!("{:?}", v.key),
+                            "a key template without whitespace or control characters",
+                        );
+                    }
+                }
+            }
+            match (v.shape, &v.map_key) {
+                (Shape::Map, None) => {
+                    push(key("map_key"), "nothing".into(), "map_key = \"<column>\" with shape = \"map\"")
+                }
+                (Shape::Row | Shape::List, Some(_)) => push(
+                    key("map_key"),
+                    "map_key with a shape other than \"map\"".into(),
+                    "map_key only with shape = \"map\"",
+                ),
+                _ => {}
+            }
+        }
+        if self.resync.interval_secs > 0 && self.resync.interval_secs < 10 {
+            push(
+                "resync.interval_secs".into(),
+                self.resync.interval_secs.to_string(),
+                "0 (disabled) or at least 10 seconds; 600 by default",
+            );
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[mysql]
+url = "mysql://tailcache:secret@127.0.0.1:3306/appdb"
+server_id = 4001
+tables = ["application", "otherdb.t"]
+[state]
+path = ":memory:"
+"#;
+
+    #[test]
+    fn minimal_config_is_valid() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
+        let refs = c.mysql.table_refs();
+        assert_eq!(refs[0].sqlite_name(), "application");
+        assert_eq!(refs[0].schema, "appdb");
+        assert_eq!(refs[1].sqlite_name(), "otherdb.t");
+        assert_eq!(c.resync.interval_secs, 600);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e = Config::from_toml(&MINIMAL.replace("server_id", "serverid")).unwrap_err();
+        assert!(e.contains("serverid"), "{e}");
+    }
+
+    #[test]
+    fn bad_table_is_named_by_index() {
+        let c = Config::from_toml(&MINIMAL.replace("\"otherdb.t\"", "\"bad name\"")).unwrap_err_or_problems();
+        assert!(c.iter().any(|p| p.key == "mysql.tables[1]" && p.found.contains("bad name")), "{c:?}");
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        let dbg = format!("{:?}", c);
+        assert!(!dbg.contains("secret"), "{dbg}");
+        assert_eq!(c.mysql.password().unwrap().as_deref(), Some("secret"));
+    }
+
+    #[test]
+    fn url_parsing() {
+        let mut c = Config::from_toml(MINIMAL).unwrap();
+        let u = c.mysql.parse_url().unwrap();
+        assert_eq!(
+            (u.user.as_str(), u.host.as_str(), u.port, u.database.as_str()),
+            ("tailcache", "127.0.0.1", 3306, "appdb")
+        );
+        c.mysql.url = "mysql://u@h/".into();
+        assert_eq!(c.mysql.parse_url().unwrap_err().key, "mysql.url");
+        c.mysql.url = "postgres://u@h/db".into();
+        assert!(c.mysql.parse_url().is_err());
+    }
+
+    #[test]
+    fn templates() {
+        assert_eq!(
+            parse_key_template("a:{x}:{{y}}").unwrap(),
+            vec![
+                TemplatePart::Literal("a:".into()),
+                TemplatePart::Column("x".into()),
+                TemplatePart::Literal(":{y}".into())
+            ]
+        );
+        assert!(parse_key_template("a:{x").is_err());
+        assert!(parse_key_template("a:}").is_err());
+    }
+
+    #[test]
+    fn view_shape_rules() {
+        let text = format!(
+            "{MINIMAL}\n[memcached]\nservers=[\"127.0.0.1:11211\"]\n[[views]]\nname=\"a\"\nkey=\"apps\"\nquery=\"select 1\"\n[[views]]\nname=\"a\"\nkey=\"l:{{id}}\"\nshape=\"list\"\nquery=\"select 1 as id\"\n"
+        );
+        let p = Config::from_toml(&text).unwrap().validate();
+        assert!(
+            p.iter().any(|p| p.key.starts_with("views[0].key") && p.found.contains("without a placeholder")),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|p| p.key.starts_with("views[1].name")), "{p:?}");
+        assert!(p.iter().any(|p| p.key.starts_with("views[1].key") && p.found.contains("with a placeholder")), "{p:?}");
+    }
+
+    trait UnwrapProblems {
+        fn unwrap_err_or_problems(self) -> Vec<ConfigProblem>;
+    }
+    impl UnwrapProblems for Result<Config, String> {
+        fn unwrap_err_or_problems(self) -> Vec<ConfigProblem> {
+            self.unwrap().validate()
+        }
+    }
+}

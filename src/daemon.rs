@@ -1,0 +1,226 @@
+//! `tailcache run`: preflight, then the replicator and the publisher, until
+//! SIGTERM/SIGINT; SIGHUP forces a full resync.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::position::{BinlogPosition, Checkpoint};
+use crate::source::replicator::{CommitNotice, Control, spawn_replicator};
+use crate::views::{ViewSet, spawn_publisher};
+
+/// Where the replica lives. `:memory:` becomes a private temporary file
+/// (removed at exit) because the replicator and the publisher each need a
+/// connection to the same database.
+pub struct StatePath {
+    pub path: PathBuf,
+    temporary: bool,
+}
+
+impl StatePath {
+    pub fn resolve(cfg: &Config) -> Result<StatePath> {
+        if cfg.state.path == ":memory:" {
+            let dir = std::env::temp_dir().join(format!("tailcache-{}-{}", cfg.mysql.server_id, std::process::id()));
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::Fatal(format!("state.path: cannot create {}: {e}", dir.display())))?;
+            return Ok(StatePath { path: dir.join("state.db"), temporary: true });
+        }
+        let path = PathBuf::from(&cfg.state.path);
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                Error::Fatal(format!(
+                    "state.path: cannot create directory {}: {e}; create it and give the tailcache user write access",
+                    parent.display()
+                ))
+            })?;
+        }
+        Ok(StatePath { path, temporary: false })
+    }
+}
+
+impl Drop for StatePath {
+    fn drop(&mut self) {
+        if self.temporary
+            && let Some(dir) = self.path.parent()
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The pid file `tailcache resync` signals.
+pub fn pid_file(cfg: &Config) -> PathBuf {
+    if cfg.state.path == ":memory:" {
+        std::env::temp_dir().join(format!("tailcache-{}.pid", cfg.mysql.server_id))
+    } else {
+        let mut p = PathBuf::from(&cfg.state.path).into_os_string();
+        p.push(".pid");
+        PathBuf::from(p)
+    }
+}
+
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn create(path: &Path) -> Result<PidFile> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .map_err(|e| Error::Fatal(format!("cannot write pid file {}: {e}", path.display())))?;
+        Ok(PidFile(path.to_owned()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Take a fresh snapshot at start instead of resuming.
+    pub resync: bool,
+}
+
+pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
+    let cfg = Arc::new(cfg);
+    preflight(&cfg).await?;
+    let state = StatePath::resolve(&cfg)?;
+    let _pid = PidFile::create(&pid_file(&cfg))?;
+    // Create the state schema once, before the replicator and the publisher
+    // open the file concurrently (their opens then never write).
+    {
+        let conn = crate::replica::open_connection(&state.path, &cfg.mysql.table_refs())?;
+        crate::views::published::ensure_tables(&conn)?;
+    }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (control_tx, control_rx) = mpsc::unbounded_channel::<Control>();
+    let (notice_tx, notice_rx) = mpsc::unbounded_channel::<CommitNotice>();
+
+    let publisher = start_publisher(cfg.clone(), state.path.clone(), &notice_tx, notice_rx, shutdown_rx.clone())?;
+    let notify = Box::new(move |n: CommitNotice| {
+        let _ = notice_tx.send(n);
+    });
+    let replicator = spawn_replicator(cfg.clone(), state.path.clone(), opts.resync, notify, control_rx, shutdown_rx)
+        .map_err(|e| Error::Fatal(format!("cannot start the replicator thread: {e}")))?;
+
+    let outcome = wait_for_exit(&control_tx, &replicator.thread, publisher.as_ref()).await;
+    let _ = shutdown_tx.send(true);
+    let rep = tokio::task::spawn_blocking(move || replicator.thread.join()).await;
+    let pubr = match publisher {
+        Some(h) => Some(tokio::task::spawn_blocking(move || h.join()).await),
+        None => None,
+    };
+    outcome?;
+    match rep {
+        Ok(Ok(r)) => r?,
+        _ => return Err(Error::Fatal("the replicator thread panicked".into())),
+    }
+    if let Some(p) = pubr {
+        match p {
+            Ok(Ok(r)) => r?,
+            _ => return Err(Error::Fatal("the publisher thread panicked".into())),
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Waits for a signal or for a worker to stop on its own (an error).
+async fn wait_for_exit(
+    control: &mpsc::UnboundedSender<Control>,
+    replicator: &std::thread::JoinHandle<Result<()>>,
+    publisher: Option<&std::thread::JoinHandle<Result<()>>>,
+) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let sig = |k| signal(k).map_err(|e| Error::Fatal(format!("cannot install signal handler: {e}")));
+    let mut term = sig(SignalKind::terminate())?;
+    let mut int = sig(SignalKind::interrupt())?;
+    let mut hup = sig(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()) }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: full resync requested");
+                let _ = control.send(Control::Resync { reason: "SIGHUP / tailcache resync".into() });
+            }
+            _ = tick.tick() => {
+                if replicator.is_finished() || publisher.is_some_and(|p| p.is_finished()) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Refuses to start on anything `tailcache check` calls a problem, and on
+/// views that do not compile against the watched tables.
+async fn preflight(cfg: &Config) -> Result<()> {
+    let mut conn = crate::source::conn::connect(&cfg.mysql).await?;
+    let info = crate::source::conn::server_info(&mut conn).await?;
+    tracing::info!(flavor = %info.flavor, version = %info.version, server_id = info.server_id, "connected");
+    let report = crate::check::preflight(&mut conn, &info, cfg).await;
+    if !report.ok() {
+        return Err(Error::Fatal(format!("preflight failed; refusing to start:\n{}", report.render().trim_end())));
+    }
+    let problems = validate_views(cfg, &mut conn).await?;
+    if !problems.is_empty() {
+        return Err(Error::Fatal(format!("views: refusing to start:\n{}", problems.join("\n"))));
+    }
+    let _ = conn.disconnect().await;
+    Ok(())
+}
+
+/// Starts the publisher when there is somewhere to publish to; otherwise
+/// notices are drained so the replicator never blocks.
+fn start_publisher(
+    cfg: Arc<Config>,
+    state: PathBuf,
+    tx: &mpsc::UnboundedSender<CommitNotice>,
+    mut rx: mpsc::UnboundedReceiver<CommitNotice>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Option<std::thread::JoinHandle<Result<()>>>> {
+    if cfg.memcached.is_none() {
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        return Ok(None);
+    }
+    // Whatever the replica already holds (a resumed start) is diffed
+    // against what was published before: missed changes go out, unchanged
+    // keys are not rewritten.
+    let _ = tx.send(CommitNotice {
+        touched: cfg.mysql.table_refs().iter().map(|t| t.sqlite_name()).collect(),
+        checkpoint: Checkpoint { position: BinlogPosition::new("", 0), gtid: None },
+        arrived: std::time::Instant::now(),
+        full: false,
+    });
+    Ok(Some(spawn_publisher(cfg, state, rx, shutdown)))
+}
+
+/// Compiles the views against the watched tables' current shape (an
+/// in-memory replica built from information_schema), so a view that cannot
+/// run is reported before anything starts.
+pub async fn validate_views(cfg: &Config, conn: &mut mysql_async::Conn) -> Result<Vec<String>> {
+    let Some(mc) = &cfg.memcached else { return Ok(Vec::new()) };
+    let tables = cfg.mysql.table_refs();
+    let sqlite = rusqlite::Connection::open_in_memory().map_err(|e| Error::sqlite("open in-memory replica", e))?;
+    let mut schemas: Vec<&str> = tables.iter().filter(|t| t.qualified).map(|t| t.schema.as_str()).collect();
+    schemas.sort();
+    schemas.dedup();
+    for s in schemas {
+        sqlite.execute("ATTACH DATABASE ':memory:' AS ?1", [s]).map_err(|e| Error::sqlite("attach", e))?;
+    }
+    for t in &tables {
+        match crate::source::catalog::load_table_schema(conn, t).await? {
+            Some(schema) => crate::replica::tables::recreate_table(&sqlite, &schema)?,
+            None => return Ok(vec![format!("mysql.tables: table {t} does not exist")]),
+        }
+    }
+    match ViewSet::compile(&sqlite, &cfg.views, mc, &tables) {
+        Ok(_) => Ok(Vec::new()),
+        Err(problems) => Ok(problems.iter().map(|p| format!("  - {p}")).collect()),
+    }
+}

@@ -1,0 +1,92 @@
+//! Errors named by the recovery they need.
+//!
+//! * `Transient`: the link broke or timed out; reconnect with backoff and
+//!   resume from the stored position.
+//! * `NeedsResync`: our copy can no longer be trusted to follow the binlog
+//!   (position purged, server changed, DDL, a TABLE_MAP that no longer
+//!   matches); take a fresh snapshot, no human needed.
+//! * `Fatal`: configuration or server settings are wrong; refuse to start
+//!   with one message naming the setting and the fix.
+
+use crate::position::BinlogPosition;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    Transient,
+    NeedsResync,
+    Fatal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{context}: {source}")]
+    Mysql {
+        context: String,
+        position: Option<BinlogPosition>,
+        #[source]
+        source: mysql_async::Error,
+    },
+    #[error("replica database {context}: {source}")]
+    Sqlite {
+        context: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot decode {table} at {position}: {message}")]
+    Decode { table: String, position: BinlogPosition, message: String },
+    #[error("resync needed{}: {reason}", table.as_ref().map(|t| format!(" for {t}")).unwrap_or_default())]
+    NeedsResync { reason: String, table: Option<String>, position: Option<BinlogPosition> },
+    #[error("{0}")]
+    Fatal(String),
+    #[error("{0}")]
+    Transient(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// MySQL error codes that decide recovery.
+pub mod codes {
+    /// ER_MASTER_FATAL_ERROR_READING_BINLOG: the requested position is gone.
+    pub const FATAL_READING_BINLOG: u16 = 1236;
+    pub const ACCESS_DENIED: u16 = 1045;
+    pub const DBACCESS_DENIED: u16 = 1044;
+    pub const SPECIFIC_ACCESS_DENIED: u16 = 1227;
+    pub const TABLEACCESS_DENIED: u16 = 1142;
+    pub const NO_SUCH_TABLE: u16 = 1146;
+    pub const BAD_DB: u16 = 1049;
+}
+
+impl Error {
+    pub fn recovery(&self) -> Recovery {
+        match self {
+            Error::Mysql { source, .. } => match source {
+                mysql_async::Error::Server(e) => match e.code {
+                    codes::FATAL_READING_BINLOG => Recovery::NeedsResync,
+                    codes::ACCESS_DENIED
+                    | codes::DBACCESS_DENIED
+                    | codes::SPECIFIC_ACCESS_DENIED
+                    | codes::TABLEACCESS_DENIED
+                    | codes::BAD_DB => Recovery::Fatal,
+                    // The table vanished between two steps: a DDL we will
+                    // see in the stream; re-snapshotting settles it.
+                    codes::NO_SUCH_TABLE => Recovery::NeedsResync,
+                    _ => Recovery::Transient,
+                },
+                mysql_async::Error::Url(_) => Recovery::Fatal,
+                _ => Recovery::Transient,
+            },
+            Error::Sqlite { .. } => Recovery::Fatal,
+            Error::Decode { .. } | Error::NeedsResync { .. } => Recovery::NeedsResync,
+            Error::Fatal(_) => Recovery::Fatal,
+            Error::Transient(_) => Recovery::Transient,
+        }
+    }
+
+    pub fn mysql(context: impl Into<String>, source: mysql_async::Error) -> Self {
+        Error::Mysql { context: context.into(), position: None, source }
+    }
+
+    pub fn sqlite(context: impl Into<String>, source: rusqlite::Error) -> Self {
+        Error::Sqlite { context: context.into(), source }
+    }
+}

@@ -1,0 +1,9 @@
+//! The MySQL side: connections, snapshots and the binlog stream.
+
+pub mod catalog;
+pub mod charset;
+pub mod conn;
+pub mod ddl;
+pub mod decode;
+pub mod replicator;
+pub mod snapshot;

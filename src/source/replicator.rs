@@ -1,0 +1,813 @@
+//! The replicator: snapshot, then follow the binlog, applying each MySQL
+//! transaction to the SQLite replica in one SQLite transaction together with
+//! the position it ends at.
+//!
+//! It runs on its own thread with a current-thread runtime, so the SQLite
+//! connection and its cached statements never cross threads and a slow
+//! SQLite write simply back-pressures the binlog socket.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use mysql_async::binlog::events::{Event, GtidEvent, QueryEvent, RotateEvent, TableMapEvent};
+use mysql_async::prelude::*;
+use mysql_async::{BinlogStreamRequest, Conn};
+use rusqlite::Connection;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Config, TableRef};
+use crate::error::{Error, Recovery, Result};
+use crate::position::{BinlogPosition, Checkpoint, Gtid};
+use crate::replica::tables::{RowSql, read_meta, write_checkpoint, write_meta};
+use crate::schema::TableSchema;
+use crate::source::conn::{Flavor, ServerInfo, binary_logs, connect, server_info};
+use crate::source::ddl::{self, DdlKind};
+use crate::source::decode::{DecodeError, DecodeFailure, RowChange, RowDecoder, TableCodec, rows_kind, rows_table_id};
+use crate::source::snapshot::snapshot;
+
+/// Raw binlog event type codes we act on.
+mod ev {
+    pub const QUERY: u8 = 2;
+    pub const ROTATE: u8 = 4;
+    pub const FORMAT_DESCRIPTION: u8 = 15;
+    pub const XID: u8 = 16;
+    pub const TABLE_MAP: u8 = 19;
+    pub const HEARTBEAT: u8 = 27;
+    pub const GTID: u8 = 33;
+    pub const ANONYMOUS_GTID: u8 = 34;
+    pub const TRANSACTION_PAYLOAD: u8 = 40;
+    pub const MARIADB_GTID: u8 = 162;
+    pub const MARIADB_QUERY_COMPRESSED: u8 = 165;
+    pub const MARIADB_ROWS_COMPRESSED_LAST: u8 = 171;
+}
+
+/// What the replicator tells the publisher after each SQLite commit.
+#[derive(Debug, Clone)]
+pub struct CommitNotice {
+    /// SQLite names of the tables the committed transactions changed.
+    pub touched: Vec<String>,
+    pub checkpoint: Checkpoint,
+    /// When the first binlog event of these transactions arrived.
+    pub arrived: Instant,
+    /// A snapshot replaced the replica: recompute and repair everything.
+    pub full: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// Take a fresh snapshot at the next transaction boundary.
+    Resync { reason: String },
+}
+
+/// Commit a batch of catch-up transactions at least this often, so the
+/// publisher is never starved while a backlog is being applied.
+const MAX_BATCH_AGE: Duration = Duration::from_millis(50);
+const MAX_BATCH_ROWS: u64 = 20_000;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+pub struct ReplicatorHandle {
+    pub thread: std::thread::JoinHandle<Result<()>>,
+}
+
+pub fn spawn_replicator(
+    cfg: Arc<Config>,
+    state_path: PathBuf,
+    force_resync: bool,
+    notify: Box<dyn FnMut(CommitNotice) + Send>,
+    control: mpsc::UnboundedReceiver<Control>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<ReplicatorHandle> {
+    let thread = std::thread::Builder::new().name("replicator".into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Fatal(format!("cannot start the replicator runtime: {e}")))?;
+        rt.block_on(async move {
+            let tables = cfg.mysql.table_refs();
+            let sqlite = crate::replica::open_connection(&state_path, &tables)?;
+            let mut r = Replicator::new(cfg, tables, sqlite, notify, control, shutdown);
+            r.need_snapshot = force_resync.then(|| "forced by --resync".to_owned());
+            r.run().await
+        })
+    })?;
+    Ok(ReplicatorHandle { thread })
+}
+
+/// Per-transaction and per-batch bookkeeping.
+#[derive(Default)]
+struct Batch {
+    /// A SQLite transaction is open.
+    open: bool,
+    /// Inside a MySQL transaction (between GTID/BEGIN and XID/COMMIT).
+    in_txn: bool,
+    /// The transaction began with a BEGIN query (not a standalone statement).
+    txn_explicit: bool,
+    txn_gtid: Option<Gtid>,
+    txn_arrived: Option<Instant>,
+    /// Tables changed by transactions that are complete in the open batch.
+    touched: Vec<bool>,
+    /// Tables changed by the MySQL transaction in progress.
+    txn_touched: Vec<bool>,
+    rows: u64,
+    started: Option<Instant>,
+    arrived: Option<Instant>,
+    /// The checkpoint of the last complete transaction, not yet committed.
+    pending: Option<Checkpoint>,
+}
+
+pub struct Replicator {
+    cfg: Arc<Config>,
+    tables: Vec<TableRef>,
+    sqlite: Connection,
+    notify: Box<dyn FnMut(CommitNotice) + Send>,
+    control: mpsc::UnboundedReceiver<Control>,
+    shutdown: watch::Receiver<bool>,
+    schemas: Vec<Option<TableSchema>>,
+    row_sql: Vec<Option<RowSql>>,
+    /// table id → watched table index (None: not watched).
+    table_ids: HashMap<u64, Option<usize>>,
+    codecs: HashMap<u64, TableCodec>,
+    /// Rows of a re-snapshotted table before this position are already in
+    /// its snapshot (and may be in an older shape): skip them.
+    skip_until: Vec<Option<BinlogPosition>>,
+    consistent_after: Option<BinlogPosition>,
+    checkpoint: Option<Checkpoint>,
+    need_snapshot: Option<String>,
+    decoder: RowDecoder,
+    batch: Batch,
+    info: Option<ServerInfo>,
+    resync_due: Option<tokio::time::Instant>,
+    control_open: bool,
+}
+
+enum SessionEnd {
+    Shutdown,
+    Resync,
+}
+
+fn stop_requested(shutdown: &watch::Receiver<bool>) -> bool {
+    *shutdown.borrow()
+}
+
+impl Replicator {
+    fn new(
+        cfg: Arc<Config>,
+        tables: Vec<TableRef>,
+        sqlite: Connection,
+        notify: Box<dyn FnMut(CommitNotice) + Send>,
+        control: mpsc::UnboundedReceiver<Control>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let n = tables.len();
+        Self {
+            cfg,
+            tables,
+            sqlite,
+            notify,
+            control,
+            shutdown,
+            schemas: vec![None; n],
+            row_sql: vec![None; n],
+            table_ids: HashMap::new(),
+            codecs: HashMap::new(),
+            skip_until: vec![None; n],
+            consistent_after: None,
+            checkpoint: None,
+            need_snapshot: None,
+            decoder: RowDecoder::new(),
+            batch: Batch { touched: vec![false; n], txn_touched: vec![false; n], ..Default::default() },
+            info: None,
+            resync_due: None,
+            control_open: true,
+        }
+    }
+
+    fn tables_key(&self) -> String {
+        self.tables.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")
+    }
+
+    fn schedule_resync(&mut self) {
+        let secs = self.cfg.resync.interval_secs;
+        self.resync_due = (secs > 0).then(|| tokio::time::Instant::now() + Duration::from_secs(secs));
+    }
+
+    pub async fn run(&mut self) -> Result<()> {
+        let mut failures = 0u32;
+        self.schedule_resync();
+        loop {
+            if stop_requested(&self.shutdown) {
+                return Ok(());
+            }
+            match self.session().await {
+                Ok(SessionEnd::Shutdown) => return Ok(()),
+                Ok(SessionEnd::Resync) => {
+                    failures = 0;
+                    continue;
+                }
+                Err(e) => {
+                    self.abort_batch();
+                    match e.recovery() {
+                        Recovery::Fatal => return Err(e),
+                        Recovery::NeedsResync => {
+                            tracing::warn!(error = %e, "replica needs a fresh snapshot");
+                            self.need_snapshot = Some(e.to_string());
+                        }
+                        Recovery::Transient => {
+                            tracing::warn!(error = %e, attempt = failures + 1, "binlog link lost; reconnecting")
+                        }
+                    }
+                    failures += 1;
+                    let delay = backoff(failures);
+                    let mut sd = self.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = sd.changed() => return Ok(()),
+                    }
+                }
+            }
+            // A session that ran for a while resets the backoff.
+            if self.checkpoint.is_some() && self.need_snapshot.is_none() {
+                failures = failures.min(1);
+            }
+        }
+    }
+
+    /// One connection's worth of work: maybe snapshot, then stream until an
+    /// error, a resync request or shutdown.
+    async fn session(&mut self) -> Result<SessionEnd> {
+        let mut conn = connect(&self.cfg.mysql).await?;
+        let info = server_info(&mut conn).await?;
+        if self.info.as_ref().is_some_and(|i| i.identity() != info.identity()) {
+            self.need_snapshot = Some(format!("the server changed identity to {}", info.identity()));
+        }
+        self.info = Some(info.clone());
+        self.load_state(&mut conn, &info).await?;
+        if let Some(reason) = self.need_snapshot.take() {
+            tracing::info!(reason = %reason, "taking a snapshot");
+            let _ = conn.disconnect().await;
+            self.full_snapshot(&info).await?;
+            conn = connect(&self.cfg.mysql).await?;
+        }
+        let Some(cp) = self.checkpoint.clone() else {
+            return Err(Error::NeedsResync { reason: "no checkpoint".into(), table: None, position: None });
+        };
+        self.verify_position(&mut conn, &cp.position).await?;
+        self.stream(conn, &info, cp.position).await
+    }
+
+    /// Reads the stored checkpoint and decides whether it can be resumed.
+    async fn load_state(&mut self, conn: &mut Conn, info: &ServerInfo) -> Result<()> {
+        if self.checkpoint.is_some() && self.schemas.iter().all(Option::is_some) {
+            return Ok(());
+        }
+        let stored = crate::replica::read_checkpoint(&self.sqlite)?;
+        let meta = read_meta(&self.sqlite)?;
+        match stored {
+            None => self.need_snapshot = self.need_snapshot.take().or(Some("no replica yet".into())),
+            Some((cp, _)) => {
+                if meta.identity.as_deref() != Some(info.identity().as_str()) {
+                    self.need_snapshot = Some(format!(
+                        "the replica follows {} but the server is {}",
+                        meta.identity.as_deref().unwrap_or("an unknown server"),
+                        info.identity()
+                    ));
+                } else if meta.tables.as_deref() != Some(self.tables_key().as_str()) {
+                    self.need_snapshot = Some("mysql.tables changed".into());
+                }
+                self.consistent_after = meta.consistent_after;
+                self.checkpoint = Some(cp);
+            }
+        }
+        if self.need_snapshot.is_none() {
+            for (i, t) in self.tables.clone().iter().enumerate() {
+                match crate::source::catalog::load_table_schema(conn, t).await? {
+                    Some(s) => self.set_schema(i, s),
+                    None => {
+                        self.need_snapshot = Some(format!("table {t} is missing"));
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_schema(&mut self, idx: usize, schema: TableSchema) {
+        self.row_sql[idx] = Some(RowSql::new(&schema));
+        self.schemas[idx] = Some(schema);
+        // Codecs built against the old shape must not decode another row.
+        self.codecs.retain(|tid, _| self.table_ids.get(tid) != Some(&Some(idx)));
+    }
+
+    /// Replaces the whole replica with a fresh snapshot, atomically.
+    async fn full_snapshot(&mut self, info: &ServerInfo) -> Result<()> {
+        let started = Instant::now();
+        self.exec("BEGIN IMMEDIATE")?;
+        let tables = self.tables.clone();
+        let outcome = match snapshot(&self.cfg.mysql, info, &tables, &self.sqlite).await {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = self.sqlite.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
+        let cp = Checkpoint { position: outcome.start.clone(), gtid: None };
+        write_checkpoint(&self.sqlite, &cp, outcome.consistent_after.is_none())?;
+        write_meta(&self.sqlite, outcome.consistent_after.as_ref(), &info.identity(), &self.tables_key())?;
+        self.exec("COMMIT")?;
+        for (i, s) in outcome.schemas.into_iter().enumerate() {
+            self.set_schema(i, s);
+        }
+        self.table_ids.clear();
+        self.codecs.clear();
+        self.skip_until = vec![None; self.tables.len()];
+        self.consistent_after = outcome.consistent_after;
+        self.checkpoint = Some(cp.clone());
+        self.schedule_resync();
+        tracing::info!(position = %cp, elapsed_ms = started.elapsed().as_millis() as u64, "replica replaced by snapshot");
+        (self.notify)(CommitNotice {
+            touched: self.tables.iter().map(TableRef::sqlite_name).collect(),
+            checkpoint: cp,
+            arrived: started,
+            full: true,
+        });
+        Ok(())
+    }
+
+    async fn verify_position(&mut self, conn: &mut Conn, pos: &BinlogPosition) -> Result<()> {
+        let logs = binary_logs(conn).await?;
+        match logs.iter().find(|(f, _)| *f == pos.file) {
+            Some((_, size)) if *size >= pos.pos => Ok(()),
+            Some((_, size)) => Err(Error::NeedsResync {
+                reason: format!(
+                    "stored position {pos} is past the end of that binlog ({size} bytes): the server is not the one we followed"
+                ),
+                table: None,
+                position: Some(pos.clone()),
+            }),
+            None => Err(Error::NeedsResync {
+                reason: format!(
+                    "binlog {} is no longer on the server (purged?); oldest is {}",
+                    pos.file,
+                    logs.first().map(|l| l.0.as_str()).unwrap_or("none")
+                ),
+                table: None,
+                position: Some(pos.clone()),
+            }),
+        }
+    }
+
+    fn exec(&self, sql: &str) -> Result<()> {
+        self.sqlite.execute_batch(sql).map_err(|e| Error::sqlite(sql.to_owned(), e))
+    }
+
+    async fn stream(&mut self, mut conn: Conn, info: &ServerInfo, start: BinlogPosition) -> Result<SessionEnd> {
+        let heartbeat = Duration::from_secs_f64(self.cfg.mysql.heartbeat_secs);
+        if info.flavor == Flavor::MariaDb {
+            // 4 = MARIA_SLAVE_CAPABILITY_GTID: send real GTID events.
+            conn.query_drop("SET @mariadb_slave_capability = 4")
+                .await
+                .map_err(|e| Error::mysql("set slave capability", e))?;
+        }
+        conn.query_drop(format!("SET @master_heartbeat_period = {}", heartbeat.as_nanos()))
+            .await
+            .map_err(|e| Error::mysql("set heartbeat period", e))?;
+        let req =
+            BinlogStreamRequest::new(self.cfg.mysql.server_id).with_filename(start.file.as_bytes()).with_pos(start.pos);
+        let mut stream = conn.get_binlog_stream(req).await.map_err(|e| Error::Mysql {
+            context: "start binlog dump".into(),
+            position: Some(start.clone()),
+            source: e,
+        })?;
+        tracing::info!(position = %start, heartbeat_ms = heartbeat.as_millis() as u64, "streaming binlog");
+        let mut file = start.file.clone();
+        let mut pos = start.pos;
+        let dead_after = heartbeat * 3 + Duration::from_secs(1);
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            // At a transaction boundary with work pending: commit unless
+            // more events are already here (then keep batching, bounded).
+            let ready = if self.batch.pending.is_some() && !self.batch.in_txn {
+                let overdue = self.batch.rows >= MAX_BATCH_ROWS
+                    || self.batch.started.is_some_and(|s| s.elapsed() >= MAX_BATCH_AGE);
+                if overdue {
+                    self.flush()?;
+                    None
+                } else {
+                    match stream.next().now_or_never() {
+                        Some(ev) => Some(ev),
+                        None => {
+                            self.flush()?;
+                            None
+                        }
+                    }
+                }
+            } else {
+                None
+            };
+            let item = match ready {
+                Some(ev) => ev,
+                None => {
+                    let resync_at = self.resync_due;
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.changed() => {
+                            self.abort_batch();
+                            return Ok(SessionEnd::Shutdown);
+                        }
+                        ctl = self.control.recv(), if self.control_open && !self.batch.in_txn && self.batch.pending.is_none() => {
+                            match ctl {
+                                Some(Control::Resync { reason }) => {
+                                    self.need_snapshot = Some(reason);
+                                    return Ok(SessionEnd::Resync);
+                                }
+                                None => self.control_open = false,
+                            }
+                            continue;
+                        }
+                        _ = sleep_until_opt(resync_at), if !self.batch.in_txn && self.batch.pending.is_none() => {
+                            self.need_snapshot = Some("periodic resync".into());
+                            return Ok(SessionEnd::Resync);
+                        }
+                        r = tokio::time::timeout(dead_after, stream.next()) => match r {
+                            Err(_) => return Err(Error::Transient(format!(
+                                "no binlog event or heartbeat for {dead_after:?} at {file}:{pos}; the link is dead"
+                            ))),
+                            Ok(ev) => ev,
+                        }
+                    }
+                }
+            };
+            let event = match item {
+                None => return Err(Error::Transient(format!("the server closed the binlog stream at {file}:{pos}"))),
+                Some(Err(e)) => {
+                    return Err(Error::Mysql {
+                        context: "read binlog".into(),
+                        position: Some(BinlogPosition::new(file, pos)),
+                        source: e,
+                    });
+                }
+                Some(Ok(ev)) => ev,
+            };
+            self.handle(&event, &mut file, &mut pos).await?;
+        }
+    }
+
+    async fn handle(&mut self, event: &Event, file: &mut String, pos: &mut u64) -> Result<()> {
+        let header = event.header();
+        let et = header.event_type_raw();
+        let end = if header.log_pos() != 0 { header.log_pos() as u64 } else { *pos };
+        let here = || BinlogPosition::new(file.clone(), end);
+        match et {
+            ev::ROTATE => {
+                let re: RotateEvent<'_> = event.read_event().map_err(|e| malformed("ROTATE", e, here()))?;
+                let raw = re.name_raw();
+                // The fake ROTATE that opens the stream arrives before the
+                // format description, so its name still carries the 4-byte
+                // checksum: it names the file we asked for.
+                if !(raw.len() == file.len() + 4 && raw.starts_with(file.as_bytes())) {
+                    *file = String::from_utf8_lossy(raw).into_owned();
+                }
+                *pos = re.position();
+                return Ok(());
+            }
+            ev::FORMAT_DESCRIPTION | ev::HEARTBEAT | ev::TRANSACTION_PAYLOAD => {}
+            ev::GTID | ev::ANONYMOUS_GTID => {
+                let g: Option<Gtid> = if et == ev::GTID {
+                    event.read_event::<GtidEvent>().ok().map(|g| Gtid::Mysql { uuid: g.sid(), gno: g.gno() })
+                } else {
+                    None
+                };
+                self.begin_txn(g);
+            }
+            ev::MARIADB_GTID => {
+                let d = event.data();
+                if d.len() < 13 {
+                    return Err(Error::Decode {
+                        table: "-".into(),
+                        position: here(),
+                        message: "short MariaDB GTID event".into(),
+                    });
+                }
+                let seq = u64::from_le_bytes(d[0..8].try_into().unwrap_or_default());
+                let domain = u32::from_le_bytes(d[8..12].try_into().unwrap_or_default());
+                self.begin_txn(Some(Gtid::MariaDb { domain, server_id: header.server_id(), seq }));
+                // FL_STANDALONE (1): a single statement (DDL) follows, not a
+                // BEGIN…XID group; a group may carry SAVEPOINT queries that
+                // must not end it.
+                self.batch.txn_explicit = d[12] & 1 == 0;
+            }
+            ev::QUERY => self.handle_query(event, here()).await?,
+            ev::TABLE_MAP => self.handle_table_map(event, here()).await?,
+            ev::XID => self.end_txn(here()),
+            ev::MARIADB_QUERY_COMPRESSED..=ev::MARIADB_ROWS_COMPRESSED_LAST => {
+                return Err(Error::Fatal(format!(
+                    "binlog event type {et} at {} is compressed (log_bin_compress=ON); set log_bin_compress=OFF in my.cnf and restart the server",
+                    here()
+                )));
+            }
+            _ if rows_kind(et).is_some() => self.handle_rows(event, et, here())?,
+            _ => {}
+        }
+        *pos = end;
+        Ok(())
+    }
+
+    fn begin_txn(&mut self, gtid: Option<Gtid>) {
+        self.batch.in_txn = true;
+        self.batch.txn_gtid = gtid;
+        self.batch.txn_arrived = Some(Instant::now());
+    }
+
+    fn ensure_open(&mut self) -> Result<()> {
+        if !self.batch.open {
+            self.exec("BEGIN IMMEDIATE")?;
+            self.batch.open = true;
+            self.batch.started = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// A MySQL transaction ended at `at`: fold it into the batch.
+    fn end_txn(&mut self, at: BinlogPosition) {
+        let b = &mut self.batch;
+        for (t, x) in b.touched.iter_mut().zip(b.txn_touched.iter_mut()) {
+            *t |= std::mem::take(x);
+        }
+        let arrived = b.txn_arrived.take().unwrap_or_else(Instant::now);
+        b.arrived = Some(b.arrived.map_or(arrived, |a| a.min(arrived)));
+        b.pending = Some(Checkpoint { position: at, gtid: b.txn_gtid.take() });
+        b.started.get_or_insert_with(Instant::now);
+        b.in_txn = false;
+        b.txn_explicit = false;
+    }
+
+    /// Commits the batch and its checkpoint, then tells the publisher.
+    fn flush(&mut self) -> Result<()> {
+        let Some(cp) = self.batch.pending.take() else { return Ok(()) };
+        self.ensure_open()?;
+        let became_consistent = self.consistent_after.as_ref().is_some_and(|p| cp.position >= *p);
+        if became_consistent {
+            self.consistent_after = None;
+            write_meta(
+                &self.sqlite,
+                None,
+                &self.info.as_ref().map(|i| i.identity()).unwrap_or_default(),
+                &self.tables_key(),
+            )?;
+            tracing::info!(position = %cp, "replica consistent with the server");
+        }
+        write_checkpoint(&self.sqlite, &cp, self.consistent_after.is_none())?;
+        self.exec("COMMIT")?;
+        let b = &mut self.batch;
+        b.open = false;
+        let touched: Vec<String> = b
+            .touched
+            .iter_mut()
+            .zip(&self.tables)
+            .filter_map(|(t, r)| std::mem::take(t).then(|| r.sqlite_name()))
+            .collect();
+        let arrived = b.arrived.take().unwrap_or_else(Instant::now);
+        let rows = std::mem::take(&mut b.rows);
+        b.started = None;
+        self.checkpoint = Some(cp.clone());
+        if !touched.is_empty() || became_consistent {
+            tracing::debug!(position = %cp, rows, tables = ?touched, "applied");
+            let touched =
+                if became_consistent { self.tables.iter().map(TableRef::sqlite_name).collect() } else { touched };
+            (self.notify)(CommitNotice { touched, checkpoint: cp, arrived, full: false });
+        }
+        Ok(())
+    }
+
+    fn abort_batch(&mut self) {
+        if self.batch.open {
+            let _ = self.sqlite.execute_batch("ROLLBACK");
+        }
+        let n = self.tables.len();
+        self.batch = Batch { touched: vec![false; n], txn_touched: vec![false; n], ..Default::default() };
+        // The rolled-back batch may have held schema changes: re-read them.
+        self.table_ids.clear();
+        self.codecs.clear();
+    }
+
+    fn watched_index(&self, schema: &str, name: &str) -> Option<usize> {
+        self.tables.iter().position(|t| t.schema == schema && t.name == name)
+    }
+
+    async fn handle_query(&mut self, event: &Event, at: BinlogPosition) -> Result<()> {
+        let q: QueryEvent<'_> = event.read_event().map_err(|e| malformed("QUERY", e, at.clone()))?;
+        let sql = q.query();
+        let trimmed = sql.trim();
+        if trimmed.eq_ignore_ascii_case("BEGIN") || trimmed.to_ascii_uppercase().starts_with("XA START") {
+            if !self.batch.in_txn {
+                self.begin_txn(None);
+            }
+            self.batch.txn_explicit = true;
+            return Ok(());
+        }
+        if trimmed.eq_ignore_ascii_case("COMMIT") || trimmed.eq_ignore_ascii_case("ROLLBACK") {
+            // Only non-transactional changes end this way; they persist.
+            self.end_txn(at);
+            return Ok(());
+        }
+        if self.batch.txn_explicit && ddl::parse(&sql).is_none() {
+            // A statement inside a transaction (SAVEPOINT, ...).
+            return Ok(());
+        }
+        if let Some(d) = ddl::parse(&sql) {
+            let default_schema = q.schema().into_owned();
+            let mut hit: Vec<usize> = Vec::new();
+            match &d.kind {
+                DdlKind::DropDatabase(db) => {
+                    hit.extend(self.tables.iter().enumerate().filter(|(_, t)| &t.schema == db).map(|(i, _)| i))
+                }
+                _ => {
+                    for (s, n) in &d.tables {
+                        if let Some(i) = self.watched_index(s.as_deref().unwrap_or(&default_schema), n) {
+                            hit.push(i);
+                        }
+                    }
+                }
+            }
+            hit.sort_unstable();
+            hit.dedup();
+            for i in hit {
+                if self.skip_until[i].as_ref().is_some_and(|p| at <= *p) {
+                    continue;
+                }
+                self.ensure_open()?;
+                match d.kind {
+                    DdlKind::Truncate => {
+                        tracing::info!(table = %self.tables[i], position = %at, "TRUNCATE: emptying replica table");
+                        if let Some(sql) = &self.row_sql[i] {
+                            self.sqlite.execute_batch(&sql.truncate).map_err(|e| Error::sqlite("truncate", e))?;
+                        }
+                    }
+                    _ => {
+                        tracing::info!(table = %self.tables[i], position = %at, statement = %trimmed.chars().take(200).collect::<String>(), "DDL on a watched table: re-reading its schema and re-snapshotting it");
+                        self.resnapshot_table(i).await?;
+                    }
+                }
+                self.batch.txn_touched[i] = true;
+            }
+        }
+        // DDL and other statements outside BEGIN commit implicitly.
+        if !self.batch.in_txn {
+            self.begin_txn(None);
+        }
+        self.end_txn(at);
+        Ok(())
+    }
+
+    /// Replaces one table's replica copy with a fresh snapshot of it.
+    async fn resnapshot_table(&mut self, idx: usize) -> Result<()> {
+        let info = self.info.clone().ok_or_else(|| Error::Transient("no server info".into()))?;
+        let t = self.tables[idx].clone();
+        let mut conn = connect(&self.cfg.mysql).await?;
+        let exists = crate::source::catalog::load_table_schema(&mut conn, &t).await?;
+        let _ = conn.disconnect().await;
+        self.ensure_open()?;
+        let Some(_) = exists else {
+            tracing::warn!(table = %t, "watched table no longer exists; its replica copy is now empty until it is created again");
+            if let Some(sql) = &self.row_sql[idx] {
+                self.sqlite.execute_batch(&sql.truncate).map_err(|e| Error::sqlite("empty dropped table", e))?;
+            }
+            return Ok(());
+        };
+        let outcome = snapshot(&self.cfg.mysql, &info, std::slice::from_ref(&t), &self.sqlite).await?;
+        let schema = outcome.schemas.into_iter().next().ok_or_else(|| Error::Transient("empty snapshot".into()))?;
+        let until = outcome.consistent_after.clone().unwrap_or_else(|| outcome.start.clone());
+        self.skip_until[idx] = Some(outcome.start.clone());
+        if self.consistent_after.as_ref().is_none_or(|p| until > *p) {
+            self.consistent_after = Some(until.clone());
+        }
+        write_meta(&self.sqlite, self.consistent_after.as_ref(), &info.identity(), &self.tables_key())?;
+        self.set_schema(idx, schema);
+        tracing::info!(table = %t, rows = outcome.rows.first().copied().unwrap_or(0), skip_until = %outcome.start, consistent_after = %until, "table re-snapshotted");
+        Ok(())
+    }
+
+    async fn handle_table_map(&mut self, event: &Event, at: BinlogPosition) -> Result<()> {
+        let tme: TableMapEvent<'_> = event.read_event().map_err(|e| malformed("TABLE_MAP", e, at.clone()))?;
+        let tid = tme.table_id();
+        let Some(idx) = self.watched_index(&tme.database_name(), &tme.table_name()) else {
+            self.table_ids.insert(tid, None);
+            return Ok(());
+        };
+        self.table_ids.insert(tid, Some(idx));
+        if self.skip_until[idx].as_ref().is_some_and(|p| at <= *p) {
+            self.codecs.remove(&tid);
+            return Ok(());
+        }
+        for attempt in 0..2 {
+            let Some(schema) = &self.schemas[idx] else { break };
+            match TableCodec::new(&tme, schema) {
+                Ok(codec) => {
+                    self.codecs.insert(tid, codec);
+                    return Ok(());
+                }
+                Err(DecodeError::Mismatch(why)) if attempt == 0 => {
+                    tracing::info!(table = %self.tables[idx], position = %at, reason = %why, "table map differs from the known schema: re-snapshotting the table");
+                    self.resnapshot_table(idx).await?;
+                    if self.skip_until[idx].as_ref().is_some_and(|p| at <= *p) {
+                        self.codecs.remove(&tid);
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    return Err(Error::Decode {
+                        table: self.tables[idx].to_string(),
+                        position: at,
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        Err(Error::NeedsResync {
+            reason: "table map does not match the schema after a re-snapshot".into(),
+            table: Some(self.tables[idx].to_string()),
+            position: Some(at),
+        })
+    }
+
+    fn handle_rows(&mut self, event: &Event, et: u8, at: BinlogPosition) -> Result<()> {
+        let body = event.data();
+        let Some(tid) = rows_table_id(body) else {
+            return Err(Error::Decode { table: "-".into(), position: at, message: "rows event too short".into() });
+        };
+        let Some(Some(idx)) = self.table_ids.get(&tid).copied() else { return Ok(()) };
+        if self.skip_until[idx].as_ref().is_some_and(|p| at <= *p) {
+            return Ok(());
+        }
+        if !self.codecs.contains_key(&tid) {
+            return Err(Error::NeedsResync {
+                reason: "rows event without a usable table map".into(),
+                table: Some(self.tables[idx].to_string()),
+                position: Some(at),
+            });
+        }
+        self.ensure_open()?;
+        let Some(codec) = self.codecs.get(&tid) else { return Ok(()) };
+        let Some(sql) = &self.row_sql[idx] else { return Ok(()) };
+        let conn = &self.sqlite;
+        let mut n = 0u64;
+        let mut apply = |change: RowChange<'_>| -> Result<()> {
+            n += 1;
+            let r = match change {
+                RowChange::Insert(row) => sql.upsert(conn, row),
+                RowChange::Delete(row) => sql.delete(conn, row),
+                RowChange::Update { before, after } => {
+                    if sql.same_key(before, after) {
+                        sql.upsert(conn, after)
+                    } else {
+                        sql.delete(conn, before).and_then(|_| sql.upsert(conn, after))
+                    }
+                }
+            };
+            r.map_err(|e| Error::sqlite("apply row", e))
+        };
+        match self.decoder.decode(et, body, codec, &mut apply) {
+            Ok(()) => {}
+            Err(DecodeFailure::Callback(e)) => return Err(e),
+            Err(DecodeFailure::Decode(DecodeError::PartialImage(m))) => {
+                return Err(Error::Fatal(format!(
+                    "binlog_row_image: rows of {} at {at} are not full images ({m}); set binlog_row_image=FULL in my.cnf",
+                    self.tables[idx]
+                )));
+            }
+            Err(DecodeFailure::Decode(e)) => {
+                return Err(Error::Decode {
+                    table: self.tables[idx].to_string(),
+                    position: at,
+                    message: e.to_string(),
+                });
+            }
+        }
+        self.batch.rows += n;
+        self.batch.txn_touched[idx] = true;
+        Ok(())
+    }
+}
+
+fn malformed(what: &str, e: std::io::Error, at: BinlogPosition) -> Error {
+    Error::Decode { table: "-".into(), position: at, message: format!("cannot parse {what} event: {e}") }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Capped exponential backoff with full jitter.
+pub fn backoff(attempt: u32) -> Duration {
+    let exp = BACKOFF_MIN.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_MAX);
+    let ms = exp.as_millis().max(1) as u64;
+    Duration::from_millis(rand::random_range(ms / 2..=ms))
+}

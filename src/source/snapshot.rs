@@ -1,0 +1,202 @@
+//! Lock-free snapshots of the watched tables into the replica.
+//!
+//! MariaDB reports the exact binlog position of a consistent snapshot
+//! (`binlog_snapshot_file/position`), so streaming resumes exactly there and
+//! the replica is consistent at once. MySQL does not: we note the position
+//! before the snapshot (P0), stream from P0 applying idempotent upserts and
+//! deletes, and call the replica consistent only once the stream has passed
+//! a position read after the snapshot began (P1).
+
+use std::time::Instant;
+
+use mysql_async::prelude::*;
+use mysql_async::{Conn, Value as MyValue};
+use rusqlite::Connection;
+use rusqlite::types::{ToSqlOutput, Value};
+
+use crate::config::{MysqlConfig, TableRef};
+use crate::error::{Error, Result};
+use crate::position::BinlogPosition;
+use crate::replica::tables::recreate_table;
+use crate::schema::{Affinity, ColumnDef, TableSchema};
+use crate::source::catalog::load_table_schema;
+use crate::source::conn::{Flavor, ServerInfo, connect, master_status};
+use crate::source::decode::{float_to_f64, format_date, format_datetime, format_time};
+
+#[derive(Debug, Clone)]
+pub struct SnapshotOutcome {
+    pub schemas: Vec<TableSchema>,
+    /// Where the binlog stream must start.
+    pub start: BinlogPosition,
+    /// `Some(P1)`: not consistent until the stream has passed P1.
+    pub consistent_after: Option<BinlogPosition>,
+    pub rows: Vec<u64>,
+}
+
+/// Snapshot `tables` and write them into the replica through `sqlite`
+/// (inside the caller's transaction, so the replica switches atomically).
+pub async fn snapshot(
+    cfg: &MysqlConfig,
+    info: &ServerInfo,
+    tables: &[TableRef],
+    sqlite: &Connection,
+) -> Result<SnapshotOutcome> {
+    let started = Instant::now();
+    let mut conn = connect(cfg).await?;
+    let mut schemas = Vec::with_capacity(tables.len());
+    for t in tables {
+        let schema = load_table_schema(&mut conn, t).await?.ok_or_else(|| Error::NeedsResync {
+            reason: format!("table {t} does not exist (create it or remove it from mysql.tables)"),
+            table: Some(t.to_string()),
+            position: None,
+        })?;
+        if schema.primary_key.is_empty() {
+            return Err(Error::Fatal(format!(
+                "mysql.tables: table {t} has no primary key; tailcache needs one to apply row changes (ALTER TABLE {} ADD PRIMARY KEY (...))",
+                t.mysql_quoted()
+            )));
+        }
+        schemas.push(schema);
+    }
+    let p0 = master_status(&mut conn, info).await?;
+    conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .map_err(|e| Error::mysql("set isolation level", e))?;
+    conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        .await
+        .map_err(|e| Error::mysql("start consistent snapshot", e))?;
+    let (start, consistent_after) = match info.flavor {
+        Flavor::MariaDb => {
+            let rows: Vec<(String, String)> = conn
+                .query("SHOW STATUS LIKE 'binlog_snapshot_%'")
+                .await
+                .map_err(|e| Error::mysql("read binlog_snapshot_file/position", e))?;
+            let file = rows.iter().find(|r| r.0.eq_ignore_ascii_case("binlog_snapshot_file")).map(|r| r.1.clone());
+            let pos = rows
+                .iter()
+                .find(|r| r.0.eq_ignore_ascii_case("binlog_snapshot_position"))
+                .and_then(|r| r.1.parse().ok());
+            match (file, pos) {
+                (Some(f), Some(p)) if !f.is_empty() => (BinlogPosition::new(f, p), None),
+                _ => (p0.clone(), Some(master_status(&mut conn, info).await?)),
+            }
+        }
+        Flavor::Mysql => {
+            let p1 = master_status(&mut conn, info).await?;
+            (p0.clone(), if p1 > p0 { Some(p1) } else { None })
+        }
+    };
+    let mut counts = Vec::with_capacity(schemas.len());
+    for schema in &schemas {
+        counts.push(copy_table(&mut conn, schema, sqlite).await?);
+    }
+    conn.query_drop("COMMIT").await.map_err(|e| Error::mysql("end snapshot", e))?;
+    let _ = conn.disconnect().await;
+    tracing::info!(
+        tables = schemas.len(),
+        rows = counts.iter().sum::<u64>(),
+        start = %start,
+        consistent_after = ?consistent_after.as_ref().map(|p| p.to_string()),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "snapshot taken"
+    );
+    Ok(SnapshotOutcome { schemas, start, consistent_after, rows: counts })
+}
+
+async fn copy_table(conn: &mut Conn, schema: &TableSchema, sqlite: &Connection) -> Result<u64> {
+    let started = Instant::now();
+    recreate_table(sqlite, schema)?;
+    let cols: Vec<String> = schema.columns.iter().map(|c| format!("`{}`", c.name.replace('`', "``"))).collect();
+    let select = format!("SELECT {} FROM {}", cols.join(", "), schema.table.mysql_quoted());
+    let insert = format!(
+        "INSERT OR REPLACE INTO {} VALUES ({})",
+        crate::replica::tables::qualified(schema),
+        (1..=cols.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
+    );
+    let mut result =
+        conn.exec_iter(select.as_str(), ()).await.map_err(|e| Error::mysql(format!("snapshot {}", schema.table), e))?;
+    let mut stmt = sqlite
+        .prepare_cached(&insert)
+        .map_err(|e| Error::sqlite(format!("prepare insert into {}", schema.table), e))?;
+    let mut n = 0u64;
+    let mut values: Vec<Value> = Vec::with_capacity(schema.columns.len());
+    while let Some(row) = result.next().await.map_err(|e| Error::mysql(format!("snapshot {}", schema.table), e))? {
+        values.clear();
+        let raw = row.unwrap_raw();
+        for (i, col) in schema.columns.iter().enumerate() {
+            let v = raw.get(i).cloned().flatten().unwrap_or(MyValue::NULL);
+            values.push(convert(col, v));
+        }
+        for (i, v) in values.iter().enumerate() {
+            stmt.raw_bind_parameter(i + 1, ToSqlOutput::Borrowed(v.into()))
+                .map_err(|e| Error::sqlite(format!("snapshot insert into {}", schema.table), e))?;
+        }
+        stmt.raw_execute().map_err(|e| Error::sqlite(format!("snapshot insert into {}", schema.table), e))?;
+        n += 1;
+    }
+    tracing::info!(table = %schema.table, rows = n, elapsed_ms = started.elapsed().as_millis() as u64, "table copied");
+    Ok(n)
+}
+
+/// Converts a value read over the binary protocol to the replica's
+/// representation; must agree with what the binlog decoder produces.
+pub fn convert(col: &ColumnDef, v: MyValue) -> Value {
+    match v {
+        MyValue::NULL => Value::Null,
+        MyValue::Int(i) => match col.affinity() {
+            Affinity::Real => Value::Real(i as f64),
+            Affinity::Text => Value::Text(i.to_string()),
+            _ => Value::Integer(i),
+        },
+        MyValue::UInt(u) => {
+            if u <= i64::MAX as u64 {
+                Value::Integer(u as i64)
+            } else {
+                Value::Text(u.to_string())
+            }
+        }
+        MyValue::Float(f) => Value::Real(float_to_f64(f)),
+        MyValue::Double(d) => Value::Real(d),
+        MyValue::Bytes(b) => match col.affinity() {
+            Affinity::Blob => Value::Blob(b),
+            Affinity::Integer if col.data_type == "bit" => {
+                Value::Integer(b.iter().fold(0u64, |acc, &x| (acc << 8) | x as u64) as i64)
+            }
+            Affinity::Integer => {
+                let s = String::from_utf8_lossy(&b);
+                s.trim().parse::<i64>().map(Value::Integer).unwrap_or_else(|_| Value::Text(s.into_owned()))
+            }
+            Affinity::U64 => {
+                let s = String::from_utf8_lossy(&b);
+                match s.trim().parse::<u64>() {
+                    Ok(u) if u <= i64::MAX as u64 => Value::Integer(u as i64),
+                    _ => Value::Text(s.trim().to_owned()),
+                }
+            }
+            Affinity::Real => {
+                let s = String::from_utf8_lossy(&b);
+                s.trim().parse::<f64>().map(Value::Real).unwrap_or_else(|_| Value::Text(s.into_owned()))
+            }
+            Affinity::Text => Value::Text(match String::from_utf8(b) {
+                Ok(s) => s,
+                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            }),
+        },
+        MyValue::Date(y, mo, d, h, mi, s, us) => {
+            let mut out = Vec::with_capacity(26);
+            if col.data_type == "date" {
+                format_date(&mut out, y.into(), mo.into(), d.into());
+            } else {
+                let fsp = col.datetime_precision.unwrap_or(0).min(6) as u8;
+                format_datetime(&mut out, y.into(), mo.into(), d.into(), h.into(), mi.into(), s.into(), us.into(), fsp);
+            }
+            Value::Text(String::from_utf8_lossy(&out).into_owned())
+        }
+        MyValue::Time(neg, days, h, mi, s, us) => {
+            let mut out = Vec::with_capacity(20);
+            let fsp = col.datetime_precision.unwrap_or(0).min(6) as u8;
+            format_time(&mut out, neg, days * 24 + u32::from(h), mi.into(), s.into(), us, fsp);
+            Value::Text(String::from_utf8_lossy(&out).into_owned())
+        }
+    }
+}

@@ -1,0 +1,735 @@
+//! Views: SQL over the replica, turned into cache entries.
+//!
+//! Each `[[views]]` entry is a query over the replica (tables named like the
+//! MySQL tables; `schema.table` for watched tables of another schema) plus
+//! a key template and a shape. [`ViewSet::compile`] checks every view
+//! against the replica schema before anything runs; [`ViewSet::compute`]
+//! runs one inside the caller's read transaction and builds its entries;
+//! [`published`] diffs them against what memcached was last given;
+//! [`publisher`] runs the whole loop.
+//!
+//! # Encoding contract
+//!
+//! **Rows.** A row is a msgpack *map* from column name (str) to value, in
+//! the query's column order. SQLite INTEGER → int (smallest msgpack
+//! representation), REAL → float64, TEXT → str (invalid UTF-8 replaced by
+//! U+FFFD), BLOB → bin, NULL → nil. MySQL DECIMAL arrives as TEXT (e.g.
+//! `"12.50"`, exact), DATETIME/TIMESTAMP as TEXT (`"2024-05-01 12:00:00.123456"`).
+//!
+//! **JSON columns.** A column listed in `json_columns` holds JSON text
+//! (e.g. built with `json_object`/`json_group_array`) and is written as
+//! nested msgpack: object → map keeping the document's key order, array →
+//! array, true/false → bool, integers (within i64, or u64) → int, other
+//! numbers → float64, string → str, null → nil. A NULL column value → nil;
+//! an INTEGER/REAL value (e.g. from `json_extract`) → that number. Text that
+//! is not valid JSON (or a BLOB) is an error naming the view, key and
+//! column: that entry is not written.
+//!
+//! **`value_column`.** When set, each row is replaced by that column's
+//! value alone (encoded as above) instead of the row map.
+//!
+//! **Shapes.**
+//! * `row`: one entry per row, key from the template's `{column}`s. Two rows
+//!   rendering the same key: the later row (in query order) wins.
+//! * `list`: one entry, an array of the rows in query order (empty array
+//!   for no rows).
+//! * `map`: one entry, a map from the `map_key` column's value (encoded as
+//!   above: int, float64 or str) to the row. Duplicate map keys: the later
+//!   row's value wins, at the position of the first occurrence (what
+//!   building a Python dict in query order gives). A NULL or BLOB `map_key`
+//!   value is an error: the entry is not written.
+//!
+//! **Codecs** (`memcached.codec`), all stored with client flags 0:
+//! * `msgpack`: the bytes above.
+//! * `dogpile`: dogpile.cache's `CachedValue` as its msgpack proxy stores
+//!   it: a 2-array `[value, {"ct": <unix time as float64>, "v": 2}]`, where
+//!   `ct` is when tailcache computed the entry and 2 is dogpile's
+//!   `value_version`. Read with `CachedValue(*msgpack.unpackb(b))`.
+//! * `json`: UTF-8 JSON of the same value: maps → objects (a non-string
+//!   map key becomes a string of its JSON text: `1` → `"1"`), BLOB →
+//!   standard base64 string with padding, non-finite floats → `null`.
+//!
+//! **Keys.** `memcached.key_prefix` + the rendered template (see
+//! [`template`]). A NULL or BLOB placeholder value, or a key over 250 bytes
+//! or containing whitespace/control characters: the entry is not written.
+//!
+//! **Size.** An entry is written only when
+//! `key bytes + value bytes + ITEM_OVERHEAD (`[`ITEM_OVERHEAD`]` = 96) <=
+//! memcached.max_item_size`, the overhead covering memcached's item header,
+//! CAS and CRLF (about 60 bytes in memcached 1.6), so a value tailcache
+//! accepts is never refused with "object too large".
+//!
+//! **Rejected entries** (any of the above): an error is logged naming the
+//! view, the key (when there is one) and the size or column, the
+//! `tailcache_entries_rejected_total` counter increments, the rest of the
+//! view is still published, and a value published earlier under that key
+//! is deleted rather than left stale.
+//!
+//! **Change detection.** Each entry's payload (for `dogpile` the inner
+//! value, not the timestamped wrapper) is hashed with xxh3-128, salted with
+//! the codec and exptime; an entry whose hash equals the published one is
+//! not rewritten.
+
+pub mod encode;
+pub mod published;
+pub mod publisher;
+pub mod template;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::Connection;
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::types::ValueRef;
+
+use crate::config::{Codec, MemcachedConfig, Shape, TableRef, ViewConfig};
+use crate::replica::INTERNAL_PREFIX;
+use encode::{ValueError, mp};
+pub use publisher::{Committed, compute_all, spawn_publisher};
+use template::{KeyError, KeyTemplate};
+
+/// Bytes memcached needs per item besides key and value (item header, CAS,
+/// CRLF, flags); see the size rule in the module docs.
+pub const ITEM_OVERHEAD: usize = 96;
+
+/// Table-valued functions a view may read besides the watched tables.
+const ALLOWED_FUNCTIONS: &[&str] = &["json_each", "json_tree", "jsonb_each", "jsonb_tree"];
+
+/// One problem with one view, found before anything runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewProblem {
+    pub view: String,
+    pub message: String,
+}
+
+impl fmt::Display for ViewProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "view {:?}: {}", self.view, self.message)
+    }
+}
+
+/// A cache entry ready to be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Full key, prefix included.
+    pub key: String,
+    /// Encoded with the configured codec.
+    pub value: Vec<u8>,
+    pub flags: u32,
+    /// xxh3-128 of the payload (see the module docs).
+    pub hash: [u8; 16],
+}
+
+/// An entry that is not written, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryError {
+    /// A key placeholder column is NULL or a BLOB.
+    KeyColumn { view: String, column: String, kind: &'static str },
+    /// The rendered key breaks memcached's rules.
+    BadKey { view: String, key: String, reason: String },
+    /// The `map_key` column is NULL or a BLOB.
+    MapKey { view: String, key: String, column: String, kind: &'static str },
+    /// A `json_columns` value is not valid JSON.
+    Json { view: String, key: String, column: String, error: String },
+    /// The encoded value does not fit `max_item_size`.
+    TooLarge { view: String, key: String, size: usize, limit: usize },
+}
+
+impl fmt::Display for EntryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EntryError::KeyColumn { view, column, kind } => {
+                write!(f, "view {view:?}: key column {column:?} is {kind}; the row is not written")
+            }
+            EntryError::BadKey { view, key, reason } => {
+                write!(f, "view {view:?}, key {key:?} ({} bytes): {reason}; the entry is not written", key.len())
+            }
+            EntryError::MapKey { view, key, column, kind } => {
+                write!(f, "view {view:?}, key {key:?}: map_key column {column:?} is {kind}; the entry is not written")
+            }
+            EntryError::Json { view, key, column, error } => write!(
+                f,
+                "view {view:?}, key {key:?}: column {column:?} is listed in json_columns but is not valid JSON ({error}); the entry is not written"
+            ),
+            EntryError::TooLarge { view, key, size, limit } => write!(
+                f,
+                "view {view:?}, key {key:?}: value is {size} bytes; with the {}-byte key and {ITEM_OVERHEAD} bytes of item overhead it exceeds memcached.max_item_size = {limit}; the entry is not written",
+                key.len()
+            ),
+        }
+    }
+}
+
+impl EntryError {
+    pub fn view(&self) -> &str {
+        match self {
+            EntryError::KeyColumn { view, .. }
+            | EntryError::BadKey { view, .. }
+            | EntryError::MapKey { view, .. }
+            | EntryError::Json { view, .. }
+            | EntryError::TooLarge { view, .. } => view,
+        }
+    }
+}
+
+/// A whole view could not be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error("view {view:?}: query failed: {source}")]
+    Sqlite {
+        view: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "view {view:?}: the query's result columns changed from ({expected}) to ({found}) since start-up (DDL?); restart tailcache to re-check the view"
+    )]
+    ColumnsChanged { view: String, expected: String, found: String },
+}
+
+impl From<ViewError> for crate::Error {
+    fn from(e: ViewError) -> Self {
+        crate::Error::Transient(e.to_string())
+    }
+}
+
+/// The entries of one view, computed from one replica state.
+#[derive(Debug, Clone, Default)]
+pub struct ComputedView {
+    pub view: String,
+    pub entries: Vec<Entry>,
+    pub rejected: Vec<EntryError>,
+    /// Rows whose key an earlier row of the same view also rendered (row
+    /// shape; the later row won).
+    pub duplicate_keys: usize,
+}
+
+/// One compiled view.
+#[derive(Debug, Clone)]
+pub struct CompiledView {
+    name: String,
+    query: String,
+    shape: Shape,
+    key: KeyTemplate,
+    columns: Vec<String>,
+    /// Each column name pre-encoded as a msgpack str.
+    column_keys: Vec<Vec<u8>>,
+    json: Vec<bool>,
+    map_key: Option<usize>,
+    value_column: Option<usize>,
+    reads: Vec<String>,
+}
+
+impl CompiledView {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Result column names, in order.
+    pub fn columns(&self) -> &[String] {
+        &self.columns
+    }
+    /// Watched tables the query reads, as `TableRef::sqlite_name()`.
+    pub fn reads(&self) -> &[String] {
+        &self.reads
+    }
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+}
+
+/// Reusable buffers for [`ViewSet::compute`].
+#[derive(Debug, Default)]
+pub struct Scratch {
+    key: String,
+    payload: Vec<u8>,
+    body: Vec<u8>,
+    json: Vec<u8>,
+    spans: Vec<(usize, usize, usize, usize)>,
+    index: HashMap<u128, usize>,
+}
+
+/// All configured views, compiled against the replica schema.
+#[derive(Debug, Clone)]
+pub struct ViewSet {
+    views: Vec<CompiledView>,
+    prefix: String,
+    codec: Codec,
+    exptime: u32,
+    max_item_size: usize,
+}
+
+struct Access {
+    problems: BTreeSet<String>,
+    /// (database, table) pairs read.
+    reads: BTreeSet<(String, String)>,
+}
+
+/// Prepares `sql` on `conn` with an authorizer recording what it touches.
+fn prepare_observed(conn: &Connection, sql: &str) -> (rusqlite::Result<(Vec<String>, bool)>, Access) {
+    let access = Arc::new(Mutex::new(Access { problems: BTreeSet::new(), reads: BTreeSet::new() }));
+    let log = Arc::clone(&access);
+    let hook = move |ctx: AuthContext<'_>| {
+        if let Ok(mut a) = log.lock() {
+            match ctx.action {
+                AuthAction::Read { table_name, .. } => {
+                    a.reads.insert((ctx.database_name.unwrap_or("main").to_owned(), table_name.to_owned()));
+                }
+                AuthAction::Select | AuthAction::Function { .. } | AuthAction::Recursive => {}
+                other => {
+                    a.problems
+                        .insert(format!("the query performs {other:?}; a view must be a single read-only SELECT"));
+                }
+            }
+        }
+        Authorization::Allow
+    };
+    // `Connection::authorizer` needs `&mut Connection`, but the caller only
+    // lends `&Connection`. A second, non-owning `Connection` over the same
+    // handle installs the hook on it.
+    // SAFETY: `conn` outlives `observer` (both live in this frame; `conn` is
+    // borrowed for the whole call); `from_handle` never closes the handle;
+    // `Connection` is `!Sync`, so nothing else uses the handle while we
+    // hold `&conn`; the hook is removed before `observer` is dropped, which
+    // frees the boxed closure through SQLite's client-data destructor.
+    let observer = unsafe { Connection::from_handle(conn.handle()) };
+    let mut observer = match observer {
+        Ok(o) => o,
+        Err(e) => {
+            let a = Access { problems: BTreeSet::new(), reads: BTreeSet::new() };
+            return (Err(e), a);
+        }
+    };
+    let installed = observer.authorizer(Some(hook));
+    let result = installed.and_then(|()| {
+        let stmt = conn.prepare(sql)?;
+        Ok((stmt.column_names().map(str::to_owned).collect::<Vec<_>>(), stmt.readonly()))
+    });
+    let _ = observer.authorizer(None::<fn(AuthContext<'_>) -> Authorization>);
+    drop(observer);
+    let access = match Arc::try_unwrap(access) {
+        Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()),
+        Err(shared) => {
+            let g = shared.lock().unwrap_or_else(|p| p.into_inner());
+            Access { problems: g.problems.clone(), reads: g.reads.clone() }
+        }
+    };
+    (result, access)
+}
+
+fn compile_view(conn: &Connection, v: &ViewConfig, watched: &[TableRef]) -> Result<CompiledView, Vec<String>> {
+    let mut problems = Vec::new();
+    let (prepared, access) = prepare_observed(conn, &v.query);
+    let (columns, readonly) = match prepared {
+        Ok(x) => x,
+        Err(e) => {
+            return Err(vec![format!("query does not compile against the replica: {e}")]);
+        }
+    };
+    problems.extend(access.problems);
+    if columns.is_empty() {
+        problems.push("the query returns no columns; a view must be a SELECT".into());
+    }
+    if !readonly {
+        problems.push("the query writes to the database; a view must be a read-only SELECT".into());
+    }
+    let mut reads = BTreeSet::new();
+    for (db, table) in &access.reads {
+        let shown = if db == "main" { table.clone() } else { format!("{db}.{table}") };
+        if table.len() >= INTERNAL_PREFIX.len() && table[..INTERNAL_PREFIX.len()].eq_ignore_ascii_case(INTERNAL_PREFIX)
+        {
+            problems.push(format!("the query reads internal table {shown:?}; a view may read only the watched tables"));
+            continue;
+        }
+        let found = watched.iter().find(|t| {
+            t.name.eq_ignore_ascii_case(table)
+                && if t.qualified { t.schema.eq_ignore_ascii_case(db) } else { db == "main" }
+        });
+        match found {
+            Some(t) => {
+                reads.insert(t.sqlite_name());
+            }
+            None if db == "main" && ALLOWED_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(table)) => {}
+            None => problems.push(format!(
+                "query reads table {shown:?} which is not watched; add it to mysql.tables or change the query"
+            )),
+        }
+    }
+    let mut seen = HashSet::new();
+    for c in &columns {
+        if !seen.insert(c.as_str()) {
+            problems.push(format!("the result has more than one column named {c:?}; give them distinct names with AS"));
+        }
+    }
+    let key = match KeyTemplate::compile(&v.key, &columns) {
+        Ok(k) => Some(k),
+        Err(p) => {
+            problems.extend(p);
+            None
+        }
+    };
+    let find = |what: &str, name: &str, problems: &mut Vec<String>| {
+        let i = columns.iter().position(|c| c == name);
+        if i.is_none() {
+            problems.push(format!(
+                "{what} {name:?} is not a column of the query's result (columns: {})",
+                columns.join(", ")
+            ));
+        }
+        i
+    };
+    let map_key = match (&v.shape, &v.map_key) {
+        (_, Some(m)) => find("map_key", m, &mut problems),
+        (Shape::Map, None) => {
+            problems.push("shape = \"map\" needs map_key = \"<column>\"".into());
+            None
+        }
+        _ => None,
+    };
+    let value_column = v.value_column.as_deref().and_then(|c| find("value_column", c, &mut problems));
+    let mut json = vec![false; columns.len()];
+    for c in &v.json_columns {
+        if let Some(i) = find("json_columns entry", c, &mut problems) {
+            json[i] = true;
+        }
+    }
+    match (&key, v.shape) {
+        (Some(k), Shape::Row) if k.is_fixed() => problems.push(format!(
+            "key {:?} has no {{column}} placeholder, but shape = \"row\" writes one entry per row",
+            v.key
+        )),
+        (Some(k), Shape::List | Shape::Map) if !k.is_fixed() => problems.push(format!(
+            "key {:?} has a placeholder, but shape = \"{}\" writes one entry under a fixed key",
+            v.key,
+            if v.shape == Shape::List { "list" } else { "map" }
+        )),
+        _ => {}
+    }
+    match key {
+        Some(key) if problems.is_empty() => {
+            let column_keys = columns
+                .iter()
+                .map(|c| {
+                    let mut b = Vec::with_capacity(c.len() + 5);
+                    mp::str(&mut b, c);
+                    b
+                })
+                .collect();
+            Ok(CompiledView {
+                name: v.name.clone(),
+                query: v.query.clone(),
+                shape: v.shape,
+                key,
+                columns,
+                column_keys,
+                json,
+                map_key,
+                value_column,
+                reads: reads.into_iter().collect(),
+            })
+        }
+        _ => Err(problems),
+    }
+}
+
+enum RowError {
+    Sqlite(rusqlite::Error),
+    Value { column: usize, error: ValueError },
+}
+
+impl ViewSet {
+    /// Checks every view against the replica reachable through `conn` and
+    /// compiles them; on failure returns every problem of every view. Each
+    /// query must prepare, be a read-only SELECT, read only `watched`
+    /// tables (never the internal `_tailcache_*` ones), and have result
+    /// columns for every key placeholder, `map_key`, `value_column` and
+    /// `json_columns` entry, with no two result columns of the same name.
+    /// Two views may not write the same fixed key, and no view may write
+    /// the sink's sentinel key.
+    ///
+    /// Uses SQLite's authorizer on `conn` while preparing; an authorizer
+    /// the caller installed on `conn` is removed.
+    pub fn compile(
+        conn: &Connection,
+        views: &[ViewConfig],
+        mc: &MemcachedConfig,
+        watched: &[TableRef],
+    ) -> Result<ViewSet, Vec<ViewProblem>> {
+        let mut problems = Vec::new();
+        let mut compiled = Vec::new();
+        let mut fixed: HashMap<String, &str> = HashMap::new();
+        let sentinel = format!("{}{}", mc.key_prefix, crate::sink::EPOCH_KEY_SUFFIX);
+        for (i, v) in views.iter().enumerate() {
+            let view_problem = |message: String| ViewProblem { view: v.name.clone(), message };
+            if views[..i].iter().any(|o| o.name == v.name) {
+                problems.push(view_problem("another view has the same name; view names must be unique".into()));
+            }
+            match compile_view(conn, v, watched) {
+                Ok(c) => {
+                    if let Some(k) = c.key.fixed(&mc.key_prefix) {
+                        if k == sentinel {
+                            problems.push(view_problem(format!(
+                                "key {k:?} is tailcache's own sentinel key; choose another key"
+                            )));
+                        } else if let Some(other) = fixed.get(&k) {
+                            problems.push(view_problem(format!(
+                                "key {k:?} is also written by view {other:?}; each view needs its own key"
+                            )));
+                        } else {
+                            fixed.insert(k, &v.name);
+                        }
+                    }
+                    compiled.push(c);
+                }
+                Err(ps) => problems.extend(ps.into_iter().map(view_problem)),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(ViewSet {
+            views: compiled,
+            prefix: mc.key_prefix.clone(),
+            codec: mc.codec,
+            exptime: mc.exptime,
+            max_item_size: mc.max_item_size,
+        })
+    }
+
+    pub fn views(&self) -> &[CompiledView] {
+        &self.views
+    }
+
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    pub fn exptime(&self) -> u32 {
+        self.exptime
+    }
+
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Indices of the views reading any of `touched` (sqlite names).
+    pub fn affected(&self, touched: &HashSet<String>) -> Vec<usize> {
+        (0..self.views.len()).filter(|&i| self.views[i].reads.iter().any(|t| touched.contains(t))).collect()
+    }
+
+    /// Runs view `index` on `conn` and builds its entries. Call it inside a
+    /// read transaction so all views see one committed state. `now` is the
+    /// dogpile creation time.
+    pub fn compute(
+        &self,
+        conn: &Connection,
+        index: usize,
+        now: SystemTime,
+        s: &mut Scratch,
+    ) -> Result<ComputedView, ViewError> {
+        let v = &self.views[index];
+        let sql_err = |source| ViewError::Sqlite { view: v.name.clone(), source };
+        let mut stmt = conn.prepare_cached(&v.query).map_err(sql_err)?;
+        if stmt.column_count() != v.columns.len() || stmt.column_names().zip(&v.columns).any(|(a, b)| a != b) {
+            return Err(ViewError::ColumnsChanged {
+                view: v.name.clone(),
+                expected: v.columns.join(", "),
+                found: stmt.column_names().collect::<Vec<_>>().join(", "),
+            });
+        }
+        let created = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let mut out = ComputedView { view: v.name.clone(), ..Default::default() };
+        let mut rows = stmt.query([]).map_err(sql_err)?;
+        match v.shape {
+            Shape::Row => {
+                while let Some(row) = rows.next().map_err(sql_err)? {
+                    if let Err(e) = v.key.render(&self.prefix, |i| row.get_ref(i).ok(), &mut s.key) {
+                        out.rejected.push(key_error(&v.name, e));
+                        continue;
+                    }
+                    s.payload.clear();
+                    match v.encode_row(row, &mut s.payload) {
+                        Ok(()) => {}
+                        Err(RowError::Sqlite(e)) => return Err(sql_err(e)),
+                        Err(RowError::Value { column, error }) => {
+                            out.rejected.push(v.value_error(&s.key, column, error));
+                            continue;
+                        }
+                    }
+                    match self.finish(v, &s.key, &s.payload, &mut s.json, created) {
+                        Ok(e) => out.entries.push(e),
+                        Err(e) => out.rejected.push(e),
+                    }
+                }
+                out.duplicate_keys = dedup_later_wins(&mut out.entries);
+            }
+            Shape::List | Shape::Map => {
+                let key = v.key.fixed(&self.prefix).unwrap_or_default();
+                if let Err(reason) = template::validate_key(&key) {
+                    out.rejected.push(EntryError::BadKey { view: v.name.clone(), key, reason });
+                    return Ok(out);
+                }
+                s.body.clear();
+                s.spans.clear();
+                s.index.clear();
+                let mut count = 0usize;
+                while let Some(row) = rows.next().map_err(sql_err)? {
+                    let key_start = s.body.len();
+                    if let Some(mk) = v.map_key {
+                        let kv = row.get_ref(mk).map_err(sql_err)?;
+                        if let ValueRef::Null | ValueRef::Blob(_) = kv {
+                            let kind = if kv == ValueRef::Null { "NULL" } else { "a BLOB" };
+                            out.rejected.push(EntryError::MapKey {
+                                view: v.name.clone(),
+                                key,
+                                column: v.columns[mk].clone(),
+                                kind,
+                            });
+                            return Ok(out);
+                        }
+                        encode::sqlite_value(&mut s.body, kv);
+                    }
+                    let value_start = s.body.len();
+                    match v.encode_row(row, &mut s.body) {
+                        Ok(()) => {}
+                        Err(RowError::Sqlite(e)) => return Err(sql_err(e)),
+                        Err(RowError::Value { column, error }) => {
+                            out.rejected.push(v.value_error(&key, column, error));
+                            return Ok(out);
+                        }
+                    }
+                    count += 1;
+                    if v.map_key.is_some() {
+                        // Keys compare by their encoded bytes; a 128-bit
+                        // hash stands in for them (collisions: ~2^-128).
+                        let h = xxhash_rust::xxh3::xxh3_128(&s.body[key_start..value_start]);
+                        let span = (key_start, value_start, value_start, s.body.len());
+                        match s.index.get(&h) {
+                            Some(&at) => {
+                                let first = s.spans[at];
+                                s.spans[at] = (first.0, first.1, span.2, span.3);
+                            }
+                            None => {
+                                s.index.insert(h, s.spans.len());
+                                s.spans.push(span);
+                            }
+                        }
+                    }
+                }
+                s.payload.clear();
+                if v.map_key.is_some() {
+                    mp::map_len(&mut s.payload, s.spans.len());
+                    for &(ks, ke, vs, ve) in &s.spans {
+                        s.payload.extend_from_slice(&s.body[ks..ke]);
+                        s.payload.extend_from_slice(&s.body[vs..ve]);
+                    }
+                } else {
+                    mp::array_len(&mut s.payload, count);
+                    s.payload.extend_from_slice(&s.body);
+                }
+                match self.finish(v, &key, &s.payload, &mut s.json, created) {
+                    Ok(e) => out.entries.push(e),
+                    Err(e) => out.rejected.push(e),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Encodes `payload` with the codec, hashes it and checks the size.
+    fn finish(
+        &self,
+        v: &CompiledView,
+        key: &str,
+        payload: &[u8],
+        json: &mut Vec<u8>,
+        created: f64,
+    ) -> Result<Entry, EntryError> {
+        let hash = encode::entry_hash(self.codec, self.exptime, payload);
+        let value = match self.codec {
+            Codec::Msgpack => payload.to_vec(),
+            Codec::Dogpile => {
+                let mut b = Vec::with_capacity(payload.len() + 24);
+                mp::array_len(&mut b, 2);
+                b.extend_from_slice(payload);
+                encode::dogpile_metadata(&mut b, created);
+                b
+            }
+            Codec::Json => {
+                json.clear();
+                // Only fails on msgpack this module did not write.
+                if let Err(error) = encode::msgpack_to_json(payload, json) {
+                    return Err(EntryError::Json {
+                        view: v.name.clone(),
+                        key: key.to_owned(),
+                        column: String::new(),
+                        error,
+                    });
+                }
+                json.clone()
+            }
+        };
+        if key.len() + value.len() + ITEM_OVERHEAD > self.max_item_size {
+            return Err(EntryError::TooLarge {
+                view: v.name.clone(),
+                key: key.to_owned(),
+                size: value.len(),
+                limit: self.max_item_size,
+            });
+        }
+        Ok(Entry { key: key.to_owned(), value, flags: 0, hash })
+    }
+}
+
+impl CompiledView {
+    fn encode_row(&self, row: &rusqlite::Row<'_>, out: &mut Vec<u8>) -> Result<(), RowError> {
+        if let Some(c) = self.value_column {
+            return self.encode_column(row, c, out);
+        }
+        mp::map_len(out, self.columns.len());
+        for (i, name) in self.column_keys.iter().enumerate() {
+            out.extend_from_slice(name);
+            self.encode_column(row, i, out)?;
+        }
+        Ok(())
+    }
+
+    fn encode_column(&self, row: &rusqlite::Row<'_>, i: usize, out: &mut Vec<u8>) -> Result<(), RowError> {
+        let v = row.get_ref(i).map_err(RowError::Sqlite)?;
+        if self.json[i] {
+            encode::json_value(out, v).map_err(|error| RowError::Value { column: i, error })
+        } else {
+            encode::sqlite_value(out, v);
+            Ok(())
+        }
+    }
+
+    fn value_error(&self, key: &str, column: usize, error: ValueError) -> EntryError {
+        let ValueError::InvalidJson(error) = error;
+        EntryError::Json { view: self.name.clone(), key: key.to_owned(), column: self.columns[column].clone(), error }
+    }
+}
+
+fn key_error(view: &str, e: KeyError) -> EntryError {
+    match e {
+        KeyError::Column { column, kind } => EntryError::KeyColumn { view: view.to_owned(), column, kind },
+        KeyError::Invalid { key, reason } => EntryError::BadKey { view: view.to_owned(), key, reason },
+    }
+}
+
+/// Keeps the last entry of each key; returns how many were dropped.
+fn dedup_later_wins(entries: &mut Vec<Entry>) -> usize {
+    let mut seen = HashSet::with_capacity(entries.len());
+    let keep: Vec<bool> = entries.iter().rev().map(|e| seen.insert(e.key.as_str())).collect();
+    drop(seen);
+    let dropped = keep.iter().filter(|k| !**k).count();
+    if dropped > 0 {
+        let mut it = keep.into_iter().rev();
+        entries.retain(|_| it.next().unwrap_or(true));
+    }
+    dropped
+}
+
+#[cfg(test)]
+mod tests;

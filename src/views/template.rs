@@ -1,0 +1,205 @@
+//! Key templates bound to a query's result columns.
+//!
+//! A key is `memcached.key_prefix` followed by the rendered template:
+//! literal text as written (`{{` and `}}` are literal braces), and each
+//! `{column}` replaced by that column's value as text: INTEGER in decimal
+//! (`42`, `-7`), REAL in its shortest round-trip form (`1.5`, `1.0`,
+//! `1e20`; infinities as `inf`/`-inf`), TEXT as is. A NULL or BLOB value
+//! cannot be part of a key: the row is rejected.
+//!
+//! A rendered key must be at most [`MAX_KEY_LEN`] bytes and contain no
+//! whitespace or control characters (memcached's text and meta protocols
+//! cannot carry them without base64, which readers would not expect).
+
+use std::fmt::Write as _;
+
+use rusqlite::types::ValueRef;
+
+use crate::config::{TemplatePart, parse_key_template};
+
+/// memcached's key length limit.
+pub const MAX_KEY_LEN: usize = 250;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Column(usize),
+}
+
+/// A key template whose placeholders are resolved to column indices.
+#[derive(Debug, Clone)]
+pub struct KeyTemplate {
+    parts: Vec<Part>,
+    columns: Vec<String>,
+}
+
+/// Why a row has no valid key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    /// A placeholder column holds NULL or a BLOB.
+    Column { column: String, kind: &'static str },
+    /// The rendered key is too long or contains whitespace/control chars.
+    Invalid { key: String, reason: String },
+}
+
+impl KeyTemplate {
+    /// Parses `template` and resolves every placeholder against `columns`;
+    /// the error lists the unknown placeholders or the parse problem.
+    pub fn compile(template: &str, columns: &[String]) -> Result<KeyTemplate, Vec<String>> {
+        let parsed = parse_key_template(template).map_err(|e| vec![format!("key template {template:?}: {e}")])?;
+        let mut parts = Vec::with_capacity(parsed.len());
+        let mut problems = Vec::new();
+        let mut names = Vec::new();
+        for p in parsed {
+            match p {
+                TemplatePart::Literal(l) => parts.push(Part::Literal(l)),
+                TemplatePart::Column(c) => match columns.iter().position(|x| *x == c) {
+                    Some(i) => {
+                        parts.push(Part::Column(i));
+                        names.push(c);
+                    }
+                    None => problems.push(format!(
+                        "key placeholder {{{c}}} is not a column of the query's result (columns: {})",
+                        columns.join(", ")
+                    )),
+                },
+            }
+        }
+        if problems.is_empty() { Ok(KeyTemplate { parts, columns: columns.to_vec() }) } else { Err(problems) }
+    }
+
+    /// True when the template has no placeholder (one fixed key).
+    pub fn is_fixed(&self) -> bool {
+        self.parts.iter().all(|p| matches!(p, Part::Literal(_)))
+    }
+
+    /// The fixed key (prefix + literal text); `None` with placeholders.
+    pub fn fixed(&self, prefix: &str) -> Option<String> {
+        let mut s = prefix.to_owned();
+        for p in &self.parts {
+            match p {
+                Part::Literal(l) => s.push_str(l),
+                Part::Column(_) => return None,
+            }
+        }
+        Some(s)
+    }
+
+    /// Renders into `out` (cleared first) and validates the result.
+    pub fn render<'r>(
+        &self,
+        prefix: &str,
+        get: impl Fn(usize) -> Option<ValueRef<'r>>,
+        out: &mut String,
+    ) -> Result<(), KeyError> {
+        out.clear();
+        out.push_str(prefix);
+        for p in &self.parts {
+            match p {
+                Part::Literal(l) => out.push_str(l),
+                Part::Column(i) => {
+                    let column = || self.columns[*i].clone();
+                    match get(*i) {
+                        Some(ValueRef::Integer(v)) => {
+                            let _ = write!(out, "{v}");
+                        }
+                        Some(ValueRef::Real(f)) => push_real(out, f),
+                        Some(ValueRef::Text(t)) => out.push_str(&String::from_utf8_lossy(t)),
+                        Some(ValueRef::Blob(_)) => {
+                            return Err(KeyError::Column { column: column(), kind: "a BLOB" });
+                        }
+                        Some(ValueRef::Null) | None => {
+                            return Err(KeyError::Column { column: column(), kind: "NULL" });
+                        }
+                    }
+                }
+            }
+        }
+        validate_key(out).map_err(|reason| KeyError::Invalid { key: out.clone(), reason })
+    }
+}
+
+fn push_real(out: &mut String, f: f64) {
+    match serde_json::Number::from_f64(f) {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
+        None if f.is_sign_negative() => out.push_str("-inf"),
+        None => out.push_str("inf"),
+    }
+}
+
+/// Checks memcached's key rules: at most 250 bytes, no whitespace or
+/// control characters.
+pub fn validate_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("the key is empty".into());
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(format!("the key is {} bytes, over memcached's limit of {MAX_KEY_LEN}", key.len()));
+    }
+    if let Some(c) = key.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("the key contains {c:?} (whitespace and control characters are not allowed)"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cols(c: &[&str]) -> Vec<String> {
+        c.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn renders_every_value_kind_and_literal_braces() {
+        let t = KeyTemplate::compile("a:{{{id}}}:{r}:{t}", &cols(&["id", "r", "t"])).unwrap();
+        let vals = [ValueRef::Integer(-42), ValueRef::Real(1.0), ValueRef::Text("né".as_bytes())];
+        let mut k = String::new();
+        t.render("pre:", |i| vals.get(i).copied(), &mut k).unwrap();
+        assert_eq!(k, "pre:a:{-42}:1.0:né");
+        let vals = [ValueRef::Integer(1), ValueRef::Real(0.1), ValueRef::Text(b"x")];
+        t.render("", |i| vals.get(i).copied(), &mut k).unwrap();
+        assert_eq!(k, "a:{1}:0.1:x");
+        assert!(!t.is_fixed());
+        assert_eq!(t.fixed("p"), None);
+    }
+
+    #[test]
+    fn null_blob_long_and_spaced_keys_are_rejected() {
+        let t = KeyTemplate::compile("k:{id}", &cols(&["id"])).unwrap();
+        let mut k = String::new();
+        assert_eq!(
+            t.render("", |_| Some(ValueRef::Null), &mut k),
+            Err(KeyError::Column { column: "id".into(), kind: "NULL" })
+        );
+        assert_eq!(
+            t.render("", |_| Some(ValueRef::Blob(b"x")), &mut k),
+            Err(KeyError::Column { column: "id".into(), kind: "a BLOB" })
+        );
+        let long = "x".repeat(250);
+        assert!(matches!(
+            t.render("", |_| Some(ValueRef::Text(long.as_bytes())), &mut k),
+            Err(KeyError::Invalid { .. })
+        ));
+        let ok = "x".repeat(248);
+        assert!(t.render("", |_| Some(ValueRef::Text(ok.as_bytes())), &mut k).is_ok());
+        assert_eq!(k.len(), 250);
+        for bad in ["a b", "a\tb", "a\nb", "a\u{7f}", "a\u{a0}b"] {
+            assert!(
+                matches!(t.render("", |_| Some(ValueRef::Text(bad.as_bytes())), &mut k), Err(KeyError::Invalid { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_placeholders_are_listed() {
+        let e = KeyTemplate::compile("k:{nope}:{id}:{also}", &cols(&["id"])).unwrap_err();
+        assert_eq!(e.len(), 2);
+        assert!(e[0].contains("{nope}") && e[0].contains("columns: id"), "{e:?}");
+        let f = KeyTemplate::compile("fixed:{{x}}", &cols(&["id"])).unwrap();
+        assert_eq!(f.fixed("p:").as_deref(), Some("p:fixed:{x}"));
+    }
+}

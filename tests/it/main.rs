@@ -1,0 +1,8 @@
+//! One integration-test binary so the MariaDB harness starts once per run.
+mod check;
+mod decode_fixtures;
+mod harness;
+mod harness_selftest;
+mod replica;
+mod sink;
+mod views;

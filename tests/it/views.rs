@@ -1,0 +1,448 @@
+//! End to end: committed MySQL changes → views → memcached, decoded by a
+//! real msgpack/JSON decoder.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::*;
+use rmpv::Value as Mp;
+
+use crate::harness::{self, Daemon, Memcached, TestDb};
+
+const SCHEMA: &str = "
+CREATE TABLE application (id INT PRIMARY KEY, name VARCHAR(128) NOT NULL, status INT NOT NULL DEFAULT 1,
+  price DECIMAL(10,2), mtime DATETIME(6), logo BLOB, note VARCHAR(100)) DEFAULT CHARSET=utf8mb4;
+CREATE TABLE feature (id INT PRIMARY KEY, code VARCHAR(64) NOT NULL) DEFAULT CHARSET=utf8mb4;
+CREATE TABLE app_feature (app_id INT NOT NULL, feature_id INT NOT NULL, PRIMARY KEY (app_id, feature_id));
+CREATE TABLE secret (id INT PRIMARY KEY, v INT);
+INSERT INTO application VALUES
+  (1, 'test0', 1, 12.50, '2024-01-02 03:04:05.000006', x'00ff10', NULL),
+  (2, 'billing', 1, 0.99, '2023-12-31 23:59:59.999999', NULL, 'ünïcødé ✓'),
+  (3, 'legacy', 0, NULL, NULL, NULL, NULL);
+INSERT INTO feature VALUES (1, 'dark_mode'), (2, 'new_checkout'), (3, 'beta_search');
+INSERT INTO app_feature VALUES (1, 1), (1, 2), (2, 2);
+";
+
+fn config(db: &TestDb, state: &Path, mc: &Memcached, codec: &str, prefix: &str, views: &str) -> String {
+    format!(
+        "[mysql]\nurl = \"{url}\"\nserver_id = {sid}\ntables = [\"application\", \"feature\", \"app_feature\"]\nheartbeat_secs = 0.5\n\n\
+         [state]\npath = \"{state}\"\n\n[memcached]\nservers = [\"{mc}\"]\nkey_prefix = \"{prefix}\"\ncodec = \"{codec}\"\n\n{views}",
+        url = db.url,
+        sid = db.server_id,
+        state = state.display(),
+        mc = mc.addr(),
+    )
+}
+
+macro_rules! app_view {
+    () => {
+        r#"
+[[views]]
+name = "app"
+key = "app:{id}"
+query = """
+SELECT a.id, a.name, a.price, a.mtime, a.logo, a.note,
+       (SELECT json_group_array(f.code) FROM (SELECT f.code FROM app_feature af JOIN feature f ON f.id = af.feature_id
+         WHERE af.app_id = a.id ORDER BY f.code) f) AS features
+FROM application a WHERE a.status = 1
+"""
+json_columns = ["features"]
+"#
+    };
+}
+
+const APP_VIEW: &str = app_view!();
+
+/// The app view plus one view of every other shape.
+const ALL_VIEWS: &str = concat!(
+    app_view!(),
+    r#"
+[[views]]
+name = "all_apps"
+key = "apps"
+shape = "list"
+query = "SELECT id, name FROM application WHERE status = 1 ORDER BY id"
+
+[[views]]
+name = "by_name"
+key = "by_name"
+shape = "map"
+map_key = "name"
+query = "SELECT name, id, price FROM application WHERE status = 1"
+
+[[views]]
+name = "names"
+key = "names"
+shape = "map"
+map_key = "id"
+value_column = "name"
+query = "SELECT id, name FROM application"
+
+[[views]]
+name = "features_of"
+key = "features:{{{name}}}"
+value_column = "features"
+json_columns = ["features"]
+query = """
+SELECT a.name, (SELECT json_group_array(json_object('code', f.code, 'on', json('true'))) FROM app_feature af
+  JOIN feature f ON f.id = af.feature_id WHERE af.app_id = a.id) AS features
+FROM application a WHERE a.status = 1
+"""
+"#
+);
+
+async fn setup(hint: &str) -> (TestDb, tempfile::TempDir) {
+    let db = harness::server().create_db(hint).await;
+    let mut conn = db.root_conn().await;
+    conn.query_drop(SCHEMA).await.unwrap();
+    (db, tempfile::tempdir().unwrap())
+}
+
+fn decode_msgpack(bytes: &[u8]) -> Mp {
+    let mut r = bytes;
+    let v = rmpv::decode::read_value(&mut r).expect("a msgpack value");
+    assert!(r.is_empty(), "trailing bytes after the msgpack value");
+    v
+}
+
+fn field<'a>(v: &'a Mp, name: &str) -> &'a Mp {
+    v.as_map()
+        .unwrap_or_else(|| panic!("expected a map, got {v}"))
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(name))
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("no field {name} in {v}"))
+}
+
+fn get(mc: &Memcached, key: &str) -> Option<Mp> {
+    mc.get_raw(key).map(|(b, flags)| {
+        assert_eq!(flags, 0, "msgpack values are stored with flags 0");
+        decode_msgpack(&b)
+    })
+}
+
+async fn wait_for(
+    mc: &Memcached,
+    key: &str,
+    what: &str,
+    daemon: &Daemon,
+    pred: impl Fn(Option<&Mp>) -> bool,
+) -> Option<Mp> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = get(mc, key);
+        if pred(v.as_ref()) {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {key}: {what}; last value {v:?}\ndaemon log:\n{}", daemon.log());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn name_is(v: Option<&Mp>, name: &str) -> bool {
+    v.is_some_and(|v| field(v, "name").as_str() == Some(name))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_scenario_cache_changes_only_at_commit() {
+    let (db, dir) = setup("seed").await;
+    let mc = Memcached::start();
+    let daemon = Daemon::start(&config(&db, &dir.path().join("s.db"), &mc, "msgpack", "myapp:", APP_VIEW));
+    wait_for(&mc, "myapp:app:1", "the initial value test0", &daemon, |v| name_is(v, "test0")).await;
+
+    let mut conn = db.root_conn().await;
+    let mut tx = conn.start_transaction(Default::default()).await.unwrap();
+    tx.query_drop("UPDATE application SET name = 'test1' WHERE id = 1").await.unwrap();
+    // The transaction stays open for 250 ms: the cache must keep test0 the whole time.
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_millis(250) {
+        assert!(name_is(get(&mc, "myapp:app:1").as_ref(), "test0"), "uncommitted data reached the cache");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tx.commit().await.unwrap();
+    wait_for(&mc, "myapp:app:1", "test1 after COMMIT", &daemon, |v| name_is(v, "test1")).await;
+
+    conn.query_drop("UPDATE application SET name = 'test2' WHERE id = 1").await.unwrap();
+    wait_for(&mc, "myapp:app:1", "test2 after the next edit", &daemon, |v| name_is(v, "test2")).await;
+
+    let mut tx = conn.start_transaction(Default::default()).await.unwrap();
+    tx.query_drop("UPDATE application SET name = 'rolled-back' WHERE id = 1").await.unwrap();
+    tx.rollback().await.unwrap();
+    // A later committed edit is visible, and the rolled-back one never was.
+    conn.query_drop("UPDATE application SET name = 'billing2' WHERE id = 2").await.unwrap();
+    wait_for(&mc, "myapp:app:2", "billing2", &daemon, |v| name_is(v, "billing2")).await;
+    assert!(name_is(get(&mc, "myapp:app:1").as_ref(), "test2"));
+    assert!(!daemon.log().contains("rolled-back"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn insert_delete_and_filter_out_add_and_remove_keys() {
+    let (db, dir) = setup("keys").await;
+    let mc = Memcached::start();
+    let daemon = Daemon::start(&config(&db, &dir.path().join("s.db"), &mc, "msgpack", "p:", APP_VIEW));
+    wait_for(&mc, "p:app:2", "initial", &daemon, |v| v.is_some()).await;
+    assert!(get(&mc, "p:app:3").is_none(), "a filtered-out row has no key");
+
+    let mut conn = db.root_conn().await;
+    conn.query_drop("INSERT INTO application (id, name) VALUES (4, 'fresh')").await.unwrap();
+    wait_for(&mc, "p:app:4", "insert → key appears", &daemon, |v| name_is(v, "fresh")).await;
+    conn.query_drop("UPDATE application SET status = 0 WHERE id = 4").await.unwrap();
+    wait_for(&mc, "p:app:4", "filtered out → key deleted", &daemon, |v| v.is_none()).await;
+    conn.query_drop("UPDATE application SET status = 1 WHERE id = 3").await.unwrap();
+    wait_for(&mc, "p:app:3", "filtered in → key appears", &daemon, |v| name_is(v, "legacy")).await;
+    conn.query_drop("DELETE FROM application WHERE id = 3").await.unwrap();
+    wait_for(&mc, "p:app:3", "row deleted → key deleted", &daemon, |v| v.is_none()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn multi_table_transaction_is_published_whole() {
+    let (db, dir) = setup("atomic").await;
+    let mc = Memcached::start();
+    let daemon = Daemon::start(&config(&db, &dir.path().join("s.db"), &mc, "msgpack", "", APP_VIEW));
+    wait_for(&mc, "app:1", "initial", &daemon, |v| v.is_some()).await;
+    let features = |v: &Mp| -> Vec<String> {
+        field(v, "features").as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(features(&get(&mc, "app:1").unwrap()), ["dark_mode", "new_checkout"]);
+
+    // Watch the key continuously while a transaction renames the app,
+    // adds a feature and links it: every observed value is all-or-nothing.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, addr) = (stop.clone(), mc.addr());
+    let watcher = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some((b, _)) = raw_get(&addr, "app:1") {
+                seen.push(decode_msgpack(&b));
+            }
+        }
+        seen
+    });
+    let mut conn = db.root_conn().await;
+    let mut tx = conn.start_transaction(Default::default()).await.unwrap();
+    tx.query_drop("UPDATE application SET name = 'renamed' WHERE id = 1").await.unwrap();
+    tx.query_drop("INSERT INTO feature VALUES (9, 'zz_new')").await.unwrap();
+    tx.query_drop("INSERT INTO app_feature VALUES (1, 9)").await.unwrap();
+    tx.query_drop("DELETE FROM app_feature WHERE app_id = 1 AND feature_id = 1").await.unwrap();
+    tx.commit().await.unwrap();
+    wait_for(&mc, "app:1", "the whole transaction", &daemon, |v| name_is(v, "renamed")).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = watcher.join().unwrap();
+    assert!(!seen.is_empty());
+    for v in &seen {
+        let name = field(v, "name").as_str().unwrap();
+        let f = features(v);
+        let before = name == "test0" && f == ["dark_mode", "new_checkout"];
+        let after = name == "renamed" && f == ["new_checkout", "zz_new"];
+        assert!(before || after, "a half-applied transaction was published: {v}");
+    }
+}
+
+fn raw_get(addr: &str, key: &str) -> Option<(Vec<u8>, u32)> {
+    raw_gets(addr, key).map(|(v, f, _)| (v, f))
+}
+
+/// `gets`: value, flags and CAS (a rewrite of the same bytes changes the CAS).
+fn raw_gets(addr: &str, key: &str) -> Option<(Vec<u8>, u32, u64)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("gets {key}\r\n").as_bytes()).ok()?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    if line.starts_with("END") {
+        return None;
+    }
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(parts[0], "VALUE", "unexpected reply {line:?}");
+    let (flags, len, cas) = (parts[2].parse().unwrap(), parts[3].parse::<usize>().unwrap(), parts[4].parse().unwrap());
+    let mut buf = vec![0; len + 2];
+    r.read_exact(&mut buf).ok()?;
+    buf.truncate(len);
+    Some((buf, flags, cas))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shapes_and_values_decode_field_by_field() {
+    let (db, dir) = setup("shapes").await;
+    let mc = Memcached::start();
+    let daemon = Daemon::start(&config(&db, &dir.path().join("s.db"), &mc, "msgpack", "s:", ALL_VIEWS));
+    let app1 = wait_for(&mc, "s:app:1", "row view", &daemon, |v| v.is_some()).await.unwrap();
+    // Column order, types: INTEGER → int, DECIMAL/DATETIME(6) → str as MySQL prints them, BLOB → bin, NULL → nil.
+    let keys: Vec<&str> = app1.as_map().unwrap().iter().map(|(k, _)| k.as_str().unwrap()).collect();
+    assert_eq!(keys, ["id", "name", "price", "mtime", "logo", "note", "features"]);
+    assert_eq!(field(&app1, "id").as_i64(), Some(1));
+    assert_eq!(field(&app1, "price").as_str(), Some("12.50"));
+    assert_eq!(field(&app1, "mtime").as_str(), Some("2024-01-02 03:04:05.000006"));
+    assert_eq!(field(&app1, "logo"), &Mp::Binary(vec![0x00, 0xff, 0x10]));
+    assert!(field(&app1, "note").is_nil());
+    assert_eq!(field(&app1, "features"), &Mp::Array(vec![Mp::from("dark_mode"), Mp::from("new_checkout")]));
+    let app2 = get(&mc, "s:app:2").unwrap();
+    assert_eq!(field(&app2, "note").as_str(), Some("ünïcødé ✓"));
+    assert!(field(&app2, "logo").is_nil());
+
+    let list = wait_for(&mc, "s:apps", "list view", &daemon, |v| v.is_some()).await.unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(field(&list[0], "id").as_i64(), Some(1));
+    assert_eq!(field(&list[1], "name").as_str(), Some("billing"));
+
+    let map = wait_for(&mc, "s:by_name", "map view", &daemon, |v| v.is_some()).await.unwrap();
+    assert_eq!(field(field(&map, "billing"), "price").as_str(), Some("0.99"));
+    assert_eq!(field(field(&map, "test0"), "id").as_i64(), Some(1));
+    assert_eq!(map.as_map().unwrap().len(), 2);
+
+    // map + value_column: integer map keys, each value the column alone.
+    let names = wait_for(&mc, "s:names", "map with value_column", &daemon, |v| v.is_some()).await.unwrap();
+    let names = names.as_map().unwrap();
+    assert_eq!(names.len(), 3);
+    assert!(names.iter().any(|(k, v)| k.as_i64() == Some(3) && v.as_str() == Some("legacy")));
+
+    // `{{`/`}}` are literal braces; value_column with a JSON column.
+    let f = wait_for(&mc, "s:features:{billing}", "value_column json", &daemon, |v| v.is_some()).await.unwrap();
+    let f = f.as_array().unwrap();
+    assert_eq!(field(&f[0], "code").as_str(), Some("new_checkout"));
+    assert_eq!(field(&f[0], "on").as_bool(), Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_and_dogpile_codecs() {
+    let (db, dir) = setup("codecs").await;
+    let mc = Memcached::start();
+    let d1 = Daemon::start(&config(&db, &dir.path().join("j.db"), &mc, "json", "j:", ALL_VIEWS));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let json = loop {
+        if let Some((b, flags)) = mc.get_raw("j:app:1") {
+            assert_eq!(flags, 0);
+            break serde_json::from_slice::<serde_json::Value>(&b).expect("valid JSON");
+        }
+        assert!(Instant::now() < deadline, "json value never appeared:\n{}", d1.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(json["name"], "test0");
+    assert_eq!(json["price"], "12.50");
+    assert_eq!(json["features"], serde_json::json!(["dark_mode", "new_checkout"]));
+    assert!(json["note"].is_null());
+    drop(d1);
+
+    let mut cfg = config(&db, &dir.path().join("d.db"), &mc, "dogpile", "d:", ALL_VIEWS);
+    cfg = cfg.replace(&format!("server_id = {}", db.server_id), &format!("server_id = {}", db.server_id + 100_000));
+    let d2 = Daemon::start(&cfg);
+    let v = wait_for(&mc, "d:apps", "dogpile value", &d2, |v| v.is_some()).await.unwrap();
+    // dogpile.cache's CachedValue: [payload, {"ct": creation time, "v": 2}]
+    let arr = v.as_array().expect("a [payload, metadata] array");
+    assert_eq!(arr.len(), 2);
+    assert_eq!(field(&arr[0].as_array().unwrap()[0], "name").as_str(), Some("test0"));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let ct = field(&arr[1], "ct").as_f64().expect("ct is a float");
+    assert!((now - ct).abs() < 120.0, "ct {ct} is not the creation time (now {now})");
+    assert_eq!(field(&arr[1], "v").as_i64(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memcached_restarted_empty_is_repopulated() {
+    let (db, dir) = setup("mcrestart").await;
+    let mut mc = Memcached::start();
+    let daemon = Daemon::start(&config(&db, &dir.path().join("s.db"), &mc, "msgpack", "", APP_VIEW));
+    wait_for(&mc, "app:1", "initial", &daemon, |v| v.is_some()).await;
+    mc.stop();
+    let mut conn = db.root_conn().await;
+    conn.query_drop("UPDATE application SET name = 'while-down' WHERE id = 2").await.unwrap();
+    mc.restart_empty();
+    wait_for(&mc, "app:1", "republished after restart", &daemon, |v| name_is(v, "test0")).await;
+    wait_for(&mc, "app:2", "the change made while memcached was down", &daemon, |v| name_is(v, "while-down")).await;
+    // A restart without any missed change is repaired too.
+    mc.restart_empty();
+    wait_for(&mc, "app:1", "republished after a quiet restart", &daemon, |v| name_is(v, "test0")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_publishes_missed_changes_without_rewriting_the_rest() {
+    let (db, dir) = setup("dmrestart").await;
+    let mc = Memcached::start();
+    let cfg = config(&db, &dir.path().join("s.db"), &mc, "msgpack", "", APP_VIEW);
+    let mut daemon = Daemon::start(&cfg);
+    wait_for(&mc, "app:2", "initial", &daemon, |v| v.is_some()).await;
+    wait_for(&mc, "app:1", "initial", &daemon, |v| v.is_some()).await;
+    let cas1 = raw_gets(&mc.addr(), "app:1").unwrap().2;
+    daemon.stop();
+
+    let mut conn = db.root_conn().await;
+    conn.query_drop("UPDATE application SET name = 'changed-while-down' WHERE id = 2").await.unwrap();
+    conn.query_drop("INSERT INTO application (id, name) VALUES (7, 'new-while-down')").await.unwrap();
+    let daemon = Daemon::start(&cfg);
+    wait_for(&mc, "app:2", "missed update", &daemon, |v| name_is(v, "changed-while-down")).await;
+    wait_for(&mc, "app:7", "missed insert", &daemon, |v| name_is(v, "new-while-down")).await;
+    assert_eq!(raw_gets(&mc.addr(), "app:1").unwrap().2, cas1, "an unchanged key was rewritten after a restart");
+}
+
+fn refused(db: &TestDb, dir: &Path, mc: &Memcached, views: &str) -> String {
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, config(db, &dir.join("bad.db"), mc, "msgpack", "", views)).unwrap();
+    let out = harness::run_tailcache(&["run", "--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "start-up must be refused:\n{stderr}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_views_refuse_to_start_naming_the_view() {
+    let (db, dir) = setup("badviews").await;
+    let mc = Memcached::start();
+    let e = refused(
+        &db,
+        dir.path(),
+        &mc,
+        "[[views]]\nname = \"broken\"\nkey = \"k:{id}\"\nquery = \"SELEC id FROM application\"\n",
+    );
+    assert!(e.contains("\"broken\"") || e.contains("broken"), "{e}");
+    assert!(e.to_lowercase().contains("syntax") || e.contains("SELEC"), "{e}");
+    let e = refused(
+        &db,
+        dir.path(),
+        &mc,
+        "[[views]]\nname = \"holey\"\nkey = \"k:{nope}\"\nquery = \"SELECT id FROM application\"\n",
+    );
+    assert!(e.contains("holey") && e.contains("nope"), "{e}");
+    let e = refused(
+        &db,
+        dir.path(),
+        &mc,
+        "[[views]]\nname = \"peeker\"\nkey = \"k:{id}\"\nquery = \"SELECT id FROM secret\"\n",
+    );
+    assert!(e.contains("peeker") && e.contains("secret"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resync_command_repairs_a_tampered_key() {
+    let (db, dir) = setup("resync").await;
+    let mc = Memcached::start();
+    let cfg = config(&db, &dir.path().join("s.db"), &mc, "msgpack", "r:", APP_VIEW);
+    let daemon = Daemon::start(&cfg);
+    wait_for(&mc, "r:app:1", "initial", &daemon, |v| name_is(v, "test0")).await;
+    // Someone else overwrites the entry: only a full resync can notice.
+    mc.set_raw("r:app:1", &rmp_serde::to_vec_named(&serde_json::json!({"name": "tampered"})).unwrap(), 0);
+    assert!(name_is(get(&mc, "r:app:1").as_ref(), "tampered"));
+    let out = harness::run_tailcache(&["resync", "--config", daemon.config_path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for(&mc, "r:app:1", "the resync to repair the key", &daemon, |v| name_is(v, "test0")).await;
+    assert!(daemon.log().contains("SIGHUP"), "{}", daemon.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_with_resync_flag_takes_a_fresh_snapshot() {
+    let (db, dir) = setup("resyncflag").await;
+    let mc = Memcached::start();
+    let cfg = config(&db, &dir.path().join("s.db"), &mc, "msgpack", "", APP_VIEW);
+    let mut daemon = Daemon::start(&cfg);
+    wait_for(&mc, "app:1", "initial", &daemon, |v| v.is_some()).await;
+    daemon.stop();
+    mc.set_raw("app:1", &rmp_serde::to_vec_named(&serde_json::json!({"name": "garbage"})).unwrap(), 0);
+    let daemon = Daemon::start_args(&cfg, &["--resync"]);
+    wait_for(&mc, "app:1", "the forced resync to rewrite the key", &daemon, |v| name_is(v, "test0")).await;
+    assert!(daemon.log().contains("forced by --resync"), "{}", daemon.log());
+}

@@ -531,14 +531,23 @@ async fn killed_binlog_connection_reconnects_and_resumes() {
     wait_caught_up(&db, &state, &daemon).await;
 
     // Kill the daemon's binlog dump connection on the server side.
+    // The replica can be caught up (snapshot position = master position) a moment before the dump
+    // connection registers, so poll for it.
     let mut conn = db.root_conn().await;
-    let ids: Vec<u64> = conn
-        .exec(
-            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ? AND COMMAND LIKE 'Binlog Dump%'",
-            (&db.user,),
-        )
-        .await
-        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let ids: Vec<u64> = loop {
+        let ids: Vec<u64> = conn
+            .exec(
+                "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ? AND COMMAND LIKE 'Binlog Dump%'",
+                (&db.user,),
+            )
+            .await
+            .unwrap();
+        if !ids.is_empty() || std::time::Instant::now() >= deadline {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     assert_eq!(ids.len(), 1, "one binlog dump connection for the daemon");
     conn.query_drop(format!("KILL {}", ids[0])).await.unwrap();
     for _ in 0..20 {

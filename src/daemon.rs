@@ -86,6 +86,9 @@ pub struct RunOptions {
 
 pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let cfg = Arc::new(cfg);
+    // Handlers first: SIGHUP's default action kills the process, and
+    // `tailcache resync` may signal as soon as the pid file exists.
+    let signals = Signals::install()?;
     preflight(&cfg).await?;
     let state = StatePath::resolve(&cfg)?;
     let _pid = PidFile::create(&pid_file(&cfg))?;
@@ -106,7 +109,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let replicator = spawn_replicator(cfg.clone(), state.path.clone(), opts.resync, notify, control_rx, shutdown_rx)
         .map_err(|e| Error::Fatal(format!("cannot start the replicator thread: {e}")))?;
 
-    let outcome = wait_for_exit(&control_tx, &replicator.thread, publisher.as_ref()).await;
+    let outcome = wait_for_exit(signals, &control_tx, &replicator.thread, publisher.as_ref()).await;
     let _ = shutdown_tx.send(true);
     let rep = tokio::task::spawn_blocking(move || replicator.thread.join()).await;
     let pubr = match publisher {
@@ -128,17 +131,32 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     Ok(())
 }
 
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let sig = |k| signal(k).map_err(|e| Error::Fatal(format!("cannot install signal handler: {e}")));
+        Ok(Signals {
+            term: sig(SignalKind::terminate())?,
+            int: sig(SignalKind::interrupt())?,
+            hup: sig(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Waits for a signal or for a worker to stop on its own (an error).
 async fn wait_for_exit(
+    signals: Signals,
     control: &mpsc::UnboundedSender<Control>,
     replicator: &std::thread::JoinHandle<Result<()>>,
     publisher: Option<&std::thread::JoinHandle<Result<()>>>,
 ) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let sig = |k| signal(k).map_err(|e| Error::Fatal(format!("cannot install signal handler: {e}")));
-    let mut term = sig(SignalKind::terminate())?;
-    let mut int = sig(SignalKind::interrupt())?;
-    let mut hup = sig(SignalKind::hangup())?;
+    let Signals { mut term, mut int, mut hup } = signals;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     loop {
         tokio::select! {

@@ -534,20 +534,11 @@ async fn killed_binlog_connection_reconnects_and_resumes() {
     // The replica can be caught up (snapshot position = master position) a moment before the dump
     // connection registers, so poll for it.
     let mut conn = db.root_conn().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let ids: Vec<u64> = loop {
-        let ids: Vec<u64> = conn
-            .exec(
-                "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ? AND COMMAND LIKE 'Binlog Dump%'",
-                (&db.user,),
-            )
-            .await
-            .unwrap();
-        if !ids.is_empty() || std::time::Instant::now() >= deadline {
-            break ids;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let ids = harness::wait_until("the daemon's binlog dump connection", Duration::from_secs(30), || {
+        let db = &db;
+        async move { Some(dump_connections(db).await).filter(|ids| !ids.is_empty()) }
+    })
+    .await;
     assert_eq!(ids.len(), 1, "one binlog dump connection for the daemon");
     conn.query_drop(format!("KILL {}", ids[0])).await.unwrap();
     for _ in 0..20 {
@@ -558,6 +549,42 @@ async fn killed_binlog_connection_reconnects_and_resumes() {
     let log = daemon.log();
     assert!(log.contains("reconnecting"), "the log must report the reconnect:\n{log}");
     assert!(!log.contains("taking a snapshot reason=binlog"), "a reconnect resumes, it does not re-snapshot:\n{log}");
+}
+
+/// Server-side ids of the binlog dump connections of the test's user.
+async fn dump_connections(db: &TestDb) -> Vec<u64> {
+    let mut conn = db.root_conn().await;
+    conn.exec(
+        "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ? AND COMMAND LIKE 'Binlog Dump%'",
+        (&db.user,),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_releases_the_dump_connection_on_the_server() {
+    // With a 30 s heartbeat the server would only notice the closed socket
+    // at its next heartbeat; a lingering dump thread with our server_id
+    // delays the next start's dump (a restart, or a resync).
+    let db = harness::server().create_db("release").await;
+    db.root_conn().await.query_drop("CREATE TABLE t (id INT PRIMARY KEY)").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = state_in(&dir);
+    let cfg = replica_config(&db, &state, &["t"]).replace("heartbeat_secs = 0.5", "heartbeat_secs = 30");
+    let mut daemon = Daemon::start(&cfg);
+    wait_caught_up(&db, &state, &daemon).await;
+    harness::wait_until("the daemon's binlog dump connection", Duration::from_secs(30), || {
+        let db = &db;
+        async move { (!dump_connections(db).await.is_empty()).then_some(()) }
+    })
+    .await;
+    daemon.stop();
+    harness::wait_until("the dump connection to be gone after a graceful stop", Duration::from_secs(10), || {
+        let db = &db;
+        async move { dump_connections(db).await.is_empty().then_some(()) }
+    })
+    .await;
 }
 
 /// Resident memory high-water mark of a process, from /proc.

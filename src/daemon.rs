@@ -214,6 +214,7 @@ fn start_publisher(
         checkpoint: Checkpoint { position: BinlogPosition::new("", 0), gtid: None },
         arrived: std::time::Instant::now(),
         full: false,
+        schema_changed: false,
     });
     Ok(Some(spawn_publisher(cfg, state, rx, shutdown)))
 }

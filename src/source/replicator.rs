@@ -54,6 +54,9 @@ pub struct CommitNotice {
     pub arrived: Instant,
     /// A snapshot replaced the replica: recompute and repair everything.
     pub full: bool,
+    /// A watched table changed shape (DDL, re-snapshotted): the views
+    /// must be compiled again before they run.
+    pub schema_changed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +120,8 @@ struct Batch {
     arrived: Option<Instant>,
     /// The checkpoint of the last complete transaction, not yet committed.
     pending: Option<Checkpoint>,
+    /// A table was re-snapshotted with a new schema in this batch.
+    schema_changed: bool,
 }
 
 pub struct Replicator {
@@ -334,6 +339,7 @@ impl Replicator {
             checkpoint: cp,
             arrived: started,
             full: true,
+            schema_changed: true,
         });
         Ok(())
     }
@@ -608,13 +614,14 @@ impl Replicator {
             .collect();
         let arrived = b.arrived.take().unwrap_or_else(Instant::now);
         let rows = std::mem::take(&mut b.rows);
+        let schema_changed = std::mem::take(&mut b.schema_changed);
         b.started = None;
         self.checkpoint = Some(cp.clone());
-        if !touched.is_empty() || became_consistent {
+        if !touched.is_empty() || became_consistent || schema_changed {
             tracing::debug!(position = %cp, rows, tables = ?touched, "applied");
             let touched =
                 if became_consistent { self.tables.iter().map(TableRef::sqlite_name).collect() } else { touched };
-            (self.notify)(CommitNotice { touched, checkpoint: cp, arrived, full: false });
+            (self.notify)(CommitNotice { touched, checkpoint: cp, arrived, full: false, schema_changed });
         }
         Ok(())
     }
@@ -709,6 +716,7 @@ impl Replicator {
         self.ensure_open()?;
         let Some(_) = exists else {
             tracing::warn!(table = %t, "watched table no longer exists; its replica copy is now empty until it is created again");
+            self.batch.schema_changed = true;
             if let Some(sql) = &self.row_sql[idx] {
                 self.sqlite.execute_batch(&sql.truncate).map_err(|e| Error::sqlite("empty dropped table", e))?;
             }
@@ -723,6 +731,7 @@ impl Replicator {
         }
         write_meta(&self.sqlite, self.consistent_after.as_ref(), &info.identity(), &self.tables_key())?;
         self.set_schema(idx, schema);
+        self.batch.schema_changed = true;
         tracing::info!(table = %t, rows = outcome.rows.first().copied().unwrap_or(0), skip_until = %outcome.start, consistent_after = %until, "table re-snapshotted");
         Ok(())
     }

@@ -184,7 +184,7 @@ pub enum ViewError {
         source: rusqlite::Error,
     },
     #[error(
-        "view {view:?}: the query's result columns changed from ({expected}) to ({found}) since start-up (DDL?); restart tailcache to re-check the view"
+        "view {view:?}: the query's result columns changed from ({expected}) to ({found}) since the views were compiled (DDL?) and the view no longer compiles; fix the view or the table, then run `tailcache resync`"
     )]
     ColumnsChanged { view: String, expected: String, found: String },
 }

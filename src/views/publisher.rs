@@ -114,8 +114,8 @@ struct Pending {
     full: bool,
     checkpoint: Option<Checkpoint>,
     arrived: Option<Instant>,
-    /// A Committed asked for a full recompute (a snapshot replaced the
-    /// replica, maybe after DDL): the views are compiled again first.
+    /// A snapshot replaced the replica or a table changed shape (DDL): the
+    /// views are compiled again first.
     resync: bool,
     /// Something new arrived since the last attempt that found the replica
     /// inconsistent (or a full republish is due).
@@ -126,7 +126,7 @@ impl Pending {
     fn add(&mut self, c: Committed) {
         self.touched.extend(c.touched);
         self.full |= c.full;
-        self.resync |= c.full;
+        self.resync |= c.full || c.schema_changed;
         self.checkpoint = Some(c.checkpoint);
         self.arrived = Some(self.arrived.map_or(c.arrived, |a| a.min(c.arrived)));
         self.ready = true;
@@ -397,6 +397,10 @@ impl Worker {
             // new tables. On problems keep the old set (the broken views
             // fail and are logged at each publish) rather than stop.
             let refs = self.cfg.mysql.table_refs();
+            // A cached statement reports the columns it was prepared with
+            // until it is stepped again; drop them so the shape check in
+            // `compute` compares with the new tables.
+            self.conn.flush_prepared_statement_cache();
             match ViewSet::compile(&self.conn, &self.cfg.views, &self.mc, &refs) {
                 Ok(vs) => self.viewset = Some(vs),
                 Err(problems) => {
@@ -510,6 +514,7 @@ mod tests {
             checkpoint: Checkpoint { position: BinlogPosition::new("b.000001", pos), gtid: None },
             arrived,
             full,
+            schema_changed: false,
         }
     }
 

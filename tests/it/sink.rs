@@ -208,6 +208,7 @@ fn committed(pos: u64) -> Committed {
         checkpoint: Checkpoint { position: BinlogPosition::new("bin.000001", pos), gtid: None },
         arrived: Instant::now(),
         full: false,
+        schema_changed: false,
     }
 }
 

@@ -116,6 +116,10 @@ fn field<'a>(v: &'a Mp, name: &str) -> &'a Mp {
         .unwrap_or_else(|| panic!("no field {name} in {v}"))
 }
 
+fn field_is(v: Option<&Mp>, name: &str, want: &str) -> bool {
+    v.and_then(Mp::as_map).is_some_and(|m| m.iter().any(|(k, x)| k.as_str() == Some(name) && x.as_str() == Some(want)))
+}
+
 fn get(mc: &Memcached, key: &str) -> Option<Mp> {
     mc.get_raw(key).map(|(b, flags)| {
         assert_eq!(flags, 0, "msgpack values are stored with flags 0");
@@ -445,4 +449,25 @@ async fn run_with_resync_flag_takes_a_fresh_snapshot() {
     let daemon = Daemon::start_args(&cfg, &["--resync"]);
     wait_for(&mc, "app:1", "the forced resync to rewrite the key", &daemon, |v| name_is(v, "test0")).await;
     assert!(daemon.log().contains("forced by --resync"), "{}", daemon.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alter_table_recompiles_the_views_that_read_it() {
+    let (db, dir) = setup("alterview").await;
+    let mc = Memcached::start();
+    // `SELECT *` follows the table's shape, so its columns change with the ALTER.
+    let views = "[[views]]\nname = \"star\"\nkey = \"feat:{id}\"\nquery = \"SELECT * FROM feature\"\n";
+    let daemon = Daemon::start(&config(&db, &dir.path().join("s.db"), &mc, "msgpack", "", views));
+    wait_for(&mc, "feat:1", "initial", &daemon, |v| v.is_some_and(|v| field(v, "code").as_str() == Some("dark_mode")))
+        .await;
+
+    let mut conn = db.root_conn().await;
+    conn.query_drop("ALTER TABLE feature ADD COLUMN owner VARCHAR(20) NOT NULL DEFAULT 'core'").await.unwrap();
+    conn.query_drop("UPDATE feature SET owner = 'payments' WHERE id = 2").await.unwrap();
+    wait_for(&mc, "feat:2", "the new column in the value", &daemon, |v| field_is(v, "owner", "payments")).await;
+    wait_for(&mc, "feat:1", "the new column's default", &daemon, |v| field_is(v, "owner", "core")).await;
+    let keys: Vec<String> =
+        get(&mc, "feat:3").unwrap().as_map().unwrap().iter().map(|(k, _)| k.as_str().unwrap().to_owned()).collect();
+    assert_eq!(keys, ["id", "code", "owner"]);
+    assert!(!daemon.log().contains("result columns changed"), "the view ran with stale columns:\n{}", daemon.log());
 }

@@ -317,10 +317,10 @@ struct Ctx<'a> {
 
 /// `'user'@'host'` as GRANT wants it.
 #[derive(Debug, Clone)]
-struct Account(String);
+pub(crate) struct Account(String);
 
 impl Account {
-    fn parse(current_user: &str) -> Account {
+    pub(crate) fn parse(current_user: &str) -> Account {
         let (user, host) = current_user.rsplit_once('@').unwrap_or((current_user, "%"));
         Account(format!("'{}'@'{}'", user.replace('\'', "''"), host.replace('\'', "''")))
     }
@@ -618,7 +618,54 @@ impl Ctx<'_> {
                 ),
             }
         }
+        if flavor == Flavor::Mysql && self.broken.is_none() {
+            self.lock_tables(&account).await;
+        }
         Some(account)
+    }
+
+    /// MySQL only: the snapshot reads its start position under a brief
+    /// `LOCK TABLES … READ` (see `snapshot::quiesced_position`). Probed by
+    /// doing it; the privilege is checked before any wait, so a timeout
+    /// still tells that it is granted.
+    async fn lock_tables(&mut self, account: &Account) {
+        let tables = self.cfg.mysql.table_refs();
+        let name = "privilege LOCK TABLES";
+        let schemas: std::collections::BTreeSet<String> = tables.iter().map(|t| t.schema.clone()).collect();
+        let fix = schemas
+            .iter()
+            .map(|s| format!("GRANT LOCK TABLES ON `{}`.* TO {account};", s.replace('`', "``")))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let list = tables.iter().map(|t| format!("{} READ", t.mysql_quoted())).collect::<Vec<_>>().join(", ");
+        let res = within(self.t, self.conn.query_drop("SET SESSION lock_wait_timeout = 1")).await;
+        if self.q("SET SESSION lock_wait_timeout = 1", res).is_err() {
+            return;
+        }
+        let sql = format!("LOCK TABLES {list}");
+        let res = within(self.t, self.conn.query_drop(sql.as_str())).await;
+        match self.q(&sql, res) {
+            Ok(()) => {
+                let res = within(self.t, self.conn.query_drop("UNLOCK TABLES")).await;
+                let _ = self.q("UNLOCK TABLES", res);
+                self.r.ok_line(name, "granted (snapshots read their start position under a brief read lock)")
+            }
+            Err(QueryError::Server { code, .. }) if code == codes::LOCK_WAIT_TIMEOUT => {
+                self.r.ok_line(name, "granted (the tables were busy during the probe)")
+            }
+            Err(QueryError::Server { code, message })
+                if matches!(code, codes::DBACCESS_DENIED | codes::TABLEACCESS_DENIED | codes::SPECIFIC_ACCESS_DENIED) =>
+            {
+                self.r.warn(
+                    name,
+                    format!("not granted ({message}): a transaction committing just as a snapshot starts could be missing from the replica until the next resync"),
+                    fix,
+                )
+            }
+            // Missing tables are reported by the table checks.
+            Err(QueryError::Server { code, .. }) if code == codes::NO_SUCH_TABLE || code == codes::BAD_DB => {}
+            Err(e) => self.r.warn(name, format!("cannot tell: {sql} failed: {e}"), format!("make sure of it: {fix}")),
+        }
     }
 
     fn replicas_statement(&self) -> &'static str {

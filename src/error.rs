@@ -54,6 +54,7 @@ pub mod codes {
     pub const TABLEACCESS_DENIED: u16 = 1142;
     pub const NO_SUCH_TABLE: u16 = 1146;
     pub const BAD_DB: u16 = 1049;
+    pub const LOCK_WAIT_TIMEOUT: u16 = 1205;
 }
 
 impl Error {

@@ -5,7 +5,8 @@
 //! the replica is consistent at once. MySQL does not: we note the position
 //! before the snapshot (P0), stream from P0 applying idempotent upserts and
 //! deletes, and call the replica consistent only once the stream has passed
-//! a position read after the snapshot began (P1).
+//! a position read after the snapshot began (P1). P0 is read under a brief
+//! `LOCK TABLES … READ` (see [`quiesced_position`]).
 
 use std::time::Instant;
 
@@ -14,8 +15,9 @@ use mysql_async::{Conn, Value as MyValue};
 use rusqlite::Connection;
 use rusqlite::types::{ToSqlOutput, Value};
 
+use crate::check::Account;
 use crate::config::{MysqlConfig, TableRef};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, codes};
 use crate::position::BinlogPosition;
 use crate::replica::tables::recreate_table;
 use crate::schema::{Affinity, ColumnDef, TableSchema};
@@ -58,7 +60,10 @@ pub async fn snapshot(
         }
         schemas.push(schema);
     }
-    let p0 = master_status(&mut conn, info).await?;
+    let p0 = match info.flavor {
+        Flavor::Mysql => quiesced_position(&mut conn, info, tables).await?,
+        Flavor::MariaDb => master_status(&mut conn, info).await?,
+    };
     conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .await
         .map_err(|e| Error::mysql("set isolation level", e))?;
@@ -101,6 +106,60 @@ pub async fn snapshot(
         "snapshot taken"
     );
     Ok(SnapshotOutcome { schemas, start, consistent_after, rows: counts })
+}
+
+/// How long a MySQL snapshot waits for open transactions on the watched
+/// tables (and holds up new writers behind it) before it gives up and
+/// retries later.
+pub const QUIESCE_WAIT_SECS: u32 = 5;
+
+/// MySQL's replay start P0: a binlog position before which every
+/// transaction on the watched tables is committed in InnoDB.
+///
+/// A plain `SHOW MASTER STATUS` is not enough: MySQL writes a transaction
+/// to the binlog before InnoDB commits it, so a transaction just below P0
+/// can still be invisible to a snapshot started right after, and replay
+/// from P0 would never bring it. `LOCK TABLES … READ` is granted only once
+/// every transaction writing those tables has ended (their metadata locks
+/// last until after the commit), and keeps new ones out while P0 is read;
+/// it is held for one round trip. Without the LOCK TABLES privilege we fall
+/// back to the unguarded position and say what that risks.
+pub async fn quiesced_position(conn: &mut Conn, info: &ServerInfo, tables: &[TableRef]) -> Result<BinlogPosition> {
+    conn.query_drop(format!("SET SESSION lock_wait_timeout = {QUIESCE_WAIT_SECS}"))
+        .await
+        .map_err(|e| Error::mysql("set lock_wait_timeout", e))?;
+    let list = tables.iter().map(|t| format!("{} READ", t.mysql_quoted())).collect::<Vec<_>>().join(", ");
+    match conn.query_drop(format!("LOCK TABLES {list}")).await {
+        Ok(()) => {
+            let p0 = master_status(conn, info).await;
+            let unlocked = conn.query_drop("UNLOCK TABLES").await.map_err(|e| Error::mysql("UNLOCK TABLES", e));
+            let p0 = p0?;
+            unlocked?;
+            Ok(p0)
+        }
+        Err(mysql_async::Error::Server(e))
+            if matches!(e.code, codes::DBACCESS_DENIED | codes::TABLEACCESS_DENIED | codes::SPECIFIC_ACCESS_DENIED) =>
+        {
+            let who: Option<String> = conn.query_first("SELECT CURRENT_USER()").await.ok().flatten();
+            let account = who.map_or_else(|| "<tailcache user>".to_owned(), |u| Account::parse(&u).to_string());
+            let schemas: std::collections::BTreeSet<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
+            let grants = schemas
+                .iter()
+                .map(|s| format!("GRANT LOCK TABLES ON `{}`.* TO {account};", s.replace('`', "``")))
+                .collect::<Vec<_>>();
+            tracing::warn!(
+                error = %e.message,
+                fix = %grants.join(" "),
+                "snapshot without LOCK TABLES: a transaction committing at this very moment may be missing from the replica until the next resync"
+            );
+            master_status(conn, info).await
+        }
+        Err(mysql_async::Error::Server(e)) if e.code == codes::LOCK_WAIT_TIMEOUT => Err(Error::Transient(format!(
+            "snapshot: a transaction kept a watched table locked for more than {QUIESCE_WAIT_SECS} s (LOCK TABLES {list}); \
+             retrying; look for long-open transactions in SHOW PROCESSLIST"
+        ))),
+        Err(e) => Err(Error::mysql(format!("LOCK TABLES {list}"), e)),
+    }
 }
 
 async fn copy_table(conn: &mut Conn, schema: &TableSchema, sqlite: &Connection) -> Result<u64> {

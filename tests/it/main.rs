@@ -5,4 +5,5 @@ mod harness;
 mod harness_selftest;
 mod replica;
 mod sink;
+mod snapshot;
 mod views;

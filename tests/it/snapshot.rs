@@ -1,0 +1,117 @@
+//! The MySQL snapshot method (P0 read under a brief `LOCK TABLES … READ`,
+//! replay from P0, consistent after P1), run against the harness's MariaDB
+//! by presenting it as MySQL 8.0: MariaDB has the same LOCK TABLES and
+//! SHOW MASTER STATUS, and no MySQL server runs here.
+
+use std::time::Duration;
+
+use mysql_async::prelude::*;
+use tailcache::config::Config;
+use tailcache::source::conn::{Flavor, ServerInfo, connect, server_info};
+use tailcache::source::snapshot::snapshot;
+
+use crate::harness::{self, TestDb};
+use crate::replica::{master_position, replica_config};
+
+async fn as_mysql(cfg: &Config) -> ServerInfo {
+    let mut conn = connect(&cfg.mysql).await.unwrap();
+    let mut info = server_info(&mut conn).await.unwrap();
+    info.flavor = Flavor::Mysql;
+    info.version_tuple = (8, 0, 40);
+    info
+}
+
+async fn setup(hint: &str) -> (TestDb, Config, tempfile::TempDir, rusqlite::Connection) {
+    let db = harness::server().create_db(hint).await;
+    db.root_conn()
+        .await
+        .query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL); INSERT INTO t VALUES (1, 1), (2, 1)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let cfg = Config::from_toml(&replica_config(&db, &state, &["t"])).unwrap();
+    let sqlite = tailcache::replica::open_connection(&state, &cfg.mysql.table_refs()).unwrap();
+    (db, cfg, dir, sqlite)
+}
+
+fn replica_v(sqlite: &rusqlite::Connection, id: i64) -> i64 {
+    sqlite.query_row("SELECT v FROM t WHERE id = ?1", [id], |r| r.get(0)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mysql_snapshot_waits_for_open_writers_before_reading_its_start_position() {
+    let (db, cfg, _dir, sqlite) = setup("snaplock").await;
+    db.root_conn()
+        .await
+        .query_drop(format!("GRANT LOCK TABLES ON `{}`.* TO '{}'@'%'", db.name, db.user))
+        .await
+        .unwrap();
+    let info = as_mysql(&cfg).await;
+
+    // An admin transaction is open on the watched table when the snapshot starts.
+    let mut writer = db.root_conn().await;
+    let before = master_position(&mut writer).await;
+    writer.query_drop("BEGIN").await.unwrap();
+    writer.query_drop("UPDATE t SET v = 2 WHERE id = 1").await.unwrap();
+
+    let tables = cfg.mysql.table_refs();
+    let snap = snapshot(&cfg.mysql, &info, &tables, &sqlite);
+    let commit_when_blocked = async {
+        // The snapshot's connection must be waiting for the writer's
+        // metadata lock before the writer commits.
+        harness::wait_until("the snapshot to wait for the open transaction", Duration::from_secs(30), || {
+            let db = &db;
+            async move {
+                let n: Option<u64> = db
+                    .root_conn()
+                    .await
+                    .exec_first(
+                        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = ? AND STATE LIKE 'Waiting for table metadata lock%'",
+                        (&db.user,),
+                    )
+                    .await
+                    .unwrap();
+                (n.unwrap_or(0) > 0).then_some(())
+            }
+        })
+        .await;
+        writer.query_drop("COMMIT").await.unwrap();
+    };
+    let (outcome, ()) = tokio::join!(snap, commit_when_blocked);
+    let outcome = outcome.unwrap();
+    assert_eq!(replica_v(&sqlite, 1), 2, "the transaction that held the lock is in the snapshot");
+    assert!(outcome.start > before, "replay starts after that transaction ({} <= {before})", outcome.start);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mysql_snapshot_without_lock_tables_still_works() {
+    // The harness's user has SELECT and replication grants only.
+    let (db, cfg, _dir, sqlite) = setup("snapnolock").await;
+    let info = as_mysql(&cfg).await;
+    let mut conn = db.root_conn().await;
+    let before = master_position(&mut conn).await;
+    let outcome = snapshot(&cfg.mysql, &info, &cfg.mysql.table_refs(), &sqlite).await.unwrap();
+    assert!(outcome.start >= before);
+    assert_eq!(outcome.rows, vec![2]);
+    assert_eq!(replica_v(&sqlite, 2), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mysql_snapshot_gives_up_on_a_long_open_transaction_and_says_why() {
+    let (db, cfg, _dir, sqlite) = setup("snaptimeout").await;
+    db.root_conn()
+        .await
+        .query_drop(format!("GRANT LOCK TABLES ON `{}`.* TO '{}'@'%'", db.name, db.user))
+        .await
+        .unwrap();
+    let info = as_mysql(&cfg).await;
+    let mut writer = db.root_conn().await;
+    writer.query_drop("BEGIN").await.unwrap();
+    writer.query_drop("UPDATE t SET v = 3 WHERE id = 2").await.unwrap();
+    let e = snapshot(&cfg.mysql, &info, &cfg.mysql.table_refs(), &sqlite).await.unwrap_err();
+    writer.query_drop("ROLLBACK").await.unwrap();
+    assert_eq!(e.recovery(), tailcache::Recovery::Transient, "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("kept a watched table locked") && msg.contains("SHOW PROCESSLIST"), "{msg}");
+}

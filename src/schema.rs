@@ -54,6 +54,8 @@ impl ColumnDef {
     pub fn affinity(&self) -> Affinity {
         match self.data_type.as_str() {
             "bigint" if self.unsigned => Affinity::U64,
+            // Only BIT(64) can exceed i64::MAX: decimal text above it, like BIGINT UNSIGNED.
+            "bit" if self.numeric_precision == Some(64) => Affinity::U64,
             "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint" | "year" | "bit" | "bool"
             | "boolean" => Affinity::Integer,
             "float" | "double" | "real" | "double precision" => Affinity::Real,

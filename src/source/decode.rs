@@ -832,7 +832,15 @@ fn decode_value(plan: &Plan, r: &mut Reader<'_>, scratch: &mut Vec<u8>) -> Resul
             let b = r.take(1)?[0];
             Slot::Int(if b == 0 { 0 } else { 1900 + i64::from(b) })
         }
-        Plan::Bit { nbytes } => Slot::Int(r.uint_be(usize::from(*nbytes))? as i64),
+        Plan::Bit { nbytes } => {
+            let v = r.uint_be(usize::from(*nbytes))?;
+            if v > i64::MAX as u64 {
+                let _ = write!(scratch, "{v}");
+                sc_text(scratch)
+            } else {
+                Slot::Int(v as i64)
+            }
+        }
         Plan::Float => {
             let b = r.take(4)?;
             Slot::Real(float_to_f64(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))

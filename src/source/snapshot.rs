@@ -216,11 +216,12 @@ pub fn convert(col: &ColumnDef, v: MyValue) -> Value {
         }
         MyValue::Float(f) => Value::Real(float_to_f64(f)),
         MyValue::Double(d) => Value::Real(d),
+        MyValue::Bytes(b) if col.data_type == "bit" => {
+            let v = b.iter().fold(0u64, |acc, &x| (acc << 8) | x as u64);
+            if v <= i64::MAX as u64 { Value::Integer(v as i64) } else { Value::Text(v.to_string()) }
+        }
         MyValue::Bytes(b) => match col.affinity() {
             Affinity::Blob => Value::Blob(b),
-            Affinity::Integer if col.data_type == "bit" => {
-                Value::Integer(b.iter().fold(0u64, |acc, &x| (acc << 8) | x as u64) as i64)
-            }
             Affinity::Integer => {
                 let s = String::from_utf8_lossy(&b);
                 s.trim().parse::<i64>().map(Value::Integer).unwrap_or_else(|_| Value::Text(s.into_owned()))

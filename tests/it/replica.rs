@@ -23,7 +23,8 @@ pub const ALLTYPES_DDL: &str = "CREATE TABLE alltypes (
   en ENUM('red','green','blue'), st SET('a','b','c','d'),
   js JSON,
   bn BINARY(4), vb VARBINARY(20), bl BLOB,
-  d DATE, dt DATETIME, dt6 DATETIME(6), ts TIMESTAMP(3) NULL, tm TIME, tm3 TIME(3)
+  d DATE, dt DATETIME, dt6 DATETIME(6), ts TIMESTAMP(3) NULL, tm TIME, tm3 TIME(3),
+  b64 BIT(64)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4";
 
 pub const PAIRS_DDL: &str = "CREATE TABLE pairs (a INT NOT NULL, b VARCHAR(20) NOT NULL, v INT, PRIMARY KEY (a, b)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4";
@@ -261,10 +262,14 @@ pub fn random_alltypes(rng: &mut StdRng, id: i32) -> Vec<Value> {
     v.push(maybe_null!(rng, Value::from(*pick(rng, &ts))));
     v.push(maybe_null!(rng, Value::from(*pick(rng, &tm))));
     v.push(maybe_null!(rng, Value::from(*pick(rng, &tm3))));
+    v.push(maybe_null!(rng, {
+        let r: u64 = rng.random();
+        Value::UInt(*pick(rng, &[u64::MAX, i64::MAX as u64 + 1, i64::MAX as u64, 0, r]))
+    }));
     v
 }
 
-const ALLTYPES_COLS: usize = 29;
+const ALLTYPES_COLS: usize = 30;
 
 fn insert_sql() -> String {
     format!("REPLACE INTO alltypes VALUES ({})", vec!["?"; ALLTYPES_COLS].join(", "))

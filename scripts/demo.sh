@@ -30,7 +30,9 @@ BIN="$PWD/target/debug/tailcache"
 free_port() {
     local p
     for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 40000))
+        # Below Linux's ephemeral range (32768+), where an outgoing connection's
+        # local port refuses connections yet cannot be bound.
+        p=$((20000 + RANDOM % 12000))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
     done
     die "no free port found"
@@ -63,10 +65,21 @@ for _ in $(seq 1 300); do
 done
 mariadb --no-defaults -uroot --socket="$SOCK" -e 'SELECT 1' >/dev/null || { tail "$DIR/mysqld.err"; die "MariaDB did not start"; }
 
-say "Starting memcached on 127.0.0.1:$MCPORT"
 MC_USER=(); [ "$(id -u)" -eq 0 ] && MC_USER=(-u root)
-memcached -l 127.0.0.1 -p "$MCPORT" -U 0 -m 64 "${MC_USER[@]}" &
-PIDS+=($!)
+for attempt in 1 2 3 4 5; do
+    say "Starting memcached on 127.0.0.1:$MCPORT"
+    memcached -l 127.0.0.1 -p "$MCPORT" -U 0 -m 64 "${MC_USER[@]}" 2>"$DIR/memcached.err" &
+    MCPID=$!
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$MCPORT") 2>/dev/null && break
+        kill -0 "$MCPID" 2>/dev/null || break
+        sleep 0.05
+    done
+    if kill -0 "$MCPID" 2>/dev/null; then PIDS+=("$MCPID"); break; fi
+    cat "$DIR/memcached.err" >&2
+    [ "$attempt" -lt 5 ] || die "memcached did not start"
+    MCPORT="$(free_port)"   # the port was taken: try another
+done
 
 sql() { mariadb --no-defaults -uroot --socket="$SOCK" "$@"; }
 say "Loading examples/schema.sql into appdb; creating the tailcache user"
@@ -103,7 +116,14 @@ FIFO="$DIR/tx"; mkfifo "$FIFO"
 sql appdb <"$FIFO" &
 TXPID=$!
 exec 4>"$FIFO"
-echo "BEGIN; UPDATE application SET name = 'test1' WHERE id = 1; SELECT SLEEP(0.5);" >&4
+echo "BEGIN; UPDATE application SET name = 'test1' WHERE id = 1;" >&4
+# Wait until the UPDATE has run inside the still-open transaction.
+for _ in $(seq 1 200); do
+    [ "$(sql -N -e 'SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_rows_modified > 0')" -gt 0 ] && break
+    sleep 0.05
+done
+echo "in MariaDB, uncommitted:  $(sql -N -e 'SELECT trx_id, trx_state, trx_rows_modified FROM information_schema.INNODB_TRX' | head -1 | awk '{print "transaction " $1 " " $2 ", " $3 " row(s) modified"}')"
+# Give tailcache every chance to (wrongly) publish it before looking.
 sleep 0.3
 echo "cache while uncommitted: myapp:apps = $(get apps)"
 say "COMMIT;"

@@ -653,9 +653,10 @@ impl Ctx<'_> {
             Err(QueryError::Server { code, .. }) if code == codes::LOCK_WAIT_TIMEOUT => {
                 self.r.ok_line(name, "granted (the tables were busy during the probe)")
             }
-            Err(QueryError::Server { code, message })
-                if matches!(code, codes::DBACCESS_DENIED | codes::TABLEACCESS_DENIED | codes::SPECIFIC_ACCESS_DENIED) =>
-            {
+            Err(QueryError::Server {
+                code: codes::DBACCESS_DENIED | codes::TABLEACCESS_DENIED | codes::SPECIFIC_ACCESS_DENIED,
+                message,
+            }) => {
                 self.r.warn(
                     name,
                     format!("not granted ({message}): a transaction committing just as a snapshot starts could be missing from the replica until the next resync"),

@@ -35,6 +35,19 @@ async fn setup(hint: &str) -> (TestDb, Config, tempfile::TempDir, rusqlite::Conn
     (db, cfg, dir, sqlite)
 }
 
+async fn grant_lock_tables(db: &TestDb) {
+    let grant = format!("GRANT LOCK TABLES ON `{}`.* TO '{}'@'%'", db.name, db.user);
+    db.root_conn().await.query_drop(grant).await.unwrap();
+}
+
+/// An admin's transaction, left open after one statement.
+async fn open_transaction(db: &TestDb, statement: &str) -> mysql_async::Conn {
+    let mut writer = db.root_conn().await;
+    writer.query_drop("BEGIN").await.unwrap();
+    writer.query_drop(statement).await.unwrap();
+    writer
+}
+
 fn replica_v(sqlite: &rusqlite::Connection, id: i64) -> i64 {
     sqlite.query_row("SELECT v FROM t WHERE id = ?1", [id], |r| r.get(0)).unwrap()
 }
@@ -42,18 +55,12 @@ fn replica_v(sqlite: &rusqlite::Connection, id: i64) -> i64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn mysql_snapshot_waits_for_open_writers_before_reading_its_start_position() {
     let (db, cfg, _dir, sqlite) = setup("snaplock").await;
-    db.root_conn()
-        .await
-        .query_drop(format!("GRANT LOCK TABLES ON `{}`.* TO '{}'@'%'", db.name, db.user))
-        .await
-        .unwrap();
+    grant_lock_tables(&db).await;
     let info = as_mysql(&cfg).await;
 
     // An admin transaction is open on the watched table when the snapshot starts.
-    let mut writer = db.root_conn().await;
-    let before = master_position(&mut writer).await;
-    writer.query_drop("BEGIN").await.unwrap();
-    writer.query_drop("UPDATE t SET v = 2 WHERE id = 1").await.unwrap();
+    let before = master_position(&mut db.root_conn().await).await;
+    let mut writer = open_transaction(&db, "UPDATE t SET v = 2 WHERE id = 1").await;
 
     let tables = cfg.mysql.table_refs();
     let snap = snapshot(&cfg.mysql, &info, &tables, &sqlite);
@@ -100,15 +107,9 @@ async fn mysql_snapshot_without_lock_tables_still_works() {
 #[tokio::test(flavor = "multi_thread")]
 async fn mysql_snapshot_gives_up_on_a_long_open_transaction_and_says_why() {
     let (db, cfg, _dir, sqlite) = setup("snaptimeout").await;
-    db.root_conn()
-        .await
-        .query_drop(format!("GRANT LOCK TABLES ON `{}`.* TO '{}'@'%'", db.name, db.user))
-        .await
-        .unwrap();
+    grant_lock_tables(&db).await;
     let info = as_mysql(&cfg).await;
-    let mut writer = db.root_conn().await;
-    writer.query_drop("BEGIN").await.unwrap();
-    writer.query_drop("UPDATE t SET v = 3 WHERE id = 2").await.unwrap();
+    let mut writer = open_transaction(&db, "UPDATE t SET v = 3 WHERE id = 2").await;
     let e = snapshot(&cfg.mysql, &info, &cfg.mysql.table_refs(), &sqlite).await.unwrap_err();
     writer.query_drop("ROLLBACK").await.unwrap();
     assert_eq!(e.recovery(), tailcache::Recovery::Transient, "{e}");

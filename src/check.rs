@@ -629,20 +629,15 @@ impl Ctx<'_> {
     /// doing it; the privilege is checked before any wait, so a timeout
     /// still tells that it is granted.
     async fn lock_tables(&mut self, account: &Account) {
+        use crate::source::snapshot::{lock_tables_grants, lock_tables_statement};
         let tables = self.cfg.mysql.table_refs();
         let name = "privilege LOCK TABLES";
-        let schemas: std::collections::BTreeSet<String> = tables.iter().map(|t| t.schema.clone()).collect();
-        let fix = schemas
-            .iter()
-            .map(|s| format!("GRANT LOCK TABLES ON `{}`.* TO {account};", s.replace('`', "``")))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let list = tables.iter().map(|t| format!("{} READ", t.mysql_quoted())).collect::<Vec<_>>().join(", ");
+        let fix = lock_tables_grants(&tables, &account.to_string());
         let res = within(self.t, self.conn.query_drop("SET SESSION lock_wait_timeout = 1")).await;
         if self.q("SET SESSION lock_wait_timeout = 1", res).is_err() {
             return;
         }
-        let sql = format!("LOCK TABLES {list}");
+        let sql = lock_tables_statement(&tables);
         let res = within(self.t, self.conn.query_drop(sql.as_str())).await;
         match self.q(&sql, res) {
             Ok(()) => {

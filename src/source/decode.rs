@@ -812,17 +812,21 @@ fn text_slot(cs: Charset, start: usize, bytes: &[u8], scratch: &mut Vec<u8>) -> 
 fn decode_value(plan: &Plan, r: &mut Reader<'_>, scratch: &mut Vec<u8>) -> Result<Slot, DecodeError> {
     let s0 = scratch.len();
     let sc_text = |scratch: &Vec<u8>| Slot::ScText(s0, scratch.len());
+    // The replica's contract: unsigned values above i64::MAX as decimal text.
+    let big_unsigned = |v: u64, scratch: &mut Vec<u8>| {
+        if v > i64::MAX as u64 {
+            let _ = write!(scratch, "{v}");
+            sc_text(scratch)
+        } else {
+            Slot::Int(v as i64)
+        }
+    };
     Ok(match plan {
         Plan::Int { width, unsigned } => {
             let w = usize::from(*width);
             let v = r.uint_le(w)?;
             if *unsigned {
-                if v > i64::MAX as u64 {
-                    let _ = write!(scratch, "{v}");
-                    sc_text(scratch)
-                } else {
-                    Slot::Int(v as i64)
-                }
+                big_unsigned(v, scratch)
             } else {
                 let shift = 64 - 8 * w as u32;
                 Slot::Int(((v << shift) as i64) >> shift)
@@ -832,15 +836,7 @@ fn decode_value(plan: &Plan, r: &mut Reader<'_>, scratch: &mut Vec<u8>) -> Resul
             let b = r.take(1)?[0];
             Slot::Int(if b == 0 { 0 } else { 1900 + i64::from(b) })
         }
-        Plan::Bit { nbytes } => {
-            let v = r.uint_be(usize::from(*nbytes))?;
-            if v > i64::MAX as u64 {
-                let _ = write!(scratch, "{v}");
-                sc_text(scratch)
-            } else {
-                Slot::Int(v as i64)
-            }
-        }
+        Plan::Bit { nbytes } => big_unsigned(r.uint_be(usize::from(*nbytes))?, scratch),
         Plan::Float => {
             let b = r.take(4)?;
             Slot::Real(float_to_f64(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))

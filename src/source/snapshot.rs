@@ -128,8 +128,8 @@ pub async fn quiesced_position(conn: &mut Conn, info: &ServerInfo, tables: &[Tab
     conn.query_drop(format!("SET SESSION lock_wait_timeout = {QUIESCE_WAIT_SECS}"))
         .await
         .map_err(|e| Error::mysql("set lock_wait_timeout", e))?;
-    let list = tables.iter().map(|t| format!("{} READ", t.mysql_quoted())).collect::<Vec<_>>().join(", ");
-    match conn.query_drop(format!("LOCK TABLES {list}")).await {
+    let lock = lock_tables_statement(tables);
+    match conn.query_drop(lock.as_str()).await {
         Ok(()) => {
             let p0 = master_status(conn, info).await;
             let unlocked = conn.query_drop("UNLOCK TABLES").await.map_err(|e| Error::mysql("UNLOCK TABLES", e));
@@ -142,24 +142,35 @@ pub async fn quiesced_position(conn: &mut Conn, info: &ServerInfo, tables: &[Tab
         {
             let who: Option<String> = conn.query_first("SELECT CURRENT_USER()").await.ok().flatten();
             let account = who.map_or_else(|| "<tailcache user>".to_owned(), |u| Account::parse(&u).to_string());
-            let schemas: std::collections::BTreeSet<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
-            let grants = schemas
-                .iter()
-                .map(|s| format!("GRANT LOCK TABLES ON `{}`.* TO {account};", s.replace('`', "``")))
-                .collect::<Vec<_>>();
             tracing::warn!(
                 error = %e.message,
-                fix = %grants.join(" "),
+                fix = %lock_tables_grants(tables, &account),
                 "snapshot without LOCK TABLES: a transaction committing at this very moment may be missing from the replica until the next resync"
             );
             master_status(conn, info).await
         }
         Err(mysql_async::Error::Server(e)) if e.code == codes::LOCK_WAIT_TIMEOUT => Err(Error::Transient(format!(
-            "snapshot: a transaction kept a watched table locked for more than {QUIESCE_WAIT_SECS} s (LOCK TABLES {list}); \
+            "snapshot: a transaction kept a watched table locked for more than {QUIESCE_WAIT_SECS} s ({lock}); \
              retrying; look for long-open transactions in SHOW PROCESSLIST"
         ))),
-        Err(e) => Err(Error::mysql(format!("LOCK TABLES {list}"), e)),
+        Err(e) => Err(Error::mysql(lock, e)),
     }
+}
+
+/// `LOCK TABLES a READ, b READ` over the watched tables.
+pub fn lock_tables_statement(tables: &[TableRef]) -> String {
+    let list = tables.iter().map(|t| format!("{} READ", t.mysql_quoted())).collect::<Vec<_>>().join(", ");
+    format!("LOCK TABLES {list}")
+}
+
+/// The GRANT statements that give `account` LOCK TABLES on the watched schemas.
+pub fn lock_tables_grants(tables: &[TableRef], account: &str) -> String {
+    let schemas: std::collections::BTreeSet<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
+    schemas
+        .iter()
+        .map(|s| format!("GRANT LOCK TABLES ON `{}`.* TO {account};", s.replace('`', "``")))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 async fn copy_table(conn: &mut Conn, schema: &TableSchema, sqlite: &Connection) -> Result<u64> {
@@ -197,6 +208,11 @@ async fn copy_table(conn: &mut Conn, schema: &TableSchema, sqlite: &Connection) 
     Ok(n)
 }
 
+/// The replica's contract: unsigned values above i64::MAX as decimal text.
+fn unsigned_value(u: u64) -> Value {
+    if u <= i64::MAX as u64 { Value::Integer(u as i64) } else { Value::Text(u.to_string()) }
+}
+
 /// Converts a value read over the binary protocol to the replica's
 /// representation; must agree with what the binlog decoder produces.
 pub fn convert(col: &ColumnDef, v: MyValue) -> Value {
@@ -207,18 +223,11 @@ pub fn convert(col: &ColumnDef, v: MyValue) -> Value {
             Affinity::Text => Value::Text(i.to_string()),
             _ => Value::Integer(i),
         },
-        MyValue::UInt(u) => {
-            if u <= i64::MAX as u64 {
-                Value::Integer(u as i64)
-            } else {
-                Value::Text(u.to_string())
-            }
-        }
+        MyValue::UInt(u) => unsigned_value(u),
         MyValue::Float(f) => Value::Real(float_to_f64(f)),
         MyValue::Double(d) => Value::Real(d),
         MyValue::Bytes(b) if col.data_type == "bit" => {
-            let v = b.iter().fold(0u64, |acc, &x| (acc << 8) | x as u64);
-            if v <= i64::MAX as u64 { Value::Integer(v as i64) } else { Value::Text(v.to_string()) }
+            unsigned_value(b.iter().fold(0u64, |acc, &x| (acc << 8) | x as u64))
         }
         MyValue::Bytes(b) => match col.affinity() {
             Affinity::Blob => Value::Blob(b),
@@ -229,7 +238,7 @@ pub fn convert(col: &ColumnDef, v: MyValue) -> Value {
             Affinity::U64 => {
                 let s = String::from_utf8_lossy(&b);
                 match s.trim().parse::<u64>() {
-                    Ok(u) if u <= i64::MAX as u64 => Value::Integer(u as i64),
+                    Ok(u) => unsigned_value(u),
                     _ => Value::Text(s.trim().to_owned()),
                 }
             }

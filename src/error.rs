@@ -13,6 +13,9 @@ use crate::position::BinlogPosition;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recovery {
     Transient,
+    /// Re-snapshot the one table the error names; the rest of the replica
+    /// is fine.
+    ResnapshotTable,
     NeedsResync,
     Fatal,
 }
@@ -76,10 +79,20 @@ impl Error {
                 mysql_async::Error::Url(_) => Recovery::Fatal,
                 _ => Recovery::Transient,
             },
-            Error::Sqlite { .. } => Recovery::Fatal,
+            Error::Sqlite { source, .. } => sqlite_recovery(source),
+            Error::Decode { table, .. } if table != "-" => Recovery::ResnapshotTable,
             Error::Decode { .. } | Error::NeedsResync { .. } => Recovery::NeedsResync,
             Error::Fatal(_) => Recovery::Fatal,
             Error::Transient(_) => Recovery::Transient,
+        }
+    }
+
+    /// The watched table a table-scoped error names.
+    pub fn table(&self) -> Option<&str> {
+        match self {
+            Error::Decode { table, .. } if table != "-" => Some(table),
+            Error::NeedsResync { table, .. } => table.as_deref(),
+            _ => None,
         }
     }
 
@@ -89,5 +102,18 @@ impl Error {
 
     pub fn sqlite(context: impl Into<String>, source: rusqlite::Error) -> Self {
         Error::Sqlite { context: context.into(), source }
+    }
+}
+
+/// SQLite errors by what fixes them: a busy or locked database clears up by
+/// itself, a corrupt one is rebuilt by a full resync, and a full disk, an
+/// I/O error or a read-only file need the operator.
+fn sqlite_recovery(e: &rusqlite::Error) -> Recovery {
+    use rusqlite::ErrorCode as C;
+    match e.sqlite_error_code() {
+        Some(C::DatabaseBusy | C::DatabaseLocked | C::OperationInterrupted) => Recovery::Transient,
+        Some(C::DatabaseCorrupt | C::NotADatabase) => Recovery::NeedsResync,
+        Some(C::SchemaChanged) => Recovery::Transient,
+        _ => Recovery::Fatal,
     }
 }

@@ -14,6 +14,9 @@
 //! | `tailcache_full_republishes_total` | counter | publishes that rewrote every entry (start-up after a lost memcached, restart/flush, resync, exptime refresh) |
 //! | `tailcache_sink_errors_total` | counter | failed memcached exchanges (each triggers a retry with backoff) |
 //! | `tailcache_memcached_lost_state_total` | counter | times memcached was found restarted, flushed or unreachable |
+//! | `tailcache_binlog_events_total{type}` | counter | binlog events read, by event type (inner events of compressed transactions included) |
+//! | `tailcache_binlog_events_ignored_total{type}` | counter | events of a type that carries nothing tailcache needs (the reason is logged at the first one) |
+//! | `tailcache_table_resnapshots_total` | counter | single-table re-snapshots (DDL, a changed TABLE_MAP, statement-format DML, a table-scoped decode error) |
 //! | `tailcache_publish_latency_us` | summary | from the first binlog event of a transaction to memcached's acknowledgement, in microseconds (`_sum`, `_count`, `_max`) |
 
 use std::fmt::Write as _;
@@ -67,6 +70,44 @@ impl Summary {
     }
 }
 
+/// A counter per binlog event type (the type byte is the label).
+#[derive(Debug)]
+pub struct EventTypeCounter {
+    pub name: &'static str,
+    pub help: &'static str,
+    values: [AtomicU64; 256],
+}
+
+impl EventTypeCounter {
+    pub const fn new(name: &'static str, help: &'static str) -> Self {
+        Self { name, help, values: [const { AtomicU64::new(0) }; 256] }
+    }
+    /// Counts one event; returns the count before it.
+    pub fn inc(&self, event_type: u8) -> u64 {
+        self.values[event_type as usize].fetch_add(1, Ordering::Relaxed)
+    }
+    pub fn get(&self, event_type: u8) -> u64 {
+        self.values[event_type as usize].load(Ordering::Relaxed)
+    }
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} counter", self.name, self.help, self.name);
+        for t in 0..=255u8 {
+            let v = self.get(t);
+            if v > 0 {
+                let _ = writeln!(out, "{}{{type=\"{}\"}} {v}", self.name, crate::source::events::name(t));
+            }
+        }
+    }
+}
+
+pub const BINLOG_EVENTS_NAME: &str = "tailcache_binlog_events_total";
+pub const BINLOG_EVENTS_IGNORED_NAME: &str = "tailcache_binlog_events_ignored_total";
+pub const TABLE_RESNAPSHOTS_NAME: &str = "tailcache_table_resnapshots_total";
+pub static BINLOG_EVENTS: EventTypeCounter = EventTypeCounter::new(BINLOG_EVENTS_NAME, "Binlog events read, by type.");
+pub static BINLOG_EVENTS_IGNORED: EventTypeCounter =
+    EventTypeCounter::new(BINLOG_EVENTS_IGNORED_NAME, "Binlog events of a type tailcache has no use for, by type.");
+pub static TABLE_RESNAPSHOTS: Counter = Counter::new(TABLE_RESNAPSHOTS_NAME, "Single-table re-snapshots.");
+
 pub const ENTRIES_REJECTED_NAME: &str = "tailcache_entries_rejected_total";
 pub const VIEW_ERRORS_NAME: &str = "tailcache_view_errors_total";
 pub const KEYS_SET_NAME: &str = "tailcache_keys_set_total";
@@ -90,8 +131,9 @@ pub static LOST_STATE: Counter =
 pub static PUBLISH_LATENCY: Summary =
     Summary::new(PUBLISH_LATENCY_NAME, "Microseconds from a transaction's first binlog event to memcached's ack.");
 
-pub fn counters() -> [&'static Counter; 8] {
+pub fn counters() -> [&'static Counter; 9] {
     [
+        &TABLE_RESNAPSHOTS,
         &ENTRIES_REJECTED,
         &VIEW_ERRORS,
         &KEYS_SET,
@@ -109,6 +151,8 @@ pub fn render() -> String {
     for c in counters() {
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} counter\n{} {}", c.name, c.help, c.name, c.name, c.get());
     }
+    BINLOG_EVENTS.render(&mut out);
+    BINLOG_EVENTS_IGNORED.render(&mut out);
     let s = &PUBLISH_LATENCY;
     let (sum, count, max) = s.get();
     let _ = writeln!(

@@ -120,4 +120,6 @@ pub fn read_checkpoint(conn: &Connection) -> Result<Option<(Checkpoint, bool)>> 
     })
 }
 
+pub mod action;
+pub mod applier;
 pub mod tables;

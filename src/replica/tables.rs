@@ -1,6 +1,5 @@
 //! Replica tables: DDL from a MySQL schema, row statements, checkpoint writes.
 
-use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, params};
 
 use crate::error::{Error, Result};
@@ -38,57 +37,6 @@ pub fn recreate_table(conn: &Connection, schema: &TableSchema) -> Result<()> {
     };
     let sql = format!("DROP TABLE IF EXISTS {name}; CREATE TABLE {name} ({}){without_rowid};", cols.join(", "));
     conn.execute_batch(&sql).map_err(|e| Error::sqlite(format!("create replica table {}", schema.table), e))
-}
-
-/// Row statements for one table, as SQL text for `prepare_cached`.
-#[derive(Debug, Clone)]
-pub struct RowSql {
-    pub upsert: String,
-    pub delete: String,
-    pub truncate: String,
-    pub pk: Vec<usize>,
-}
-
-impl RowSql {
-    pub fn new(schema: &TableSchema) -> Self {
-        let name = qualified(schema);
-        let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let params: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
-        let pk_cond: Vec<String> = schema
-            .primary_key
-            .iter()
-            .enumerate()
-            .map(|(n, &i)| format!("{} = ?{}", quote_ident(&schema.columns[i].name), n + 1))
-            .collect();
-        Self {
-            upsert: format!("INSERT OR REPLACE INTO {name} ({}) VALUES ({})", cols.join(", "), params.join(", ")),
-            delete: format!("DELETE FROM {name} WHERE {}", pk_cond.join(" AND ")),
-            truncate: format!("DELETE FROM {name}"),
-            pk: schema.primary_key.clone(),
-        }
-    }
-
-    pub fn upsert(&self, conn: &Connection, row: &[ValueRef<'_>]) -> rusqlite::Result<()> {
-        let mut st = conn.prepare_cached(&self.upsert)?;
-        for (i, v) in row.iter().enumerate() {
-            st.raw_bind_parameter(i + 1, ToSqlOutput::Borrowed(*v))?;
-        }
-        st.raw_execute()?;
-        Ok(())
-    }
-
-    pub fn delete(&self, conn: &Connection, row: &[ValueRef<'_>]) -> rusqlite::Result<()> {
-        let mut st = conn.prepare_cached(&self.delete)?;
-        for (n, &i) in self.pk.iter().enumerate() {
-            st.raw_bind_parameter(n + 1, ToSqlOutput::Borrowed(row.get(i).copied().unwrap_or(ValueRef::Null)))?;
-        }
-        st.raw_execute()?;
-        Ok(())
-    }
-
-    pub fn same_key(&self, a: &[ValueRef<'_>], b: &[ValueRef<'_>]) -> bool {
-        self.pk.iter().all(|&i| a.get(i) == b.get(i))
-    }
 }
 
 pub fn write_checkpoint(conn: &Connection, cp: &Checkpoint, consistent: bool) -> Result<()> {

@@ -203,9 +203,51 @@ pub fn parse(sql: &str) -> Option<Ddl> {
     None
 }
 
+/// A row-changing statement logged in statement format (a session ran with
+/// `binlog_format=STATEMENT` or `MIXED`): its rows never arrive as row
+/// events. Returns every table the statement names, conservatively (any
+/// identifier, or `schema.name` pair, in the text), so a caller that
+/// re-snapshots the watched ones among them can never miss a change; an
+/// extra re-snapshot is the price of not parsing SQL.
+pub fn statement_dml_tables(sql: &str) -> Option<Vec<(Option<String>, String)>> {
+    let t = tokens(sql);
+    let first = t.first()?;
+    let dml = ["INSERT", "UPDATE", "DELETE", "REPLACE", "LOAD", "WITH", "CALL"];
+    if !dml.iter().any(|k| kw(first, k)) {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < t.len() {
+        let tok = &t[i];
+        if tok.len() == 1 && ".,();'".contains(tok.as_str()) {
+            i += 1;
+            continue;
+        }
+        if let Some(tb) = table_at(&t, &mut i) {
+            out.push(tb);
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statement_dml_names_its_tables() {
+        let has = |sql: &str, s: Option<&str>, n: &str| {
+            statement_dml_tables(sql).unwrap().iter().any(|(a, b)| a.as_deref() == s && b.eq_ignore_ascii_case(n))
+        };
+        assert!(has("INSERT INTO application VALUES (1)", None, "application"));
+        assert!(has("update `shop`.`feature` set x=1", Some("shop"), "feature"));
+        assert!(has("DELETE a FROM application a JOIN other o ON o.id=a.id", None, "other"));
+        assert!(has("LOAD DATA INFILE '/tmp/x' INTO TABLE t1", None, "t1"));
+        assert!(statement_dml_tables("ALTER TABLE t ADD c INT").is_none());
+        assert!(statement_dml_tables("BEGIN").is_none());
+        assert!(statement_dml_tables("SAVEPOINT a").is_none());
+    }
 
     fn tb(s: Option<&str>, n: &str) -> (Option<String>, String) {
         (s.map(Into::into), n.into())

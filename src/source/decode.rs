@@ -54,13 +54,7 @@ impl From<DecodeError> for DecodeFailure {
     }
 }
 
-/// One change, each image a full row in the schema's column order.
-#[derive(Debug)]
-pub enum RowChange<'a> {
-    Insert(&'a [ValueRef<'a>]),
-    Delete(&'a [ValueRef<'a>]),
-    Update { before: &'a [ValueRef<'a>], after: &'a [ValueRef<'a>] },
-}
+pub use crate::replica::action::RowChange;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowsKind {

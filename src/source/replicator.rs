@@ -12,37 +12,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
-use mysql_async::binlog::events::{Event, GtidEvent, QueryEvent, RotateEvent, TableMapEvent};
+use mysql_async::binlog::events::{Event, GtidEvent, QueryEvent, RotateEvent, TableMapEvent, TransactionPayloadEvent};
 use mysql_async::prelude::*;
 use mysql_async::{BinlogStreamRequest, Conn};
-use rusqlite::Connection;
+use mysql_common::binlog::EventStreamReader;
+use mysql_common::binlog::consts::BinlogVersion;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, TableRef};
 use crate::error::{Error, Recovery, Result};
 use crate::position::{BinlogPosition, Checkpoint, Gtid};
-use crate::replica::tables::{RowSql, read_meta, write_checkpoint, write_meta};
+use crate::replica::action::{Action, Xid};
+use crate::replica::applier::{Applier, Touched};
+use crate::replica::tables::{read_meta, write_meta};
 use crate::schema::TableSchema;
 use crate::source::conn::{Flavor, ServerInfo, binary_logs, connect, server_info};
 use crate::source::ddl::{self, DdlKind};
-use crate::source::decode::{DecodeError, DecodeFailure, RowChange, RowDecoder, TableCodec, rows_kind, rows_table_id};
+use crate::source::decode::{DecodeError, DecodeFailure, RowDecoder, TableCodec, rows_table_id};
+use crate::source::events::{self, Handling};
 use crate::source::snapshot::snapshot;
-
-/// Raw binlog event type codes we act on.
-mod ev {
-    pub const QUERY: u8 = 2;
-    pub const ROTATE: u8 = 4;
-    pub const FORMAT_DESCRIPTION: u8 = 15;
-    pub const XID: u8 = 16;
-    pub const TABLE_MAP: u8 = 19;
-    pub const HEARTBEAT: u8 = 27;
-    pub const GTID: u8 = 33;
-    pub const ANONYMOUS_GTID: u8 = 34;
-    pub const TRANSACTION_PAYLOAD: u8 = 40;
-    pub const MARIADB_GTID: u8 = 162;
-    pub const MARIADB_QUERY_COMPRESSED: u8 = 165;
-    pub const MARIADB_ROWS_COMPRESSED_LAST: u8 = 171;
-}
 
 /// What the replicator tells the publisher after each SQLite commit.
 #[derive(Debug, Clone)]
@@ -71,6 +59,8 @@ const MAX_BATCH_AGE: Duration = Duration::from_millis(50);
 const MAX_BATCH_ROWS: u64 = 20_000;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A session that streamed at least this long resets the backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 pub struct ReplicatorHandle {
     pub thread: std::thread::JoinHandle<Result<()>>,
@@ -92,7 +82,8 @@ pub fn spawn_replicator(
         rt.block_on(async move {
             let tables = cfg.mysql.table_refs();
             let sqlite = crate::replica::open_connection(&state_path, &tables)?;
-            let mut r = Replicator::new(cfg, tables, sqlite, notify, control, shutdown);
+            let applier = Applier::new(&sqlite, tables.clone())?;
+            let mut r = Replicator::new(cfg, tables, applier, notify, control, shutdown);
             r.need_snapshot = force_resync.then(|| "forced by --resync".to_owned());
             r.run().await
         })
@@ -103,8 +94,6 @@ pub fn spawn_replicator(
 /// Per-transaction and per-batch bookkeeping.
 #[derive(Default)]
 struct Batch {
-    /// A SQLite transaction is open.
-    open: bool,
     /// Inside a MySQL transaction (between GTID/BEGIN and XID/COMMIT).
     in_txn: bool,
     /// The transaction began with a BEGIN query (not a standalone statement).
@@ -124,15 +113,20 @@ struct Batch {
     schema_changed: bool,
 }
 
-pub struct Replicator {
+impl Batch {
+    fn new(n: usize) -> Self {
+        Batch { touched: vec![false; n], txn_touched: vec![false; n], ..Default::default() }
+    }
+}
+
+pub struct Replicator<'c> {
     cfg: Arc<Config>,
     tables: Vec<TableRef>,
-    sqlite: Connection,
+    applier: Applier<'c>,
     notify: Box<dyn FnMut(CommitNotice) + Send>,
     control: mpsc::UnboundedReceiver<Control>,
     shutdown: watch::Receiver<bool>,
     schemas: Vec<Option<TableSchema>>,
-    row_sql: Vec<Option<RowSql>>,
     /// table id → watched table index (None: not watched).
     table_ids: HashMap<u64, Option<usize>>,
     codecs: HashMap<u64, TableCodec>,
@@ -147,6 +141,11 @@ pub struct Replicator {
     info: Option<ServerInfo>,
     resync_due: Option<tokio::time::Instant>,
     control_open: bool,
+    /// Tables to re-snapshot at the next session start (a table-scoped
+    /// error: the rest of the replica is fine).
+    resnapshot_tables: Vec<usize>,
+    /// Reads the events inside compressed transaction payloads.
+    inner_reader: EventStreamReader,
 }
 
 enum SessionEnd {
@@ -158,11 +157,11 @@ fn stop_requested(shutdown: &watch::Receiver<bool>) -> bool {
     *shutdown.borrow()
 }
 
-impl Replicator {
+impl<'c> Replicator<'c> {
     fn new(
         cfg: Arc<Config>,
         tables: Vec<TableRef>,
-        sqlite: Connection,
+        applier: Applier<'c>,
         notify: Box<dyn FnMut(CommitNotice) + Send>,
         control: mpsc::UnboundedReceiver<Control>,
         shutdown: watch::Receiver<bool>,
@@ -171,12 +170,11 @@ impl Replicator {
         Self {
             cfg,
             tables,
-            sqlite,
+            applier,
             notify,
             control,
             shutdown,
             schemas: vec![None; n],
-            row_sql: vec![None; n],
             table_ids: HashMap::new(),
             codecs: HashMap::new(),
             skip_until: vec![None; n],
@@ -184,10 +182,12 @@ impl Replicator {
             checkpoint: None,
             need_snapshot: None,
             decoder: RowDecoder::new(),
-            batch: Batch { touched: vec![false; n], txn_touched: vec![false; n], ..Default::default() },
+            batch: Batch::new(n),
             info: None,
             resync_due: None,
             control_open: true,
+            resnapshot_tables: Vec::new(),
+            inner_reader: EventStreamReader::new(BinlogVersion::Version4),
         }
     }
 
@@ -207,7 +207,14 @@ impl Replicator {
             if stop_requested(&self.shutdown) {
                 return Ok(());
             }
-            match self.session().await {
+            let began = Instant::now();
+            let outcome = self.session().await;
+            // Only a session that ran healthily for a while resets the
+            // backoff; one that fails at once keeps growing it.
+            if began.elapsed() >= HEALTHY_SESSION {
+                failures = 0;
+            }
+            match outcome {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
                 Ok(SessionEnd::Resync) => {
                     failures = 0;
@@ -221,22 +228,34 @@ impl Replicator {
                             tracing::warn!(error = %e, "replica needs a fresh snapshot");
                             self.need_snapshot = Some(e.to_string());
                         }
-                        Recovery::Transient => {
-                            tracing::warn!(error = %e, attempt = failures + 1, "binlog link lost; reconnecting")
+                        Recovery::ResnapshotTable => {
+                            let idx = e.table().and_then(|t| self.tables.iter().position(|x| x.to_string() == t));
+                            match idx {
+                                Some(i) => {
+                                    tracing::warn!(error = %e, table = %self.tables[i], "re-snapshotting one table");
+                                    if !self.resnapshot_tables.contains(&i) {
+                                        self.resnapshot_tables.push(i);
+                                    }
+                                }
+                                None => {
+                                    tracing::warn!(error = %e, "replica needs a fresh snapshot");
+                                    self.need_snapshot = Some(e.to_string());
+                                }
+                            }
                         }
+                        Recovery::Transient => {}
                     }
                     failures += 1;
                     let delay = backoff(failures);
+                    if e.recovery() == Recovery::Transient {
+                        tracing::warn!(error = %e, attempt = failures, retry_in_ms = delay.as_millis() as u64, "binlog link lost; reconnecting");
+                    }
                     let mut sd = self.shutdown.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = sd.changed() => return Ok(()),
                     }
                 }
-            }
-            // A session that ran for a while resets the backoff.
-            if self.checkpoint.is_some() && self.need_snapshot.is_none() {
-                failures = failures.min(1);
             }
         }
     }
@@ -254,8 +273,22 @@ impl Replicator {
         if let Some(reason) = self.need_snapshot.take() {
             tracing::info!(reason = %reason, "taking a snapshot");
             let _ = conn.disconnect().await;
-            self.full_snapshot(&info).await?;
+            if let Err(e) = self.full_snapshot(&info).await {
+                // Not taken: ask again next time, whatever the error.
+                self.need_snapshot = Some(reason);
+                return Err(e);
+            }
             conn = connect(&self.cfg.mysql).await?;
+        } else if !self.resnapshot_tables.is_empty() {
+            let Some(cp) = self.checkpoint.clone() else {
+                return Err(Error::NeedsResync { reason: "no checkpoint".into(), table: None, position: None });
+            };
+            for i in self.resnapshot_tables.clone() {
+                self.resnapshot_table(i).await?;
+            }
+            self.batch.pending = Some(cp);
+            self.flush()?;
+            self.resnapshot_tables.clear();
         }
         let Some(cp) = self.checkpoint.clone() else {
             return Err(Error::NeedsResync { reason: "no checkpoint".into(), table: None, position: None });
@@ -269,8 +302,8 @@ impl Replicator {
         if self.checkpoint.is_some() && self.schemas.iter().all(Option::is_some) {
             return Ok(());
         }
-        let stored = crate::replica::read_checkpoint(&self.sqlite)?;
-        let meta = read_meta(&self.sqlite)?;
+        let stored = crate::replica::read_checkpoint(self.applier.conn())?;
+        let meta = read_meta(self.applier.conn())?;
         match stored {
             None => self.need_snapshot = self.need_snapshot.take().or(Some("no replica yet".into())),
             Some((cp, _)) => {
@@ -290,7 +323,7 @@ impl Replicator {
         if self.need_snapshot.is_none() {
             for (i, t) in self.tables.clone().iter().enumerate() {
                 match crate::source::catalog::load_table_schema(conn, t).await? {
-                    Some(s) => self.set_schema(i, s),
+                    Some(s) => self.set_schema(i, s)?,
                     None => {
                         self.need_snapshot = Some(format!("table {t} is missing"));
                         break;
@@ -301,35 +334,41 @@ impl Replicator {
         Ok(())
     }
 
-    fn set_schema(&mut self, idx: usize, schema: TableSchema) {
-        self.row_sql[idx] = Some(RowSql::new(&schema));
+    fn set_schema(&mut self, idx: usize, schema: TableSchema) -> Result<()> {
+        self.applier.set_schema(idx, &schema)?;
         self.schemas[idx] = Some(schema);
         // Codecs built against the old shape must not decode another row.
         self.codecs.retain(|tid, _| self.table_ids.get(tid) != Some(&Some(idx)));
+        Ok(())
     }
 
     /// Replaces the whole replica with a fresh snapshot, atomically.
     async fn full_snapshot(&mut self, info: &ServerInfo) -> Result<()> {
         let started = Instant::now();
-        self.exec("BEGIN IMMEDIATE")?;
+        for i in 0..self.tables.len() {
+            self.applier.forget_schema(i);
+        }
+        self.applier.begin()?;
         let tables = self.tables.clone();
-        let outcome = match snapshot(&self.cfg.mysql, info, &tables, &self.sqlite).await {
+        let outcome = match snapshot(&self.cfg.mysql, info, &tables, self.applier.conn()).await {
             Ok(o) => o,
             Err(e) => {
-                let _ = self.sqlite.execute_batch("ROLLBACK");
+                self.applier.rollback();
+                self.schemas = vec![None; self.tables.len()];
+                self.checkpoint = None;
                 return Err(e);
             }
         };
         let cp = Checkpoint { position: outcome.start.clone(), gtid: None };
-        write_checkpoint(&self.sqlite, &cp, outcome.consistent_after.is_none())?;
-        write_meta(&self.sqlite, outcome.consistent_after.as_ref(), &info.identity(), &self.tables_key())?;
-        self.exec("COMMIT")?;
+        write_meta(self.applier.conn(), outcome.consistent_after.as_ref(), &info.identity(), &self.tables_key())?;
+        self.applier.apply(Action::Commit { checkpoint: &cp, consistent: outcome.consistent_after.is_none() })?;
         for (i, s) in outcome.schemas.into_iter().enumerate() {
-            self.set_schema(i, s);
+            self.set_schema(i, s)?;
         }
         self.table_ids.clear();
         self.codecs.clear();
         self.skip_until = vec![None; self.tables.len()];
+        self.resnapshot_tables.clear();
         self.consistent_after = outcome.consistent_after;
         self.checkpoint = Some(cp.clone());
         self.schedule_resync();
@@ -367,10 +406,6 @@ impl Replicator {
         }
     }
 
-    fn exec(&self, sql: &str) -> Result<()> {
-        self.sqlite.execute_batch(sql).map_err(|e| Error::sqlite(sql.to_owned(), e))
-    }
-
     async fn stream(&mut self, mut conn: Conn, info: &ServerInfo, start: BinlogPosition) -> Result<SessionEnd> {
         let heartbeat = Duration::from_secs_f64(self.cfg.mysql.heartbeat_secs);
         if info.flavor == Flavor::MariaDb {
@@ -385,11 +420,15 @@ impl Replicator {
         let req =
             BinlogStreamRequest::new(self.cfg.mysql.server_id).with_filename(start.file.as_bytes()).with_pos(start.pos);
         let dump_id = conn.id();
-        let mut stream = conn.get_binlog_stream(req).await.map_err(|e| Error::Mysql {
-            context: "start binlog dump".into(),
-            position: Some(start.clone()),
-            source: e,
-        })?;
+        let mut stream = conn
+            .get_binlog_stream(req)
+            .await
+            .map_err(|e| Error::Mysql {
+                context: "start binlog dump".into(),
+                position: Some(start.clone()),
+                source: e,
+            })?
+            .with_raw_transaction_payloads(true);
         tracing::info!(position = %start, heartbeat_ms = heartbeat.as_millis() as u64, "streaming binlog");
         let end = self.pump(&mut stream, start, heartbeat).await;
         if end.is_ok() {
@@ -494,17 +533,25 @@ impl Replicator {
                 }
                 Some(Ok(ev)) => ev,
             };
-            self.handle(&event, &mut file, &mut pos).await?;
+            self.handle(&event, &mut file, &mut pos, None).await?;
         }
     }
 
-    async fn handle(&mut self, event: &Event, file: &mut String, pos: &mut u64) -> Result<()> {
+    /// Handles one event. `inner_end` is set for the events inside a
+    /// compressed transaction payload: they all end where the payload does.
+    async fn handle(&mut self, event: &Event, file: &mut String, pos: &mut u64, inner_end: Option<u64>) -> Result<()> {
         let header = event.header();
         let et = header.event_type_raw();
-        let end = if header.log_pos() != 0 { header.log_pos() as u64 } else { *pos };
+        let end = match inner_end {
+            Some(e) => e,
+            None if header.log_pos() != 0 => widen_position(*pos, header.log_pos()),
+            None => *pos,
+        };
         let here = || BinlogPosition::new(file.clone(), end);
-        match et {
-            ev::ROTATE => {
+        let handling = events::classify(et);
+        crate::metrics::BINLOG_EVENTS.inc(et);
+        match handling {
+            Handling::Rotate => {
                 let re: RotateEvent<'_> = event.read_event().map_err(|e| malformed("ROTATE", e, here()))?;
                 let raw = re.name_raw();
                 // The fake ROTATE that opens the stream arrives before the
@@ -516,16 +563,21 @@ impl Replicator {
                 *pos = re.position();
                 return Ok(());
             }
-            ev::FORMAT_DESCRIPTION | ev::HEARTBEAT | ev::TRANSACTION_PAYLOAD => {}
-            ev::GTID | ev::ANONYMOUS_GTID => {
-                let g: Option<Gtid> = if et == ev::GTID {
+            Handling::FormatDescription | Handling::Heartbeat => {}
+            Handling::Ignore(reason) => {
+                if crate::metrics::BINLOG_EVENTS_IGNORED.inc(et) == 0 {
+                    tracing::info!(event_type = events::name(et), position = %here(), reason, "ignoring this event type");
+                }
+            }
+            Handling::MysqlGtid => {
+                let g: Option<Gtid> = if et == events::GTID {
                     event.read_event::<GtidEvent>().ok().map(|g| Gtid::Mysql { uuid: g.sid(), gno: g.gno() })
                 } else {
                     None
                 };
                 self.begin_txn(g);
             }
-            ev::MARIADB_GTID => {
+            Handling::MariadbGtid => {
                 let d = event.data();
                 if d.len() < 13 {
                     return Err(Error::Decode {
@@ -542,20 +594,87 @@ impl Replicator {
                 // must not end it.
                 self.batch.txn_explicit = d[12] & 1 == 0;
             }
-            ev::QUERY => self.handle_query(event, here()).await?,
-            ev::TABLE_MAP => self.handle_table_map(event, here()).await?,
-            ev::XID => self.end_txn(here()),
-            ev::MARIADB_QUERY_COMPRESSED..=ev::MARIADB_ROWS_COMPRESSED_LAST => {
+            Handling::Query => self.handle_query(event, here()).await?,
+            Handling::ExecuteLoadQuery => {
+                // Statement-format LOAD DATA: its text names the table.
+                let text = String::from_utf8_lossy(event.data()).into_owned();
+                self.statement_dml(&text, "", here()).await?;
+            }
+            Handling::TableMap => self.handle_table_map(event, here()).await?,
+            Handling::Rows => self.handle_rows(event, et, here())?,
+            Handling::Xid => self.end_txn(here()),
+            Handling::XaPrepare => {
+                // one_phase (1 byte) | formatID | gtrid_len | bqual_len | data
+                let one_phase = event.data().first().is_some_and(|b| *b != 0);
+                let touched = self.applier.apply(Action::XaPrepare { one_phase })?;
+                self.mark_touched(touched);
+                self.end_txn(here());
+            }
+            Handling::TransactionPayload => {
+                self.handle_payload(event, file, pos, end).await?;
+            }
+            Handling::Incident => {
+                return Err(Error::NeedsResync {
+                    reason: format!(
+                        "the server logged an INCIDENT event at {} (it lost events, e.g. a failed non-transactional write): the replica can no longer follow the binlog",
+                        here()
+                    ),
+                    table: None,
+                    position: Some(here()),
+                });
+            }
+            Handling::Unsupported(what) => {
                 return Err(Error::Fatal(format!(
-                    "binlog event type {et} at {} is compressed (log_bin_compress=ON); set log_bin_compress=OFF in my.cnf and restart the server",
+                    "binlog event type {et} ({}) at {}: {what}",
+                    events::name(et),
                     here()
                 )));
             }
-            _ if rows_kind(et).is_some() => self.handle_rows(event, et, here())?,
-            _ => {}
         }
         *pos = end;
         Ok(())
+    }
+
+    /// A compressed transaction: its events are decompressed and handled
+    /// one at a time, so memory does not grow with the transaction.
+    async fn handle_payload(&mut self, event: &Event, file: &mut String, pos: &mut u64, end: u64) -> Result<()> {
+        let at = |file: &str| BinlogPosition::new(file, end);
+        let tpe: TransactionPayloadEvent<'_> =
+            event.read_event().map_err(|e| malformed("TRANSACTION_PAYLOAD", e, at(file)))?;
+        let mut input = tpe.decompressed().map_err(|e| Error::Decode {
+            table: "-".into(),
+            position: at(file),
+            message: format!("cannot decompress the transaction payload: {e}"),
+        })?;
+        let mut n = 0u64;
+        loop {
+            let inner = match self.inner_reader.read_decompressed(&mut input) {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(Error::Decode {
+                        table: "-".into(),
+                        position: at(file),
+                        message: format!("cannot read event {} inside the compressed transaction payload: {e}", n + 1),
+                    });
+                }
+            };
+            n += 1;
+            Box::pin(self.handle(&inner, file, pos, Some(end))).await?;
+        }
+        Ok(())
+    }
+
+    fn mark_touched(&mut self, touched: Touched) {
+        match touched {
+            Touched::None => {}
+            Touched::One(i) => self.batch.txn_touched[i] = true,
+            Touched::Many(v) => {
+                for (t, x) in self.batch.txn_touched.iter_mut().zip(v) {
+                    *t |= x;
+                }
+            }
+        }
     }
 
     fn begin_txn(&mut self, gtid: Option<Gtid>) {
@@ -565,9 +684,8 @@ impl Replicator {
     }
 
     fn ensure_open(&mut self) -> Result<()> {
-        if !self.batch.open {
-            self.exec("BEGIN IMMEDIATE")?;
-            self.batch.open = true;
+        if !self.applier.is_open() {
+            self.applier.begin()?;
             self.batch.started = Some(Instant::now());
         }
         Ok(())
@@ -595,17 +713,15 @@ impl Replicator {
         if became_consistent {
             self.consistent_after = None;
             write_meta(
-                &self.sqlite,
+                self.applier.conn(),
                 None,
                 &self.info.as_ref().map(|i| i.identity()).unwrap_or_default(),
                 &self.tables_key(),
             )?;
             tracing::info!(position = %cp, "replica consistent with the server");
         }
-        write_checkpoint(&self.sqlite, &cp, self.consistent_after.is_none())?;
-        self.exec("COMMIT")?;
+        self.applier.apply(Action::Commit { checkpoint: &cp, consistent: self.consistent_after.is_none() })?;
         let b = &mut self.batch;
-        b.open = false;
         let touched: Vec<String> = b
             .touched
             .iter_mut()
@@ -627,14 +743,12 @@ impl Replicator {
     }
 
     fn abort_batch(&mut self) {
-        if self.batch.open {
-            let _ = self.sqlite.execute_batch("ROLLBACK");
-        }
-        let n = self.tables.len();
-        self.batch = Batch { touched: vec![false; n], txn_touched: vec![false; n], ..Default::default() };
+        self.applier.rollback();
+        self.batch = Batch::new(self.tables.len());
         // The rolled-back batch may have held schema changes: re-read them.
         self.table_ids.clear();
         self.codecs.clear();
+        self.schemas = vec![None; self.tables.len()];
     }
 
     fn watched_index(&self, schema: &str, name: &str) -> Option<usize> {
@@ -645,64 +759,161 @@ impl Replicator {
         let q: QueryEvent<'_> = event.read_event().map_err(|e| malformed("QUERY", e, at.clone()))?;
         let sql = q.query();
         let trimmed = sql.trim();
-        if trimmed.eq_ignore_ascii_case("BEGIN") || trimmed.to_ascii_uppercase().starts_with("XA START") {
+        if trimmed.eq_ignore_ascii_case("BEGIN") {
             if !self.batch.in_txn {
                 self.begin_txn(None);
             }
             self.batch.txn_explicit = true;
             return Ok(());
         }
+        if let Some((verb, xid)) = events::parse_xa(trimmed) {
+            return self.handle_xa(&verb, xid, trimmed, at);
+        }
         if trimmed.eq_ignore_ascii_case("COMMIT") || trimmed.eq_ignore_ascii_case("ROLLBACK") {
             // Only non-transactional changes end this way; they persist.
             self.end_txn(at);
             return Ok(());
         }
-        if self.batch.txn_explicit && ddl::parse(&sql).is_none() {
+        let default_schema = q.schema().into_owned();
+        if ddl::statement_dml_tables(&sql).is_some() {
+            self.statement_dml(&sql, &default_schema, at.clone()).await?;
+            if self.batch.txn_explicit {
+                return Ok(());
+            }
+        } else if let Some(d) = ddl::parse(&sql) {
+            self.handle_ddl(&d, &default_schema, trimmed, &at).await?;
+        } else if self.batch.txn_explicit {
             // A statement inside a transaction (SAVEPOINT, ...).
             return Ok(());
         }
-        if let Some(d) = ddl::parse(&sql) {
-            let default_schema = q.schema().into_owned();
-            let mut hit: Vec<usize> = Vec::new();
-            match &d.kind {
-                DdlKind::DropDatabase(db) => {
-                    hit.extend(self.tables.iter().enumerate().filter(|(_, t)| &t.schema == db).map(|(i, _)| i))
-                }
-                _ => {
-                    for (s, n) in &d.tables {
-                        if let Some(i) = self.watched_index(s.as_deref().unwrap_or(&default_schema), n) {
-                            hit.push(i);
-                        }
-                    }
-                }
+        // MySQL 8.0.21+ logs CREATE TABLE … SELECT as one atomic transaction
+        // whose CREATE statement ends in START TRANSACTION; its rows and XID
+        // follow. Inside an explicit group (MariaDB's non-standalone GTID)
+        // the DDL does not end the transaction either.
+        let opens_txn = trimmed.len() >= 17 && trimmed[trimmed.len() - 17..].eq_ignore_ascii_case("START TRANSACTION");
+        if opens_txn || self.batch.txn_explicit {
+            if !self.batch.in_txn {
+                self.begin_txn(None);
             }
-            hit.sort_unstable();
-            hit.dedup();
-            for i in hit {
-                if self.skip_until[i].as_ref().is_some_and(|p| at <= *p) {
-                    continue;
-                }
-                self.ensure_open()?;
-                match d.kind {
-                    DdlKind::Truncate => {
-                        tracing::info!(table = %self.tables[i], position = %at, "TRUNCATE: emptying replica table");
-                        if let Some(sql) = &self.row_sql[i] {
-                            self.sqlite.execute_batch(&sql.truncate).map_err(|e| Error::sqlite("truncate", e))?;
-                        }
-                    }
-                    _ => {
-                        tracing::info!(table = %self.tables[i], position = %at, statement = %trimmed.chars().take(200).collect::<String>(), "DDL on a watched table: re-reading its schema and re-snapshotting it");
-                        self.resnapshot_table(i).await?;
-                    }
-                }
-                self.batch.txn_touched[i] = true;
-            }
+            self.batch.txn_explicit = true;
+            return Ok(());
         }
         // DDL and other statements outside BEGIN commit implicitly.
         if !self.batch.in_txn {
             self.begin_txn(None);
         }
         self.end_txn(at);
+        Ok(())
+    }
+
+    fn handle_xa(&mut self, verb: &str, xid: Option<String>, sql: &str, at: BinlogPosition) -> Result<()> {
+        let xid = || {
+            xid.clone().map(Xid).ok_or_else(|| Error::Decode {
+                table: "-".into(),
+                position: at.clone(),
+                message: format!("cannot read the xid of `{}`", sql.chars().take(200).collect::<String>()),
+            })
+        };
+        match verb {
+            "START" | "BEGIN" => {
+                if !self.batch.in_txn {
+                    self.begin_txn(None);
+                }
+                self.batch.txn_explicit = true;
+                self.ensure_open()?;
+                self.applier.apply(Action::XaStart { xid: xid()? })?;
+            }
+            // The rows are staged; XA_PREPARE (an event) or the XA COMMIT …
+            // ONE PHASE path ends the transaction.
+            "END" => {}
+            "PREPARE" => {}
+            "COMMIT" => {
+                self.ensure_open()?;
+                let touched = self.applier.apply(Action::XaCommit { xid: xid()? })?;
+                self.mark_touched(touched);
+                if !self.batch.in_txn {
+                    self.begin_txn(None);
+                }
+                self.end_txn(at);
+            }
+            "ROLLBACK" => {
+                self.ensure_open()?;
+                self.applier.apply(Action::XaRollback { xid: xid()? })?;
+                if !self.batch.in_txn {
+                    self.begin_txn(None);
+                }
+                self.end_txn(at);
+            }
+            // XA RECOVER and others are not logged; ignore whatever else.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn handle_ddl(&mut self, d: &ddl::Ddl, default_schema: &str, text: &str, at: &BinlogPosition) -> Result<()> {
+        let mut hit: Vec<usize> = Vec::new();
+        match &d.kind {
+            DdlKind::DropDatabase(db) => {
+                hit.extend(self.tables.iter().enumerate().filter(|(_, t)| &t.schema == db).map(|(i, _)| i))
+            }
+            _ => {
+                for (s, n) in &d.tables {
+                    if let Some(i) = self.watched_index(s.as_deref().unwrap_or(default_schema), n) {
+                        hit.push(i);
+                    }
+                }
+            }
+        }
+        hit.sort_unstable();
+        hit.dedup();
+        for i in hit {
+            if self.skip_until[i].as_ref().is_some_and(|p| at <= p) {
+                continue;
+            }
+            self.ensure_open()?;
+            match d.kind {
+                DdlKind::Truncate => {
+                    tracing::info!(table = %self.tables[i], position = %at, "TRUNCATE: emptying replica table");
+                    let touched = self.applier.apply(Action::Truncate { table: i })?;
+                    self.mark_touched(touched);
+                }
+                _ => {
+                    tracing::info!(table = %self.tables[i], position = %at, statement = %text.chars().take(200).collect::<String>(), "DDL on a watched table: re-reading its schema and re-snapshotting it");
+                    self.resnapshot_table(i).await?;
+                }
+            }
+            self.batch.txn_touched[i] = true;
+        }
+        Ok(())
+    }
+
+    /// A row-changing statement logged in statement format: its rows are
+    /// not in the binlog, so the watched tables it names are re-snapshotted.
+    async fn statement_dml(&mut self, sql: &str, default_schema: &str, at: BinlogPosition) -> Result<()> {
+        let named = ddl::statement_dml_tables(sql).unwrap_or_default();
+        let mut hit: Vec<usize> = named
+            .iter()
+            .filter_map(|(s, n)| {
+                let schema = s.as_deref().unwrap_or(default_schema);
+                self.tables.iter().position(|t| t.name.eq_ignore_ascii_case(n) && (s.is_none() || t.schema == schema))
+            })
+            .collect();
+        hit.sort_unstable();
+        hit.dedup();
+        for i in hit {
+            if self.skip_until[i].as_ref().is_some_and(|p| at <= *p) {
+                continue;
+            }
+            tracing::warn!(
+                table = %self.tables[i],
+                position = %at,
+                statement = %sql.chars().take(200).collect::<String>(),
+                "a row change of a watched table was logged in statement format (a session ran with binlog_format=STATEMENT or MIXED): re-snapshotting the table; keep binlog_format=ROW for every session"
+            );
+            self.ensure_open()?;
+            self.resnapshot_table(i).await?;
+            self.batch.txn_touched[i] = true;
+        }
         Ok(())
     }
 
@@ -717,26 +928,30 @@ impl Replicator {
         let Some(_) = exists else {
             tracing::warn!(table = %t, "watched table no longer exists; its replica copy is now empty until it is created again");
             self.batch.schema_changed = true;
-            if let Some(sql) = &self.row_sql[idx] {
-                self.sqlite.execute_batch(&sql.truncate).map_err(|e| Error::sqlite("empty dropped table", e))?;
+            if self.schemas[idx].is_some() {
+                self.applier.apply(Action::Truncate { table: idx })?;
             }
             return Ok(());
         };
-        let outcome = snapshot(&self.cfg.mysql, &info, std::slice::from_ref(&t), &self.sqlite).await?;
+        self.applier.forget_schema(idx);
+        let outcome = snapshot(&self.cfg.mysql, &info, std::slice::from_ref(&t), self.applier.conn()).await?;
         let schema = outcome.schemas.into_iter().next().ok_or_else(|| Error::Transient("empty snapshot".into()))?;
         let until = outcome.consistent_after.clone().unwrap_or_else(|| outcome.start.clone());
         self.skip_until[idx] = Some(outcome.start.clone());
         if self.consistent_after.as_ref().is_none_or(|p| until > *p) {
             self.consistent_after = Some(until.clone());
         }
-        write_meta(&self.sqlite, self.consistent_after.as_ref(), &info.identity(), &self.tables_key())?;
-        self.set_schema(idx, schema);
+        write_meta(self.applier.conn(), self.consistent_after.as_ref(), &info.identity(), &self.tables_key())?;
+        self.set_schema(idx, schema)?;
         self.batch.schema_changed = true;
+        crate::metrics::TABLE_RESNAPSHOTS.inc();
         tracing::info!(table = %t, rows = outcome.rows.first().copied().unwrap_or(0), skip_until = %outcome.start, consistent_after = %until, "table re-snapshotted");
         Ok(())
     }
 
     async fn handle_table_map(&mut self, event: &Event, at: BinlogPosition) -> Result<()> {
+        // Read the names first: 99 % of table maps are of unwatched tables
+        // and need nothing more.
         let tme: TableMapEvent<'_> = event.read_event().map_err(|e| malformed("TABLE_MAP", e, at.clone()))?;
         let tid = tme.table_id();
         let Some(idx) = self.watched_index(&tme.database_name(), &tme.table_name()) else {
@@ -772,10 +987,10 @@ impl Replicator {
                 }
             }
         }
-        Err(Error::NeedsResync {
-            reason: "table map does not match the schema after a re-snapshot".into(),
-            table: Some(self.tables[idx].to_string()),
-            position: Some(at),
+        Err(Error::Decode {
+            table: self.tables[idx].to_string(),
+            position: at,
+            message: "table map does not match the schema after a re-snapshot".into(),
         })
     }
 
@@ -788,32 +1003,23 @@ impl Replicator {
         if self.skip_until[idx].as_ref().is_some_and(|p| at <= *p) {
             return Ok(());
         }
-        if !self.codecs.contains_key(&tid) {
-            return Err(Error::NeedsResync {
-                reason: "rows event without a usable table map".into(),
-                table: Some(self.tables[idx].to_string()),
-                position: Some(at),
+        let Some(codec) = self.codecs.get(&tid) else {
+            return Err(Error::Decode {
+                table: self.tables[idx].to_string(),
+                position: at,
+                message: "rows event without a usable table map".into(),
             });
+        };
+        if !self.applier.is_open() {
+            self.applier.begin()?;
+            self.batch.started = Some(Instant::now());
         }
-        self.ensure_open()?;
-        let Some(codec) = self.codecs.get(&tid) else { return Ok(()) };
-        let Some(sql) = &self.row_sql[idx] else { return Ok(()) };
-        let conn = &self.sqlite;
+        let staging = self.applier.staging();
+        let applier = &mut self.applier;
         let mut n = 0u64;
-        let mut apply = |change: RowChange<'_>| -> Result<()> {
+        let mut apply = |change: crate::replica::action::RowChange<'_>| -> Result<()> {
             n += 1;
-            let r = match change {
-                RowChange::Insert(row) => sql.upsert(conn, row),
-                RowChange::Delete(row) => sql.delete(conn, row),
-                RowChange::Update { before, after } => {
-                    if sql.same_key(before, after) {
-                        sql.upsert(conn, after)
-                    } else {
-                        sql.delete(conn, before).and_then(|_| sql.upsert(conn, after))
-                    }
-                }
-            };
-            r.map_err(|e| Error::sqlite("apply row", e))
+            applier.apply(Action::Row { table: idx, change }).map(|_| ())
         };
         match self.decoder.decode(et, body, codec, &mut apply) {
             Ok(()) => {}
@@ -833,9 +1039,19 @@ impl Replicator {
             }
         }
         self.batch.rows += n;
-        self.batch.txn_touched[idx] = true;
+        if !staging {
+            self.batch.txn_touched[idx] = true;
+        }
         Ok(())
     }
+}
+
+/// The 64-bit end offset of an event whose header carries the low 32 bits
+/// (`log_pos`), given the offset it started at: a binlog file that grows
+/// past 4 GiB (one huge transaction) keeps correct positions.
+pub fn widen_position(start: u64, log_pos: u32) -> u64 {
+    let candidate = (start & !0xFFFF_FFFF) | u64::from(log_pos);
+    if candidate < start { candidate + (1 << 32) } else { candidate }
 }
 
 fn malformed(what: &str, e: std::io::Error, at: BinlogPosition) -> Error {
@@ -854,4 +1070,24 @@ pub fn backoff(attempt: u32) -> Duration {
     let exp = BACKOFF_MIN.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_MAX);
     let ms = exp.as_millis().max(1) as u64;
     Duration::from_millis(rand::random_range(ms / 2..=ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_past_4_gib_do_not_wrap() {
+        assert_eq!(widen_position(4, 120), 120);
+        assert_eq!(widen_position(0xFFFF_FF00, 0x10), 0x1_0000_0010);
+        assert_eq!(widen_position(0x1_0000_0010, 0x200), 0x1_0000_0200);
+        assert_eq!(widen_position(0x2_FFFF_FFF0, 0x5), 0x3_0000_0005);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) <= Duration::from_millis(200));
+        assert!(backoff(6) >= Duration::from_millis(3200));
+        assert!(backoff(40) <= BACKOFF_MAX);
+    }
 }

@@ -1,0 +1,399 @@
+//! The applier: the only writer of the replica's rows. It applies the
+//! source's [`Action`]s inside one SQLite transaction per batch of MySQL
+//! transactions, with one statement prepared per table and operation (no
+//! per-row statement lookup), and stages XA transactions until they commit.
+
+use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+use rusqlite::{Connection, Statement, params};
+
+use crate::config::TableRef;
+use crate::error::{Error, Result};
+use crate::replica::action::{Action, RowChange, Xid};
+use crate::replica::tables::{qualified, quote_ident, write_checkpoint};
+use crate::schema::TableSchema;
+
+/// XA rows wait here between `XA PREPARE` and `XA COMMIT`. The table is in
+/// the state file, so a prepared transaction survives a restart, and it is
+/// written in the same SQLite transaction as the checkpoint after the
+/// PREPARE, so staging and position never disagree.
+const XA_TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS _tailcache_xa (
+    xid TEXT NOT NULL, seq INTEGER NOT NULL, tbl TEXT NOT NULL, op INTEGER NOT NULL,
+    before BLOB, after BLOB, PRIMARY KEY (xid, seq)) WITHOUT ROWID";
+
+const OP_INSERT: i64 = 0;
+const OP_DELETE: i64 = 1;
+const OP_UPDATE: i64 = 2;
+
+/// Prepared statements for one replica table, built from its schema.
+struct TableStatements<'c> {
+    upsert: Statement<'c>,
+    delete: Statement<'c>,
+    truncate: Statement<'c>,
+    pk: Vec<usize>,
+    columns: usize,
+}
+
+impl<'c> TableStatements<'c> {
+    fn prepare(conn: &'c Connection, schema: &TableSchema) -> Result<Self> {
+        let name = qualified(schema);
+        let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let params: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+        let pk_cols: Vec<String> = schema.primary_key.iter().map(|&i| cols[i].clone()).collect();
+        let non_pk: Vec<String> = (0..cols.len())
+            .filter(|i| !schema.primary_key.contains(i))
+            .map(|i| format!("{c} = excluded.{c}", c = cols[i]))
+            .collect();
+        // An UPSERT updates the row in place; INSERT OR REPLACE would
+        // delete it and insert it again (two b-tree operations).
+        let upsert = if pk_cols.is_empty() {
+            format!("INSERT INTO {name} ({}) VALUES ({})", cols.join(", "), params.join(", "))
+        } else if non_pk.is_empty() {
+            format!(
+                "INSERT INTO {name} ({}) VALUES ({}) ON CONFLICT ({}) DO NOTHING",
+                cols.join(", "),
+                params.join(", "),
+                pk_cols.join(", ")
+            )
+        } else {
+            format!(
+                "INSERT INTO {name} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+                cols.join(", "),
+                params.join(", "),
+                pk_cols.join(", "),
+                non_pk.join(", ")
+            )
+        };
+        let pk_cond: Vec<String> = pk_cols.iter().enumerate().map(|(n, c)| format!("{c} = ?{}", n + 1)).collect();
+        let delete = if pk_cond.is_empty() {
+            // Without a key a row is identified by all its values.
+            let all: Vec<String> = cols.iter().enumerate().map(|(n, c)| format!("{c} IS ?{}", n + 1)).collect();
+            format!("DELETE FROM {name} WHERE rowid = (SELECT rowid FROM {name} WHERE {} LIMIT 1)", all.join(" AND "))
+        } else {
+            format!("DELETE FROM {name} WHERE {}", pk_cond.join(" AND "))
+        };
+        let prep = |sql: &str| {
+            conn.prepare(sql).map_err(|e| Error::sqlite(format!("prepare statement for {}: {sql}", schema.table), e))
+        };
+        Ok(Self {
+            upsert: prep(&upsert)?,
+            delete: prep(&delete)?,
+            truncate: prep(&format!("DELETE FROM {name}"))?,
+            pk: schema.primary_key.clone(),
+            columns: cols.len(),
+        })
+    }
+
+    fn upsert(&mut self, row: &[ValueRef<'_>]) -> rusqlite::Result<()> {
+        for (i, v) in row.iter().take(self.columns).enumerate() {
+            self.upsert.raw_bind_parameter(i + 1, ToSqlOutput::Borrowed(*v))?;
+        }
+        self.upsert.raw_execute()?;
+        Ok(())
+    }
+
+    fn delete(&mut self, row: &[ValueRef<'_>]) -> rusqlite::Result<()> {
+        if self.pk.is_empty() {
+            for (i, v) in row.iter().take(self.columns).enumerate() {
+                self.delete.raw_bind_parameter(i + 1, ToSqlOutput::Borrowed(*v))?;
+            }
+        } else {
+            for (n, &i) in self.pk.iter().enumerate() {
+                let v = row.get(i).copied().unwrap_or(ValueRef::Null);
+                self.delete.raw_bind_parameter(n + 1, ToSqlOutput::Borrowed(v))?;
+            }
+        }
+        self.delete.raw_execute()?;
+        Ok(())
+    }
+
+    fn same_key(&self, a: &[ValueRef<'_>], b: &[ValueRef<'_>]) -> bool {
+        !self.pk.is_empty() && self.pk.iter().all(|&i| a.get(i) == b.get(i))
+    }
+
+    fn apply(&mut self, change: &RowChange<'_>) -> rusqlite::Result<()> {
+        match change {
+            RowChange::Insert(row) => self.upsert(row),
+            RowChange::Delete(row) => self.delete(row),
+            RowChange::Update { before, after } => {
+                if !self.same_key(before, after) {
+                    self.delete(before)?;
+                }
+                self.upsert(after)
+            }
+        }
+    }
+}
+
+pub struct Applier<'c> {
+    conn: &'c Connection,
+    tables: Vec<TableRef>,
+    stmts: Vec<Option<TableStatements<'c>>>,
+    /// A SQLite transaction is open.
+    open: bool,
+    /// Rows go to the XA staging table under this xid, not to the replica.
+    staging: Option<Xid>,
+    staged_seq: i64,
+    scratch: Vec<u8>,
+    scratch2: Vec<u8>,
+}
+
+impl<'c> Applier<'c> {
+    pub fn new(conn: &'c Connection, tables: Vec<TableRef>) -> Result<Self> {
+        conn.execute_batch(XA_TABLE_DDL).map_err(|e| Error::sqlite("create _tailcache_xa", e))?;
+        let n = tables.len();
+        Ok(Self {
+            conn,
+            tables,
+            stmts: (0..n).map(|_| None).collect(),
+            open: false,
+            staging: None,
+            staged_seq: 0,
+            scratch: Vec::new(),
+            scratch2: Vec::new(),
+        })
+    }
+
+    /// The connection, for the snapshot's bulk copy (inside [`begin`]).
+    pub fn conn(&self) -> &'c Connection {
+        self.conn
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Rows are being staged for an XA transaction.
+    pub fn staging(&self) -> bool {
+        self.staging.is_some()
+    }
+
+    /// Prepares the table's statements for its (new) schema. Call after the
+    /// replica table was (re)created.
+    pub fn set_schema(&mut self, idx: usize, schema: &TableSchema) -> Result<()> {
+        self.stmts[idx] = None;
+        self.stmts[idx] = Some(TableStatements::prepare(self.conn, schema)?);
+        Ok(())
+    }
+
+    /// Drops the table's statements before its replica table is replaced.
+    pub fn forget_schema(&mut self, idx: usize) {
+        self.stmts[idx] = None;
+    }
+
+    pub fn begin(&mut self) -> Result<()> {
+        if !self.open {
+            self.exec("BEGIN IMMEDIATE")?;
+            self.open = true;
+        }
+        Ok(())
+    }
+
+    pub fn rollback(&mut self) {
+        if self.open {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.open = false;
+        }
+        self.staging = None;
+    }
+
+    fn exec(&self, sql: &str) -> Result<()> {
+        self.conn.execute_batch(sql).map_err(|e| Error::sqlite(sql.to_owned(), e))
+    }
+
+    fn statements(&mut self, idx: usize) -> Result<&mut TableStatements<'c>> {
+        let name = &self.tables[idx];
+        self.stmts[idx]
+            .as_mut()
+            .ok_or_else(|| Error::Transient(format!("no schema loaded for watched table {name} (internal ordering)")))
+    }
+
+    /// Applies one action; returns the indexes of tables whose replica rows
+    /// changed because of it (XA commits touch what was staged).
+    pub fn apply(&mut self, action: Action<'_>) -> Result<Touched> {
+        match action {
+            Action::Row { table, change } => {
+                self.begin()?;
+                if self.staging.is_some() {
+                    self.stage(table, &change)?;
+                    return Ok(Touched::None);
+                }
+                self.statements(table)?.apply(&change).map_err(|e| Error::sqlite("apply row", e))?;
+                Ok(Touched::One(table))
+            }
+            Action::Truncate { table } => {
+                self.begin()?;
+                self.statements(table)?.truncate.raw_execute().map_err(|e| Error::sqlite("truncate", e))?;
+                Ok(Touched::One(table))
+            }
+            Action::XaStart { xid } => {
+                self.begin()?;
+                // A reused xid must not inherit rows of an older one.
+                self.conn
+                    .execute("DELETE FROM _tailcache_xa WHERE xid = ?1", [&xid.0])
+                    .map_err(|e| Error::sqlite("clear XA staging", e))?;
+                self.staging = Some(xid);
+                self.staged_seq = 0;
+                Ok(Touched::None)
+            }
+            Action::XaPrepare { one_phase } => {
+                let Some(xid) = self.staging.take() else { return Ok(Touched::None) };
+                if one_phase { self.apply_staged(&xid) } else { Ok(Touched::None) }
+            }
+            Action::XaCommit { xid } => {
+                self.begin()?;
+                self.staging = None;
+                self.apply_staged(&xid)
+            }
+            Action::XaRollback { xid } => {
+                self.begin()?;
+                self.staging = None;
+                let n = self
+                    .conn
+                    .execute("DELETE FROM _tailcache_xa WHERE xid = ?1", [&xid.0])
+                    .map_err(|e| Error::sqlite("discard XA staging", e))?;
+                tracing::info!(xid = %xid, rows = n, "XA ROLLBACK: staged rows discarded");
+                Ok(Touched::None)
+            }
+            Action::Commit { checkpoint, consistent } => {
+                self.begin()?;
+                write_checkpoint(self.conn, checkpoint, consistent)?;
+                self.exec("COMMIT")?;
+                self.open = false;
+                Ok(Touched::None)
+            }
+        }
+    }
+
+    fn stage(&mut self, table: usize, change: &RowChange<'_>) -> Result<()> {
+        let xid = self.staging.clone().unwrap_or_else(|| Xid(String::new()));
+        let (op, before, after) = match change {
+            RowChange::Insert(r) => (OP_INSERT, None, Some(*r)),
+            RowChange::Delete(r) => (OP_DELETE, Some(*r), None),
+            RowChange::Update { before, after } => (OP_UPDATE, Some(*before), Some(*after)),
+        };
+        self.scratch.clear();
+        self.scratch2.clear();
+        let b = before.map(|r| encode_row(r, &mut self.scratch)).transpose()?.map(|_| self.scratch.as_slice());
+        let a = after.map(|r| encode_row(r, &mut self.scratch2)).transpose()?.map(|_| self.scratch2.as_slice());
+        self.staged_seq += 1;
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO _tailcache_xa (xid, seq, tbl, op, before, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(|e| Error::sqlite("prepare XA staging", e))?;
+        st.execute(params![xid.0, self.staged_seq, self.tables[table].to_string(), op, b, a])
+            .map_err(|e| Error::sqlite("stage XA row", e))?;
+        Ok(())
+    }
+
+    fn apply_staged(&mut self, xid: &Xid) -> Result<Touched> {
+        let rows: Vec<StagedRow> = {
+            let mut st = self
+                .conn
+                .prepare_cached("SELECT tbl, op, before, after FROM _tailcache_xa WHERE xid = ?1 ORDER BY seq")
+                .map_err(|e| Error::sqlite("read XA staging", e))?;
+            st.query_map([&xid.0], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .and_then(|it| it.collect())
+                .map_err(|e| Error::sqlite("read XA staging", e))?
+        };
+        let mut touched = vec![false; self.tables.len()];
+        for (tbl, op, before, after) in &rows {
+            // A table no longer watched (config changed since PREPARE) is
+            // not ours to apply.
+            let Some(idx) = self.tables.iter().position(|t| t.to_string() == *tbl) else { continue };
+            let before = before.as_deref().map(decode_row).transpose()?;
+            let after = after.as_deref().map(decode_row).transpose()?;
+            let b: Option<Vec<ValueRef<'_>>> = before.as_ref().map(|r| r.iter().map(ValueRef::from).collect());
+            let a: Option<Vec<ValueRef<'_>>> = after.as_ref().map(|r| r.iter().map(ValueRef::from).collect());
+            let change = match (*op, b.as_deref(), a.as_deref()) {
+                (OP_INSERT, _, Some(a)) => RowChange::Insert(a),
+                (OP_DELETE, Some(b), _) => RowChange::Delete(b),
+                (OP_UPDATE, Some(b), Some(a)) => RowChange::Update { before: b, after: a },
+                _ => return Err(Error::Transient(format!("corrupt XA staging row for xid {xid}"))),
+            };
+            self.statements(idx)?.apply(&change).map_err(|e| Error::sqlite("apply XA row", e))?;
+            touched[idx] = true;
+        }
+        self.conn
+            .execute("DELETE FROM _tailcache_xa WHERE xid = ?1", [&xid.0])
+            .map_err(|e| Error::sqlite("clear XA staging", e))?;
+        tracing::info!(xid = %xid, rows = rows.len(), "XA COMMIT: staged rows applied");
+        Ok(Touched::Many(touched))
+    }
+}
+
+/// (table, operation, before image, after image) as staged.
+type StagedRow = (String, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Which watched tables an action changed.
+#[derive(Debug)]
+pub enum Touched {
+    None,
+    One(usize),
+    Many(Vec<bool>),
+}
+
+/// A staged row as msgpack: an array of nil / int / float / str / bin.
+fn encode_row(row: &[ValueRef<'_>], out: &mut Vec<u8>) -> Result<()> {
+    let io = |e: rmp::encode::ValueWriteError| Error::Transient(format!("encode XA row: {e}"));
+    rmp::encode::write_array_len(out, row.len() as u32).map_err(io)?;
+    for v in row {
+        match *v {
+            ValueRef::Null => {
+                rmp::encode::write_nil(out).map_err(|e| Error::Transient(format!("encode XA row: {e}")))?
+            }
+            ValueRef::Integer(i) => {
+                rmp::encode::write_sint(out, i).map_err(io)?;
+            }
+            ValueRef::Real(f) => rmp::encode::write_f64(out, f).map_err(io)?,
+            ValueRef::Text(t) => {
+                // Text is UTF-8 in the replica; keep the bytes as they are.
+                rmp::encode::write_str_len(out, t.len() as u32).map_err(io)?;
+                out.extend_from_slice(t);
+            }
+            ValueRef::Blob(b) => rmp::encode::write_bin(out, b).map_err(io)?,
+        }
+    }
+    Ok(())
+}
+
+fn decode_row(bytes: &[u8]) -> Result<Vec<Value>> {
+    let bad = |what: &str| Error::Transient(format!("corrupt XA staging row: {what}"));
+    let v = rmpv::decode::read_value(&mut &bytes[..]).map_err(|e| bad(&e.to_string()))?;
+    let rmpv::Value::Array(items) = v else { return Err(bad("not an array")) };
+    items
+        .into_iter()
+        .map(|v| match v {
+            rmpv::Value::Nil => Ok(Value::Null),
+            rmpv::Value::Integer(i) => i.as_i64().map(Value::Integer).ok_or_else(|| bad("integer out of range")),
+            rmpv::Value::F64(f) => Ok(Value::Real(f)),
+            rmpv::Value::F32(f) => Ok(Value::Real(f as f64)),
+            rmpv::Value::String(s) => Ok(Value::Text(String::from_utf8_lossy(s.as_bytes()).into_owned())),
+            rmpv::Value::Binary(b) => Ok(Value::Blob(b)),
+            _ => Err(bad("unexpected value type")),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_rows_round_trip() {
+        let row = [
+            ValueRef::Null,
+            ValueRef::Integer(-5),
+            ValueRef::Integer(i64::MAX),
+            ValueRef::Real(1.5),
+            ValueRef::Text("héllo".as_bytes()),
+            ValueRef::Blob(&[0, 255]),
+        ];
+        let mut out = Vec::new();
+        encode_row(&row, &mut out).unwrap();
+        let back = decode_row(&out).unwrap();
+        let back: Vec<ValueRef<'_>> = back.iter().map(ValueRef::from).collect();
+        assert_eq!(back, row);
+    }
+}

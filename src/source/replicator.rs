@@ -593,6 +593,13 @@ impl<'c> Replicator<'c> {
                 // BEGIN…XID group; a group may carry SAVEPOINT queries that
                 // must not end it.
                 self.batch.txn_explicit = d[12] & 1 == 0;
+                // MariaDB writes no `XA START` query: the GTID event of an
+                // XA transaction's first half carries FL_PREPARED_XA and
+                // the xid; its rows must be staged until XA COMMIT.
+                if let Some(xid) = mariadb_prepared_xid(d) {
+                    self.ensure_open()?;
+                    self.applier.apply(Action::XaStart { xid: Xid(xid) })?;
+                }
             }
             Handling::Query => self.handle_query(event, here()).await?,
             Handling::ExecuteLoadQuery => {
@@ -1044,6 +1051,28 @@ impl<'c> Replicator<'c> {
         }
         Ok(())
     }
+}
+
+/// The xid of a MariaDB GTID event flagged FL_PREPARED_XA (64), in the
+/// canonical form of [`events::parse_xa`]: `gtrid-hex,bqual-hex,formatID`.
+/// Layout: seq u64 | domain u32 | flags2 u8 | [commit_id u64 if
+/// FL_GROUP_COMMIT_ID (2)] | formatID u32 | gtrid_len u8 | bqual_len u8 | data.
+fn mariadb_prepared_xid(d: &[u8]) -> Option<String> {
+    const FL_GROUP_COMMIT_ID: u8 = 2;
+    const FL_PREPARED_XA: u8 = 64;
+    let flags = *d.get(12)?;
+    if flags & FL_PREPARED_XA == 0 {
+        return None;
+    }
+    let mut at = 13 + if flags & FL_GROUP_COMMIT_ID != 0 { 8 } else { 0 };
+    let format_id = u32::from_le_bytes(d.get(at..at + 4)?.try_into().ok()?);
+    at += 4;
+    let (gl, bl) = (*d.get(at)? as usize, *d.get(at + 1)? as usize);
+    at += 2;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let gtrid = d.get(at..at + gl)?;
+    let bqual = d.get(at + gl..at + gl + bl)?;
+    Some(format!("{},{},{format_id}", hex(gtrid), hex(bqual)))
 }
 
 /// The 64-bit end offset of an event whose header carries the low 32 bits

@@ -633,6 +633,9 @@ async fn million_row_transaction_in_bounded_memory() {
     let rows: i64 =
         rusqlite::Connection::open(&state).unwrap().query_row("SELECT COUNT(*) FROM big", [], |r| r.get(0)).unwrap();
     assert_eq!(rows, 1_000_000);
-    // The binlog of that transaction is ~60 MB; applying it must not hold it.
-    assert!(peak < baseline + 40 * 1024, "memory grew with the transaction: {baseline} kB → {peak} kB");
+    // The binlog of that transaction is ~60 MB (a few MB when MySQL
+    // compresses it into one TRANSACTION_PAYLOAD); applying it must hold
+    // neither: the whole daemon stays within 30 MB.
+    eprintln!("peak RSS {peak} kB (baseline {baseline} kB) for a 1M-row transaction on {:?}", harness::server().flavor);
+    assert!(peak <= 30 * 1024, "peak RSS {peak} kB > 30 MB for a 1M-row transaction (baseline {baseline} kB)");
 }

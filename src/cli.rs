@@ -62,10 +62,37 @@ pub enum Command {
     },
 }
 
+// `println!`/`eprintln!` panic when the reader of a pipe went away
+// (`tailcache check | head -1`): these write what they can and carry on.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+macro_rules! out_raw {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+macro_rules! err {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}
+
 fn init_logging(json: bool) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only for a person at a terminal, never in a pipe or the
+    // journal. The writer ignores a closed stderr (tracing never panics).
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -75,7 +102,7 @@ fn init_logging(json: bool) {
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
-        eprintln!("error: {e}");
+        err!("error: {e}");
         ExitCode::from(2)
     })
 }
@@ -84,7 +111,7 @@ fn runtime() -> tokio::runtime::Runtime {
     match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            err!("error: cannot start the async runtime: {e}");
             std::process::exit(1);
         }
     }
@@ -110,7 +137,7 @@ pub fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "tailcache stopped");
-                    eprintln!("error: {e}");
+                    err!("error: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -119,7 +146,7 @@ pub fn main() -> ExitCode {
             let cfg = try_load!(config);
             let rt = runtime();
             let report = rt.block_on(crate::check::run_checks(&cfg));
-            print!("{}", report.render());
+            out_raw!("{}", report.render());
             let views_ok = if report.ok() && !cfg.views.is_empty() {
                 let problems = rt.block_on(async {
                     let mut conn = crate::source::conn::connect(&cfg.mysql).await?;
@@ -127,15 +154,15 @@ pub fn main() -> ExitCode {
                 });
                 match problems {
                     Ok(p) if p.is_empty() => {
-                        println!("ok   views: {} view(s) compile against the watched tables", cfg.views.len());
+                        out!("ok   views: {} view(s) compile against the watched tables", cfg.views.len());
                         true
                     }
                     Ok(p) => {
-                        println!("FAIL views: {} problem(s)\n{}", p.len(), p.join("\n"));
+                        out!("FAIL views: {} problem(s)\n{}", p.len(), p.join("\n"));
                         false
                     }
                     Err(e) => {
-                        println!("FAIL views: cannot check them: {e}");
+                        out!("FAIL views: cannot check them: {e}");
                         false
                     }
                 }
@@ -150,7 +177,7 @@ pub fn main() -> ExitCode {
             let pid = match std::fs::read_to_string(&pid_path).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
                 Some(p) => p,
                 None => {
-                    eprintln!(
+                    err!(
                         "error: no running tailcache found (pid file {} missing or unreadable); start it with `tailcache run`, or use `tailcache run --resync`",
                         pid_path.display()
                     );
@@ -159,11 +186,11 @@ pub fn main() -> ExitCode {
             };
             match std::process::Command::new("kill").arg("-HUP").arg(pid.to_string()).status() {
                 Ok(s) if s.success() => {
-                    println!("asked tailcache (pid {pid}) for a full resync");
+                    out!("asked tailcache (pid {pid}) for a full resync");
                     ExitCode::SUCCESS
                 }
                 _ => {
-                    eprintln!("error: cannot signal pid {pid} from {}: is tailcache running?", pid_path.display());
+                    err!("error: cannot signal pid {pid} from {}: is tailcache running?", pid_path.display());
                     ExitCode::from(1)
                 }
             }
@@ -171,22 +198,22 @@ pub fn main() -> ExitCode {
         Command::Get { config, key } => {
             let cfg = try_load!(config);
             let Some(mc) = &cfg.memcached else {
-                eprintln!("error: memcached: the config has no [memcached] section");
+                err!("error: memcached: the config has no [memcached] section");
                 return ExitCode::from(2);
             };
             let full = format!("{}{key}", mc.key_prefix);
             let sink = crate::sink::Sink::connect(mc);
             match runtime().block_on(sink.get(full.as_bytes())) {
                 Ok(Some((bytes, _flags))) => {
-                    println!("{}", render_value(mc.codec, &bytes));
+                    out!("{}", render_value(mc.codec, &bytes));
                     ExitCode::SUCCESS
                 }
                 Ok(None) => {
-                    println!("(no value for {full})");
+                    out!("(no value for {full})");
                     ExitCode::from(1)
                 }
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    err!("error: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -194,28 +221,28 @@ pub fn main() -> ExitCode {
         Command::Status { config } => {
             let cfg = try_load!(config);
             if cfg.state.path == ":memory:" {
-                eprintln!("error: state.path is \":memory:\": there is no state to inspect");
+                err!("error: state.path is \":memory:\": there is no state to inspect");
                 return ExitCode::from(1);
             }
             let conn =
                 match crate::replica::open_connection(std::path::Path::new(&cfg.state.path), &cfg.mysql.table_refs()) {
                     Ok(c) => c,
                     Err(e) => {
-                        eprintln!("error: {e}");
+                        err!("error: {e}");
                         return ExitCode::from(1);
                     }
                 };
             match crate::replica::read_checkpoint(&conn) {
                 Ok(Some((cp, consistent))) => {
-                    println!("position: {cp}\nconsistent: {consistent}");
+                    out!("position: {cp}\nconsistent: {consistent}");
                     ExitCode::SUCCESS
                 }
                 Ok(None) => {
-                    println!("no replica yet (no snapshot taken)");
+                    out!("no replica yet (no snapshot taken)");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    err!("error: {e}");
                     ExitCode::from(1)
                 }
             }

@@ -121,3 +121,4 @@ pub fn read_checkpoint(conn: &Connection) -> Result<Option<(Checkpoint, bool)>> 
 }
 
 pub mod tables;
+pub mod value;

@@ -14,11 +14,12 @@ use mysql_common::binlog::{BinlogFile, EventStreamReader};
 use mysql_common::value::Value;
 use rusqlite::types::ValueRef;
 use tailcache::config::TableRef;
+use tailcache::replica::value::format_timestamp_utc;
 use tailcache::schema::{ColumnDef, TableSchema};
 use tailcache::source::charset::{Charset, decode_string};
 use tailcache::source::decode::{
-    DecodeError, DecodeFailure, RowChange, RowDecoder, RowsKind, TableCodec, format_timestamp_utc, rows_kind,
-    rows_table_id, schema_from_table_map,
+    DecodeError, DecodeFailure, RowChange, RowDecoder, RowsKind, TableCodec, rows_kind, rows_table_id,
+    schema_from_table_map,
 };
 
 #[derive(Debug, Clone, PartialEq)]

@@ -262,7 +262,8 @@ pub fn format_json(jsonb: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
     json_value(t, data, 0, out)
 }
 
-const JSON_MAX_DEPTH: usize = 150;
+/// Nesting limit when reading binary JSON (MySQL itself allows 100).
+pub(crate) const JSON_MAX_DEPTH: usize = 150;
 
 fn json_err(what: &str) -> String {
     what.to_owned()
@@ -273,15 +274,17 @@ fn rd(data: &[u8], at: usize, n: usize) -> Result<u64, String> {
     Ok(b.iter().rev().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)))
 }
 
-fn json_value(t: u8, data: &[u8], depth: usize, out: &mut Vec<u8>) -> Result<(), String> {
+/// Appends the text of the binary JSON value of type `t` whose bytes start
+/// `data`, nested `depth` levels deep.
+pub(crate) fn json_value(t: u8, data: &[u8], depth: usize, out: &mut Vec<u8>) -> Result<(), String> {
     if depth > JSON_MAX_DEPTH {
         return Err(json_err("JSON nested too deeply"));
     }
     match t {
-        0x00 => json_container(data, false, true, depth, out),
-        0x01 => json_container(data, true, true, depth, out),
-        0x02 => json_container(data, false, false, depth, out),
-        0x03 => json_container(data, true, false, depth, out),
+        0x00..=0x03 => match JsonbContainer::new(t, data)? {
+            Some(c) => json_container(&c, depth, out),
+            None => Err(json_err("not a JSON container")),
+        },
         0x04 => {
             match data.first() {
                 Some(0) => out.extend_from_slice(b"null"),
@@ -337,46 +340,92 @@ fn read_varlen(data: &[u8]) -> Result<(usize, usize), String> {
     Err(json_err("bad JSON length"))
 }
 
-fn json_container(data: &[u8], large: bool, object: bool, depth: usize, out: &mut Vec<u8>) -> Result<(), String> {
-    let w = if large { 4 } else { 2 };
-    let count = rd(data, 0, w)? as usize;
-    let size = rd(data, w, w)? as usize;
-    if size > data.len() {
-        return Err(json_err("JSON container larger than its value"));
+/// A JSONB array or object, for walking its entries (shared with the
+/// partial-JSON code, which builds a tree from the same bytes).
+pub(crate) struct JsonbContainer<'a> {
+    data: &'a [u8],
+    large: bool,
+    object: bool,
+    count: usize,
+    values_at: usize,
+}
+
+impl<'a> JsonbContainer<'a> {
+    /// The container of type `t` (0x00..=0x03) whose bytes start `data`;
+    /// `Ok(None)` for the scalar types.
+    pub(crate) fn new(t: u8, data: &'a [u8]) -> Result<Option<Self>, String> {
+        let (large, object) = match t {
+            0x00 => (false, true),
+            0x01 => (true, true),
+            0x02 => (false, false),
+            0x03 => (true, false),
+            _ => return Ok(None),
+        };
+        let w = if large { 4 } else { 2 };
+        let count = rd(data, 0, w)? as usize;
+        let size = rd(data, w, w)? as usize;
+        if size > data.len() {
+            return Err(json_err("JSON container larger than its value"));
+        }
+        let data = &data[..size];
+        let key_entry = if large { 6 } else { 4 };
+        let value_entry = if large { 5 } else { 3 };
+        let keys_at = 2 * w;
+        let values_at = keys_at + if object { count.checked_mul(key_entry).ok_or("bad JSON")? } else { 0 };
+        if values_at + count.checked_mul(value_entry).ok_or("bad JSON")? > size {
+            return Err(json_err("JSON container header overflows"));
+        }
+        Ok(Some(JsonbContainer { data, large, object, count, values_at }))
     }
-    let data = &data[..size];
-    let key_entry = if large { 6 } else { 4 };
-    let value_entry = if large { 5 } else { 3 };
-    let keys_at = 2 * w;
-    let values_at = keys_at + if object { count.checked_mul(key_entry).ok_or("bad JSON")? } else { 0 };
-    if values_at + count.checked_mul(value_entry).ok_or("bad JSON")? > size {
-        return Err(json_err("JSON container header overflows"));
+
+    pub(crate) fn is_object(&self) -> bool {
+        self.object
     }
-    out.push(if object { b'{' } else { b'[' });
-    for i in 0..count {
+
+    pub(crate) fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Entry `i < len()`: its key (objects only), and its value as a type
+    /// byte plus the bytes the value starts at.
+    pub(crate) fn entry(&self, i: usize) -> Result<(Option<&'a [u8]>, u8, &'a [u8]), String> {
+        let (data, large) = (self.data, self.large);
+        let w = if large { 4 } else { 2 };
+        let key = if self.object {
+            let ke = 2 * w + i * if large { 6 } else { 4 };
+            let koff = rd(data, ke, w)? as usize;
+            let klen = rd(data, ke + w, 2)? as usize;
+            Some(data.get(koff..koff + klen).ok_or_else(|| json_err("JSON key out of range"))?)
+        } else {
+            None
+        };
+        let ve = self.values_at + i * if large { 5 } else { 3 };
+        let vt = *data.get(ve).ok_or_else(|| json_err("JSON value entry out of range"))?;
+        let inline = matches!(vt, 0x04..=0x06) || (large && matches!(vt, 0x07 | 0x08));
+        let v = if inline {
+            data.get(ve + 1..ve + 1 + w).ok_or_else(|| json_err("JSON value entry out of range"))?
+        } else {
+            let off = rd(data, ve + 1, w)? as usize;
+            data.get(off..).ok_or_else(|| json_err("JSON value out of range"))?
+        };
+        Ok((key, vt, v))
+    }
+}
+
+fn json_container(c: &JsonbContainer<'_>, depth: usize, out: &mut Vec<u8>) -> Result<(), String> {
+    out.push(if c.is_object() { b'{' } else { b'[' });
+    for i in 0..c.len() {
         if i > 0 {
             out.extend_from_slice(b", ");
         }
-        if object {
-            let ke = keys_at + i * key_entry;
-            let koff = rd(data, ke, w)? as usize;
-            let klen = rd(data, ke + w, 2)? as usize;
-            let key = data.get(koff..koff + klen).ok_or_else(|| json_err("JSON key out of range"))?;
+        let (key, vt, v) = c.entry(i)?;
+        if let Some(key) = key {
             json_string(key, out);
             out.extend_from_slice(b": ");
         }
-        let ve = values_at + i * value_entry;
-        let vt = data[ve];
-        let inline = matches!(vt, 0x04..=0x06) || (large && matches!(vt, 0x07 | 0x08));
-        if inline {
-            json_value(vt, &data[ve + 1..ve + 1 + w], depth + 1, out)?;
-        } else {
-            let off = rd(data, ve + 1, w)? as usize;
-            let v = data.get(off..).ok_or_else(|| json_err("JSON value out of range"))?;
-            json_value(vt, v, depth + 1, out)?;
-        }
+        json_value(vt, v, depth + 1, out)?;
     }
-    out.push(if object { b'}' } else { b']' });
+    out.push(if c.is_object() { b'}' } else { b']' });
     Ok(())
 }
 

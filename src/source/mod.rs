@@ -5,5 +5,6 @@ pub mod charset;
 pub mod conn;
 pub mod ddl;
 pub mod decode;
+pub mod json_diff;
 pub mod replicator;
 pub mod snapshot;

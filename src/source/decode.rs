@@ -28,6 +28,7 @@ use crate::replica::value::{
 };
 use crate::schema::{ColumnDef, TableSchema};
 use crate::source::charset::{self, Charset};
+use crate::source::json_diff;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum DecodeError {
@@ -84,11 +85,13 @@ pub mod event_type {
 }
 
 /// Rows event types we apply: (kind) for WRITE/UPDATE/DELETE v1 (MariaDB,
-/// MySQL 5.1–5.5) and v2 (MySQL 5.6+). `None` for anything else.
+/// MySQL 5.1–5.5) and v2 (MySQL 5.6+), and MySQL's PARTIAL_UPDATE_ROWS
+/// (an UPDATE whose JSON after-values may be diffs, decoded to full
+/// values). `None` for anything else.
 pub fn rows_kind(event_type: u8) -> Option<RowsKind> {
     match event_type {
         23 | 30 => Some(RowsKind::Write),
-        24 | 31 => Some(RowsKind::Update),
+        24 | 31 | 39 => Some(RowsKind::Update),
         25 | 32 => Some(RowsKind::Delete),
         _ => None,
     }
@@ -148,8 +151,11 @@ enum Plan {
         nbytes: u8,
         labels: Vec<String>,
     },
+    /// `index`: the column's position among the table's JSON columns (its
+    /// bit in a PARTIAL_UPDATE_ROWS event's partial bitmap).
     Json {
         len_bytes: u8,
+        index: usize,
     },
     Date,
     Datetime2 {
@@ -171,6 +177,10 @@ enum Plan {
 pub struct TableCodec {
     plans: Vec<Plan>,
     table: String,
+    /// Column names, for errors.
+    names: Vec<String>,
+    /// JSON columns in the table (bits of a partial-JSON bitmap).
+    json_count: usize,
 }
 
 /// Wire type of one TABLE_MAP column after resolving STRING's real type.
@@ -368,7 +378,7 @@ fn build_plan(w: &WireCol<'_>, col: &ColumnDef) -> Result<Plan, DecodeError> {
         if !(1..=4).contains(&len_bytes) {
             return Err(DecodeError::Malformed(format!("JSON column {} with {len_bytes} length bytes", col.name)));
         }
-        Plan::Json { len_bytes }
+        Plan::Json { len_bytes, index: 0 }
     } else if is(T::MYSQL_TYPE_NEWDATE) {
         ok(dt == "date")?;
         Plan::Date
@@ -431,11 +441,18 @@ impl TableCodec {
             }
         }
         let mut plans = Vec::with_capacity(n);
+        let mut json_count = 0;
         for (i, col) in schema.columns.iter().enumerate() {
             let w = wire_col(tme, i)?;
-            plans.push(build_plan(&w, col)?);
+            let mut plan = build_plan(&w, col)?;
+            if let Plan::Json { index, .. } = &mut plan {
+                *index = json_count;
+                json_count += 1;
+            }
+            plans.push(plan);
         }
-        Ok(TableCodec { plans, table: schema.table.to_string() })
+        let names = schema.columns.iter().map(|c| c.name.clone()).collect();
+        Ok(TableCodec { plans, table: schema.table.to_string(), names, json_count })
     }
 
     pub fn column_count(&self) -> usize {
@@ -640,6 +657,9 @@ enum Slot {
 pub struct RowDecoder {
     scratch: Vec<u8>,
     slots: Vec<Slot>,
+    /// PARTIAL_UPDATE_ROWS: where each JSON column's binary before-value
+    /// is in the event (None when NULL), by JSON column index.
+    json_before: Vec<Option<(usize, usize)>>,
     /// Recycled storage for the `ValueRef`s handed to the callback.
     values: Vec<ValueRef<'static>>,
 }
@@ -708,14 +728,9 @@ impl RowDecoder {
         f: &mut dyn FnMut(RowChange<'_>) -> Result<(), crate::Error>,
     ) -> Result<(), DecodeFailure> {
         let Some(kind) = rows_kind(event_type) else {
-            return Err(DecodeError::Unsupported(if event_type == event_type::PARTIAL_UPDATE_ROWS {
-                "PARTIAL_UPDATE_ROWS_EVENT (binlog_row_value_options=PARTIAL_JSON); unset binlog_row_value_options"
-                    .into()
-            } else {
-                format!("event type {event_type} is not a rows event")
-            })
-            .into());
+            return Err(DecodeError::Unsupported(format!("event type {event_type} is not a rows event")).into());
         };
+        let partial_event = event_type == event_type::PARTIAL_UPDATE_ROWS;
         let mut r = Reader { buf: body, pos: 0 };
         r.take(8)?; // table id + flags
         if event_type >= event_type::WRITE_ROWS_V2 {
@@ -749,8 +764,31 @@ impl RowDecoder {
         while r.pos < body.len() {
             self.scratch.clear();
             self.slots.clear();
-            for _ in 0..images {
-                decode_image(&mut r, codec, &mut self.scratch, &mut self.slots)?;
+            if partial_event {
+                // before image | value_options [partial bits] | after image
+                self.json_before.clear();
+                self.json_before.resize(codec.json_count, None);
+                let before = JsonImage::Record(&mut self.json_before);
+                decode_image(&mut r, codec, &mut self.scratch, &mut self.slots, before)?;
+                let value_options = r.lenenc()?;
+                if value_options & !1 != 0 {
+                    return Err(DecodeError::Unsupported(format!(
+                        "PARTIAL_UPDATE_ROWS value_options {value_options:#x} for {}",
+                        codec.table
+                    ))
+                    .into());
+                }
+                let after = if value_options & 1 != 0 {
+                    let bits = r.take(codec.json_count.div_ceil(8))?;
+                    JsonImage::Partial { bits, before: &self.json_before }
+                } else {
+                    JsonImage::Plain
+                };
+                decode_image(&mut r, codec, &mut self.scratch, &mut self.slots, after)?;
+            } else {
+                for _ in 0..images {
+                    decode_image(&mut r, codec, &mut self.scratch, &mut self.slots, JsonImage::Plain)?;
+                }
             }
             let mut values: Vec<ValueRef<'_>> = recycle(std::mem::take(&mut self.values));
             let scratch: &[u8] = &self.scratch;
@@ -779,11 +817,25 @@ impl RowDecoder {
     }
 }
 
+/// What an image means for JSON columns (PARTIAL_UPDATE_ROWS events).
+enum JsonImage<'x> {
+    Plain,
+    /// A before image: note where each JSON column's binary value is.
+    Record(&'x mut [Option<(usize, usize)>]),
+    /// An after image with partial JSON: a column whose bit is set in
+    /// `bits` holds diffs against its value in `before`.
+    Partial {
+        bits: &'x [u8],
+        before: &'x [Option<(usize, usize)>],
+    },
+}
+
 fn decode_image(
     r: &mut Reader<'_>,
     codec: &TableCodec,
     scratch: &mut Vec<u8>,
     slots: &mut Vec<Slot>,
+    mut json: JsonImage<'_>,
 ) -> Result<(), DecodeError> {
     let n = codec.plans.len();
     let nulls = r.take(n.div_ceil(8))?;
@@ -792,13 +844,47 @@ fn decode_image(
             slots.push(Slot::Null);
             continue;
         }
-        let slot = decode_value(plan, r, scratch).map_err(|e| match e {
-            DecodeError::Malformed(m) => DecodeError::Malformed(format!("{} column {}: {m}", codec.table, i + 1)),
-            other => other,
-        })?;
+        let start = r.pos;
+        let slot = match (plan, &mut json) {
+            (&Plan::Json { len_bytes, index }, JsonImage::Partial { bits, before })
+                if bits[index / 8] & (1 << (index % 8)) != 0 =>
+            {
+                partial_json(len_bytes, r, before[index], scratch).map_err(|e| {
+                    DecodeError::Malformed(format!(
+                        "{} column {} ({}): partial JSON update: {e}",
+                        codec.table,
+                        i + 1,
+                        codec.names[i]
+                    ))
+                })?
+            }
+            _ => decode_value(plan, r, scratch).map_err(|e| match e {
+                DecodeError::Malformed(m) => DecodeError::Malformed(format!("{} column {}: {m}", codec.table, i + 1)),
+                other => other,
+            })?,
+        };
+        if let (&Plan::Json { len_bytes, index }, JsonImage::Record(before)) = (plan, &mut json) {
+            before[index] = Some((start + usize::from(len_bytes), r.pos));
+        }
         slots.push(slot);
     }
     Ok(())
+}
+
+/// A partial JSON value (length, then a diff vector) applied to the
+/// column's binary before-value at `before` in the event.
+fn partial_json(
+    len_bytes: u8,
+    r: &mut Reader<'_>,
+    before: Option<(usize, usize)>,
+    scratch: &mut Vec<u8>,
+) -> Result<Slot, String> {
+    let len = r.uint_le(usize::from(len_bytes)).map_err(|e| e.to_string())? as usize;
+    let diffs = r.take(len).map_err(|e| e.to_string())?;
+    let (a, b) = before.ok_or("the before image holds NULL, which diffs cannot apply to")?;
+    let s0 = scratch.len();
+    json_diff::apply_diffs_into(&r.buf[a..b], diffs, scratch).map_err(|e| e.to_string())?;
+    Ok(Slot::ScText(s0, scratch.len()))
 }
 
 /// Appends `bytes` decoded from `cs` as a text slot (borrowing the event
@@ -893,7 +979,7 @@ fn decode_value(plan: &Plan, r: &mut Reader<'_>, scratch: &mut Vec<u8>) -> Resul
             format_set(mask, labels, scratch);
             sc_text(scratch)
         }
-        Plan::Json { len_bytes } => {
+        Plan::Json { len_bytes, .. } => {
             let len = r.uint_le(usize::from(*len_bytes))? as usize;
             let bytes = r.take(len)?;
             if bytes.is_empty() {
@@ -1018,8 +1104,16 @@ fn read_time2_packed(r: &mut Reader<'_>, fsp: u8) -> Result<i64, DecodeError> {
 mod tests {
     use super::*;
 
-    fn codec(plans: Vec<Plan>) -> TableCodec {
-        TableCodec { plans, table: "db.t".into() }
+    fn codec(mut plans: Vec<Plan>) -> TableCodec {
+        let mut json_count = 0;
+        for p in &mut plans {
+            if let Plan::Json { index, .. } = p {
+                *index = json_count;
+                json_count += 1;
+            }
+        }
+        let names = (1..=plans.len()).map(|i| format!("c{i}")).collect();
+        TableCodec { plans, table: "db.t".into(), names, json_count }
     }
 
     /// A WRITE_ROWS_V2 body for one row of `values` (all present, none NULL).
@@ -1097,9 +1191,119 @@ mod tests {
         partial[11] = 0xfe;
         assert!(matches!(decode_one(&c, &partial), Err(DecodeFailure::Decode(DecodeError::PartialImage(_)))));
         assert!(matches!(
-            RowDecoder::new().decode(39, &body, &c, &mut |_| Ok(())),
+            RowDecoder::new().decode(36, &body, &c, &mut |_| Ok(())),
             Err(DecodeFailure::Decode(DecodeError::Unsupported(_)))
         ));
+    }
+
+    /// A PARTIAL_UPDATE_ROWS body: one row, all columns present and not
+    /// NULL, `value_options`/`partial` as given.
+    fn partial_update(ncols: u8, before: &[u8], value_options: u8, partial: &[u8], after: &[u8]) -> Vec<u8> {
+        let mut b = vec![1, 0, 0, 0, 0, 0, 0, 0, 2, 0, ncols];
+        let nb = usize::from(ncols).div_ceil(8);
+        b.extend(std::iter::repeat_n(0xff, 2 * nb));
+        b.extend(std::iter::repeat_n(0x00, nb));
+        b.extend_from_slice(before);
+        b.push(value_options);
+        b.extend_from_slice(partial);
+        b.extend(std::iter::repeat_n(0x00, nb));
+        b.extend_from_slice(after);
+        b
+    }
+
+    fn json_value(jsonb: &[u8]) -> Vec<u8> {
+        let mut v = (jsonb.len() as u32).to_le_bytes().to_vec();
+        v.extend_from_slice(jsonb);
+        v
+    }
+
+    fn updates(c: &TableCodec, body: &[u8]) -> Result<Vec<(Vec<String>, Vec<String>)>, DecodeFailure> {
+        let text = |r: &[ValueRef<'_>]| {
+            r.iter()
+                .map(|v| match v {
+                    ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                    other => format!("{other:?}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut out = Vec::new();
+        RowDecoder::new().decode(39, body, c, &mut |ch| {
+            if let RowChange::Update { before, after } = ch {
+                out.push((text(before), text(after)));
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn partial_json_update() {
+        use crate::source::json_diff::{DiffOp, encode_diff, jsonb_from_serde};
+        let jb = |t: &str| jsonb_from_serde(&serde_json::from_str(t).unwrap());
+        // id INT, j1 JSON, j2 JSON: j1 gets diffs, j2 a full value.
+        let c = codec(vec![
+            Plan::Int { width: 4, unsigned: false },
+            Plan::Json { len_bytes: 4, index: 0 },
+            Plan::Json { len_bytes: 4, index: 0 },
+        ]);
+        let mut before = 7i32.to_le_bytes().to_vec();
+        before.extend(json_value(&jb(r#"{"a": [1, 2], "b": "x"}"#)));
+        before.extend(json_value(&jb("[1]")));
+        let mut diffs = Vec::new();
+        encode_diff(DiffOp::Insert, "$.a[2]", Some(&jb("3")), &mut diffs);
+        encode_diff(DiffOp::Insert, "$.aa", Some(&jb("true")), &mut diffs);
+        encode_diff(DiffOp::Remove, "$.b", None, &mut diffs);
+        let mut after = 7i32.to_le_bytes().to_vec();
+        after.extend(json_value(&diffs));
+        after.extend(json_value(&jb(r#"{"k": 1.5}"#)));
+        let body = partial_update(3, &before, 1, &[0b01], &after);
+        let got = updates(&c, &body).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, ["Integer(7)", r#"{"a": [1, 2], "b": "x"}"#, "[1]"]);
+        assert_eq!(got[0].1, ["Integer(7)", r#"{"a": [1, 2, 3], "aa": true}"#, r#"{"k": 1.5}"#]);
+
+        // value_options 0: a plain after image, no partial bitmap.
+        let mut plain_after = 7i32.to_le_bytes().to_vec();
+        plain_after.extend(json_value(&jb("{}")));
+        plain_after.extend(json_value(&jb("2")));
+        let body0 = partial_update(3, &before, 0, &[], &plain_after);
+        assert_eq!(updates(&c, &body0).unwrap()[0].1, ["Integer(7)", "{}", "2"]);
+
+        // A diff that does not apply names the column; never a panic.
+        let mut bad = Vec::new();
+        encode_diff(DiffOp::Replace, "$.nope", Some(&jb("1")), &mut bad);
+        let mut bad_after = 7i32.to_le_bytes().to_vec();
+        bad_after.extend(json_value(&bad));
+        bad_after.extend(json_value(&jb("1")));
+        match updates(&c, &partial_update(3, &before, 1, &[0b01], &bad_after)) {
+            Err(DecodeFailure::Decode(DecodeError::Malformed(m))) => {
+                assert!(m.contains("db.t column 2 (c2): partial JSON update") && m.contains("$.nope"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Unknown value_options bits are refused.
+        assert!(matches!(
+            updates(&c, &partial_update(3, &before, 2, &[], &plain_after)),
+            Err(DecodeFailure::Decode(DecodeError::Unsupported(_)))
+        ));
+        // Truncations are errors, never panics.
+        for cut in 0..body.len() {
+            match updates(&c, &body[..cut]) {
+                Err(DecodeFailure::Decode(_)) => {}
+                Ok(v) if v.is_empty() => {}
+                other => panic!("cut {cut}: {other:?}"),
+            }
+        }
+        // Diffs against a NULL before value are an error.
+        let mut null_before = vec![1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 3, 0xff, 0xff, 0b010];
+        null_before.extend_from_slice(&7i32.to_le_bytes());
+        null_before.extend(json_value(&jb("[1]")));
+        null_before.extend_from_slice(&[1, 0b01, 0]);
+        null_before.extend_from_slice(&after);
+        match updates(&c, &null_before) {
+            Err(DecodeFailure::Decode(DecodeError::Malformed(m))) => assert!(m.contains("NULL"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -1107,7 +1311,8 @@ mod tests {
         assert_eq!(rows_kind(23), Some(RowsKind::Write));
         assert_eq!(rows_kind(31), Some(RowsKind::Update));
         assert_eq!(rows_kind(25), Some(RowsKind::Delete));
-        assert_eq!(rows_kind(39), None);
+        assert_eq!(rows_kind(39), Some(RowsKind::Update));
+        assert_eq!(rows_kind(36), None);
         assert_eq!(rows_table_id(&[1, 2, 0, 0, 0, 0, 9]), Some(0x201));
         assert_eq!(rows_table_id(&[1]), None);
     }

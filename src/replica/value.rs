@@ -340,6 +340,10 @@ fn read_varlen(data: &[u8]) -> Result<(usize, usize), String> {
     Err(json_err("bad JSON length"))
 }
 
+/// One entry of a JSONB container: key (objects only), value type byte,
+/// and the bytes the value starts at.
+pub(crate) type JsonbEntry<'a> = (Option<&'a [u8]>, u8, &'a [u8]);
+
 /// A JSONB array or object, for walking its entries (shared with the
 /// partial-JSON code, which builds a tree from the same bytes).
 pub(crate) struct JsonbContainer<'a> {
@@ -388,7 +392,7 @@ impl<'a> JsonbContainer<'a> {
 
     /// Entry `i < len()`: its key (objects only), and its value as a type
     /// byte plus the bytes the value starts at.
-    pub(crate) fn entry(&self, i: usize) -> Result<(Option<&'a [u8]>, u8, &'a [u8]), String> {
+    pub(crate) fn entry(&self, i: usize) -> Result<JsonbEntry<'a>, String> {
         let (data, large) = (self.data, self.large);
         let w = if large { 4 } else { 2 };
         let key = if self.object {

@@ -1217,7 +1217,9 @@ mod tests {
         v
     }
 
-    fn updates(c: &TableCodec, body: &[u8]) -> Result<Vec<(Vec<String>, Vec<String>)>, DecodeFailure> {
+    type Images = (Vec<String>, Vec<String>);
+
+    fn updates(c: &TableCodec, body: &[u8]) -> Result<Vec<Images>, DecodeFailure> {
         let text = |r: &[ValueRef<'_>]| {
             r.iter()
                 .map(|v| match v {

@@ -105,7 +105,7 @@ fn lenenc_bytes<'a>(buf: &mut &'a [u8], what: &str) -> Result<&'a [u8], JsonDiff
     let (&first, rest) = b.split_first().ok_or_else(|| format_err(format_args!("truncated {what} length")))?;
     let (len, rest) = match first {
         0..=250 => (u64::from(first), rest),
-        252 | 253 | 254 => {
+        252..=254 => {
             let n = match first {
                 252 => 2,
                 253 => 3,

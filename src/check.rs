@@ -450,13 +450,11 @@ impl Ctx<'_> {
             Flavor::Mysql => {
                 if let Some(v) = get("binlog_row_value_options") {
                     if v.to_ascii_uppercase().contains("PARTIAL_JSON") {
-                        self.r.problem(
+                        // Supported: the diffs are applied to the full
+                        // before image (binlog_row_image=FULL).
+                        self.r.ok_line(
                             "binlog_row_value_options",
-                            v,
-                            "'' (full JSON values in row images)",
-                            format!(
-                                "remove binlog_row_value_options from my.cnf or set `binlog_row_value_options = ''` {restart} (or SET GLOBAL binlog_row_value_options = '')"
-                            ),
+                            "PARTIAL_JSON (JSON diffs are applied to the before image)",
                         );
                     } else {
                         self.r.ok_line("binlog_row_value_options", "'' (full JSON values)");

@@ -123,3 +123,4 @@ pub fn read_checkpoint(conn: &Connection) -> Result<Option<(Checkpoint, bool)>> 
 pub mod action;
 pub mod applier;
 pub mod tables;
+pub mod value;

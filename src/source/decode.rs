@@ -11,9 +11,8 @@
 //! rows: { null bitmap over present columns, values } (twice for updates)
 //! ```
 //!
-//! The formatting helpers (`format_date`, `format_datetime`, `format_time`,
-//! `format_decimal_bin`, `format_json`, `float_to_f64`, ...) are public so the
-//! snapshot code can produce identical strings from protocol values.
+//! Values are formatted by `crate::replica::value` (shared with the
+//! snapshot, so both paths produce identical strings).
 
 use std::io::Write as _;
 
@@ -23,8 +22,13 @@ use mysql_common::constants::ColumnType;
 use rusqlite::types::ValueRef;
 
 use crate::config::TableRef;
+use crate::replica::value::{
+    decimal_bin_size, float_to_f64, format_date, format_datetime, format_decimal_bin, format_json, format_set,
+    format_time, format_time_packed, format_timestamp_utc,
+};
 use crate::schema::{ColumnDef, TableSchema};
 use crate::source::charset::{self, Charset};
+use crate::source::json_diff;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum DecodeError {
@@ -75,11 +79,13 @@ pub mod event_type {
 }
 
 /// Rows event types we apply: (kind) for WRITE/UPDATE/DELETE v1 (MariaDB,
-/// MySQL 5.1–5.5) and v2 (MySQL 5.6+). `None` for anything else.
+/// MySQL 5.1–5.5) and v2 (MySQL 5.6+), and MySQL's PARTIAL_UPDATE_ROWS
+/// (an UPDATE whose JSON after-values may be diffs, decoded to full
+/// values). `None` for anything else.
 pub fn rows_kind(event_type: u8) -> Option<RowsKind> {
     match event_type {
         23 | 30 => Some(RowsKind::Write),
-        24 | 31 => Some(RowsKind::Update),
+        24 | 31 | 39 => Some(RowsKind::Update),
         25 | 32 => Some(RowsKind::Delete),
         _ => None,
     }
@@ -139,8 +145,11 @@ enum Plan {
         nbytes: u8,
         labels: Vec<String>,
     },
+    /// `index`: the column's position among the table's JSON columns (its
+    /// bit in a PARTIAL_UPDATE_ROWS event's partial bitmap).
     Json {
         len_bytes: u8,
+        index: usize,
     },
     Date,
     Datetime2 {
@@ -162,6 +171,10 @@ enum Plan {
 pub struct TableCodec {
     plans: Vec<Plan>,
     table: String,
+    /// Column names, for errors.
+    names: Vec<String>,
+    /// JSON columns in the table (bits of a partial-JSON bitmap).
+    json_count: usize,
 }
 
 /// Wire type of one TABLE_MAP column after resolving STRING's real type.
@@ -359,7 +372,7 @@ fn build_plan(w: &WireCol<'_>, col: &ColumnDef) -> Result<Plan, DecodeError> {
         if !(1..=4).contains(&len_bytes) {
             return Err(DecodeError::Malformed(format!("JSON column {} with {len_bytes} length bytes", col.name)));
         }
-        Plan::Json { len_bytes }
+        Plan::Json { len_bytes, index: 0 }
     } else if is(T::MYSQL_TYPE_NEWDATE) {
         ok(dt == "date")?;
         Plan::Date
@@ -422,11 +435,18 @@ impl TableCodec {
             }
         }
         let mut plans = Vec::with_capacity(n);
+        let mut json_count = 0;
         for (i, col) in schema.columns.iter().enumerate() {
             let w = wire_col(tme, i)?;
-            plans.push(build_plan(&w, col)?);
+            let mut plan = build_plan(&w, col)?;
+            if let Plan::Json { index, .. } = &mut plan {
+                *index = json_count;
+                json_count += 1;
+            }
+            plans.push(plan);
         }
-        Ok(TableCodec { plans, table: schema.table.to_string() })
+        let names = schema.columns.iter().map(|c| c.name.clone()).collect();
+        Ok(TableCodec { plans, table: schema.table.to_string(), names, json_count })
     }
 
     pub fn column_count(&self) -> usize {
@@ -631,6 +651,9 @@ enum Slot {
 pub struct RowDecoder {
     scratch: Vec<u8>,
     slots: Vec<Slot>,
+    /// PARTIAL_UPDATE_ROWS: where each JSON column's binary before-value
+    /// is in the event (None when NULL), by JSON column index.
+    json_before: Vec<Option<(usize, usize)>>,
     /// Recycled storage for the `ValueRef`s handed to the callback.
     values: Vec<ValueRef<'static>>,
 }
@@ -699,14 +722,9 @@ impl RowDecoder {
         f: &mut dyn FnMut(RowChange<'_>) -> Result<(), crate::Error>,
     ) -> Result<(), DecodeFailure> {
         let Some(kind) = rows_kind(event_type) else {
-            return Err(DecodeError::Unsupported(if event_type == event_type::PARTIAL_UPDATE_ROWS {
-                "PARTIAL_UPDATE_ROWS_EVENT (binlog_row_value_options=PARTIAL_JSON); unset binlog_row_value_options"
-                    .into()
-            } else {
-                format!("event type {event_type} is not a rows event")
-            })
-            .into());
+            return Err(DecodeError::Unsupported(format!("event type {event_type} is not a rows event")).into());
         };
+        let partial_event = event_type == event_type::PARTIAL_UPDATE_ROWS;
         let mut r = Reader { buf: body, pos: 0 };
         r.take(8)?; // table id + flags
         if event_type >= event_type::WRITE_ROWS_V2 {
@@ -740,8 +758,31 @@ impl RowDecoder {
         while r.pos < body.len() {
             self.scratch.clear();
             self.slots.clear();
-            for _ in 0..images {
-                decode_image(&mut r, codec, &mut self.scratch, &mut self.slots)?;
+            if partial_event {
+                // before image | value_options [partial bits] | after image
+                self.json_before.clear();
+                self.json_before.resize(codec.json_count, None);
+                let before = JsonImage::Record(&mut self.json_before);
+                decode_image(&mut r, codec, &mut self.scratch, &mut self.slots, before)?;
+                let value_options = r.lenenc()?;
+                if value_options & !1 != 0 {
+                    return Err(DecodeError::Unsupported(format!(
+                        "PARTIAL_UPDATE_ROWS value_options {value_options:#x} for {}",
+                        codec.table
+                    ))
+                    .into());
+                }
+                let after = if value_options & 1 != 0 {
+                    let bits = r.take(codec.json_count.div_ceil(8))?;
+                    JsonImage::Partial { bits, before: &self.json_before }
+                } else {
+                    JsonImage::Plain
+                };
+                decode_image(&mut r, codec, &mut self.scratch, &mut self.slots, after)?;
+            } else {
+                for _ in 0..images {
+                    decode_image(&mut r, codec, &mut self.scratch, &mut self.slots, JsonImage::Plain)?;
+                }
             }
             let mut values: Vec<ValueRef<'_>> = recycle(std::mem::take(&mut self.values));
             let scratch: &[u8] = &self.scratch;
@@ -770,11 +811,25 @@ impl RowDecoder {
     }
 }
 
+/// What an image means for JSON columns (PARTIAL_UPDATE_ROWS events).
+enum JsonImage<'x> {
+    Plain,
+    /// A before image: note where each JSON column's binary value is.
+    Record(&'x mut [Option<(usize, usize)>]),
+    /// An after image with partial JSON: a column whose bit is set in
+    /// `bits` holds diffs against its value in `before`.
+    Partial {
+        bits: &'x [u8],
+        before: &'x [Option<(usize, usize)>],
+    },
+}
+
 fn decode_image(
     r: &mut Reader<'_>,
     codec: &TableCodec,
     scratch: &mut Vec<u8>,
     slots: &mut Vec<Slot>,
+    mut json: JsonImage<'_>,
 ) -> Result<(), DecodeError> {
     let n = codec.plans.len();
     let nulls = r.take(n.div_ceil(8))?;
@@ -783,13 +838,47 @@ fn decode_image(
             slots.push(Slot::Null);
             continue;
         }
-        let slot = decode_value(plan, r, scratch).map_err(|e| match e {
-            DecodeError::Malformed(m) => DecodeError::Malformed(format!("{} column {}: {m}", codec.table, i + 1)),
-            other => other,
-        })?;
+        let start = r.pos;
+        let slot = match (plan, &mut json) {
+            (&Plan::Json { len_bytes, index }, JsonImage::Partial { bits, before })
+                if bits[index / 8] & (1 << (index % 8)) != 0 =>
+            {
+                partial_json(len_bytes, r, before[index], scratch).map_err(|e| {
+                    DecodeError::Malformed(format!(
+                        "{} column {} ({}): partial JSON update: {e}",
+                        codec.table,
+                        i + 1,
+                        codec.names[i]
+                    ))
+                })?
+            }
+            _ => decode_value(plan, r, scratch).map_err(|e| match e {
+                DecodeError::Malformed(m) => DecodeError::Malformed(format!("{} column {}: {m}", codec.table, i + 1)),
+                other => other,
+            })?,
+        };
+        if let (&Plan::Json { len_bytes, index }, JsonImage::Record(before)) = (plan, &mut json) {
+            before[index] = Some((start + usize::from(len_bytes), r.pos));
+        }
         slots.push(slot);
     }
     Ok(())
+}
+
+/// A partial JSON value (length, then a diff vector) applied to the
+/// column's binary before-value at `before` in the event.
+fn partial_json(
+    len_bytes: u8,
+    r: &mut Reader<'_>,
+    before: Option<(usize, usize)>,
+    scratch: &mut Vec<u8>,
+) -> Result<Slot, String> {
+    let len = r.uint_le(usize::from(len_bytes)).map_err(|e| e.to_string())? as usize;
+    let diffs = r.take(len).map_err(|e| e.to_string())?;
+    let (a, b) = before.ok_or("the before image holds NULL, which diffs cannot apply to")?;
+    let s0 = scratch.len();
+    json_diff::apply_diffs_into(&r.buf[a..b], diffs, scratch).map_err(|e| e.to_string())?;
+    Ok(Slot::ScText(s0, scratch.len()))
 }
 
 /// Appends `bytes` decoded from `cs` as a text slot (borrowing the event
@@ -884,7 +973,7 @@ fn decode_value(plan: &Plan, r: &mut Reader<'_>, scratch: &mut Vec<u8>) -> Resul
             format_set(mask, labels, scratch);
             sc_text(scratch)
         }
-        Plan::Json { len_bytes } => {
+        Plan::Json { len_bytes, .. } => {
             let len = r.uint_le(usize::from(*len_bytes))? as usize;
             let bytes = r.take(len)?;
             if bytes.is_empty() {
@@ -1005,645 +1094,20 @@ fn read_time2_packed(r: &mut Reader<'_>, fsp: u8) -> Result<i64, DecodeError> {
     })
 }
 
-// ---------------------------------------------------------------------------
-// Formatting (public: the snapshot path must produce identical strings)
-// ---------------------------------------------------------------------------
-
-/// FLOAT → f64 through the f32's shortest round-trip decimal form, so
-/// FLOAT 3.14 becomes 3.14 (not 3.140000104904175). Does not allocate.
-pub fn float_to_f64(f: f32) -> f64 {
-    if !f.is_finite() {
-        return f64::from(f);
-    }
-    let mut buf = StackBuf::<64>::new();
-    if std::fmt::Write::write_fmt(&mut buf, format_args!("{f:e}")).is_err() {
-        return f64::from(f);
-    }
-    buf.as_str().parse::<f64>().unwrap_or(f64::from(f))
-}
-
-struct StackBuf<const N: usize> {
-    buf: [u8; N],
-    len: usize,
-}
-
-impl<const N: usize> StackBuf<N> {
-    fn new() -> Self {
-        StackBuf { buf: [0; N], len: 0 }
-    }
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
-    }
-}
-
-impl<const N: usize> std::fmt::Write for StackBuf<N> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        if end > N {
-            return Err(std::fmt::Error);
-        }
-        self.buf[self.len..end].copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
-}
-
-fn push_num(out: &mut Vec<u8>, v: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    let mut i = 20;
-    let mut v = v;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    for _ in (20 - i)..width {
-        out.push(b'0');
-    }
-    out.extend_from_slice(&digits[i..]);
-}
-
-/// `YYYY-MM-DD` (zero date `0000-00-00`).
-pub fn format_date(out: &mut Vec<u8>, year: u32, month: u32, day: u32) {
-    push_num(out, u64::from(year), 4);
-    out.push(b'-');
-    push_num(out, u64::from(month), 2);
-    out.push(b'-');
-    push_num(out, u64::from(day), 2);
-}
-
-fn push_frac(out: &mut Vec<u8>, micros: u64, fsp: u8) {
-    if fsp == 0 {
-        return;
-    }
-    let fsp = fsp.min(6) as usize;
-    let mut digits = [b'0'; 6];
-    let mut v = micros % 1_000_000;
-    for d in digits.iter_mut().rev() {
-        *d = b'0' + (v % 10) as u8;
-        v /= 10;
-    }
-    out.push(b'.');
-    out.extend_from_slice(&digits[..fsp]);
-}
-
-/// `YYYY-MM-DD HH:MM:SS` plus exactly `fsp` fractional digits of `micros`.
-#[allow(clippy::too_many_arguments)]
-pub fn format_datetime(
-    out: &mut Vec<u8>,
-    year: u32,
-    month: u32,
-    day: u32,
-    hour: u32,
-    minute: u32,
-    second: u32,
-    micros: u64,
-    fsp: u8,
-) {
-    format_date(out, year, month, day);
-    out.push(b' ');
-    push_num(out, u64::from(hour), 2);
-    out.push(b':');
-    push_num(out, u64::from(minute), 2);
-    out.push(b':');
-    push_num(out, u64::from(second), 2);
-    push_frac(out, micros, fsp);
-}
-
-/// A TIME in MySQL's packed form (`hms << 24 | micros`, hms = h:10 m:6 s:6,
-/// negated as a whole), as `format_time` prints it.
-fn format_time_packed(out: &mut Vec<u8>, packed: i64, fsp: u8) {
-    let t = packed.unsigned_abs();
-    let hms = t >> 24;
-    let micros = (t % (1 << 24)) as u32;
-    format_time(out, packed < 0, ((hms >> 12) % 1024) as u32, ((hms >> 6) % 64) as u32, (hms % 64) as u32, micros, fsp);
-}
-
-/// `[-]HH:MM:SS[.fff]`; hours may exceed 24 (up to 838).
-pub fn format_time(out: &mut Vec<u8>, negative: bool, hours: u32, minute: u32, second: u32, micros: u32, fsp: u8) {
-    if negative {
-        out.push(b'-');
-    }
-    push_num(out, u64::from(hours), 2);
-    out.push(b':');
-    push_num(out, u64::from(minute), 2);
-    out.push(b':');
-    push_num(out, u64::from(second), 2);
-    push_frac(out, u64::from(micros), fsp);
-}
-
-/// Seconds since the epoch (TIMESTAMP) as a UTC datetime string; 0 is the
-/// zero timestamp `0000-00-00 00:00:00`.
-pub fn format_timestamp_utc(out: &mut Vec<u8>, secs: i64, micros: u64, fsp: u8) {
-    if secs == 0 {
-        format_datetime(out, 0, 0, 0, 0, 0, 0, micros, fsp);
-        return;
-    }
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format_datetime(out, y as u32, m, d, (rem / 3600) as u32, ((rem / 60) % 60) as u32, (rem % 60) as u32, micros, fsp);
-}
-
-/// Days since 1970-01-01 → (year, month, day) (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-/// Appends the comma-joined labels of the bits set in `mask`, in
-/// declaration order.
-pub fn format_set(mask: u64, labels: &[String], out: &mut Vec<u8>) {
-    let mut first = true;
-    for (i, l) in labels.iter().enumerate().take(64) {
-        if mask & (1 << i) != 0 {
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            out.extend_from_slice(l.as_bytes());
-        }
-    }
-}
-
-const DIG2BYTES: [usize; 10] = [0, 1, 1, 2, 2, 3, 3, 4, 4, 4];
-
-/// Bytes of MySQL's binary DECIMAL(precision, scale).
-pub fn decimal_bin_size(precision: u8, scale: u8) -> usize {
-    let intg = usize::from(precision.saturating_sub(scale));
-    let scale = usize::from(scale);
-    (intg / 9) * 4 + DIG2BYTES[intg % 9] + (scale / 9) * 4 + DIG2BYTES[scale % 9]
-}
-
-/// Appends MySQL's text of a binary DECIMAL(precision, scale): `12.50`,
-/// `-0.01`, `0.00`, `100`. `None` on malformed input (nothing appended).
-pub fn format_decimal_bin(bin: &[u8], precision: u8, scale: u8, out: &mut Vec<u8>) -> Option<()> {
-    let size = decimal_bin_size(precision, scale);
-    if bin.len() != size || size == 0 || size > 40 {
-        return None;
-    }
-    let mut b = [0u8; 40];
-    b[..size].copy_from_slice(bin);
-    let negative = b[0] & 0x80 == 0;
-    b[0] ^= 0x80;
-    if negative {
-        for x in &mut b[..size] {
-            *x = !*x;
-        }
-    }
-    let intg = usize::from(precision - scale);
-    let sc = usize::from(scale);
-    // digits, at most 65 + 30
-    let mut digits = [0u8; 100];
-    let mut nd = 0;
-    let mut pos = 0;
-    let mut group = |nbytes: usize, ndigits: usize, digits: &mut [u8; 100], nd: &mut usize| -> Option<()> {
-        let mut v: u32 = 0;
-        for &x in &b[pos..pos + nbytes] {
-            v = (v << 8) | u32::from(x);
-        }
-        pos += nbytes;
-        if ndigits < 9 && v >= 10u32.pow(ndigits as u32) || v > 999_999_999 {
-            return None;
-        }
-        for k in (0..ndigits).rev() {
-            digits[*nd + k] = (v % 10) as u8;
-            v /= 10;
-        }
-        *nd += ndigits;
-        Some(())
-    };
-    if intg % 9 > 0 {
-        group(DIG2BYTES[intg % 9], intg % 9, &mut digits, &mut nd)?;
-    }
-    for _ in 0..intg / 9 {
-        group(4, 9, &mut digits, &mut nd)?;
-    }
-    let int_digits = nd;
-    for _ in 0..sc / 9 {
-        group(4, 9, &mut digits, &mut nd)?;
-    }
-    if sc % 9 > 0 {
-        group(DIG2BYTES[sc % 9], sc % 9, &mut digits, &mut nd)?;
-    }
-    let all_zero = digits[..nd].iter().all(|&d| d == 0);
-    if negative && !all_zero {
-        out.push(b'-');
-    }
-    let first = digits[..int_digits].iter().position(|&d| d != 0).unwrap_or(int_digits);
-    if first == int_digits {
-        out.push(b'0');
-    } else {
-        out.extend(digits[first..int_digits].iter().map(|d| b'0' + d));
-    }
-    if sc > 0 {
-        out.push(b'.');
-        out.extend(digits[int_digits..nd].iter().map(|d| b'0' + d));
-    }
-    Some(())
-}
-
-// ---------------------------------------------------------------------------
-// JSON (MySQL binary JSONB → text as MySQL's SELECT prints it)
-// ---------------------------------------------------------------------------
-
-/// Appends the MySQL text form of a binary JSON value (`{"a": 1, "b": [1, 2]}`).
-/// On error `out` may hold a partial value.
-pub fn format_json(jsonb: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-    let (&t, data) = jsonb.split_first().ok_or("empty JSON value")?;
-    json_value(t, data, 0, out)
-}
-
-const JSON_MAX_DEPTH: usize = 150;
-
-fn json_err(what: &str) -> String {
-    what.to_owned()
-}
-
-fn rd(data: &[u8], at: usize, n: usize) -> Result<u64, String> {
-    let b = data.get(at..at + n).ok_or_else(|| json_err("truncated JSON"))?;
-    Ok(b.iter().rev().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)))
-}
-
-fn json_value(t: u8, data: &[u8], depth: usize, out: &mut Vec<u8>) -> Result<(), String> {
-    if depth > JSON_MAX_DEPTH {
-        return Err(json_err("JSON nested too deeply"));
-    }
-    match t {
-        0x00 => json_container(data, false, true, depth, out),
-        0x01 => json_container(data, true, true, depth, out),
-        0x02 => json_container(data, false, false, depth, out),
-        0x03 => json_container(data, true, false, depth, out),
-        0x04 => {
-            match data.first() {
-                Some(0) => out.extend_from_slice(b"null"),
-                Some(1) => out.extend_from_slice(b"true"),
-                Some(2) => out.extend_from_slice(b"false"),
-                _ => return Err(json_err("bad JSON literal")),
-            }
-            Ok(())
-        }
-        0x05 => push_i64(out, rd(data, 0, 2)? as u16 as i16 as i64),
-        0x06 => push_i64(out, rd(data, 0, 2)? as i64),
-        0x07 => push_i64(out, rd(data, 0, 4)? as u32 as i32 as i64),
-        0x08 => push_i64(out, rd(data, 0, 4)? as i64),
-        0x09 => push_i64(out, rd(data, 0, 8)? as i64),
-        0x0a => {
-            let _ = write!(out, "{}", rd(data, 0, 8)?);
-            Ok(())
-        }
-        0x0b => {
-            format_json_double(f64::from_bits(rd(data, 0, 8)?), out);
-            Ok(())
-        }
-        0x0c => {
-            let (len, hdr) = read_varlen(data)?;
-            let s = data.get(hdr..hdr + len).ok_or_else(|| json_err("truncated JSON string"))?;
-            json_string(s, out);
-            Ok(())
-        }
-        0x0f => {
-            let &ft = data.first().ok_or_else(|| json_err("truncated JSON opaque"))?;
-            let (len, hdr) = read_varlen(&data[1..])?;
-            let v = data.get(1 + hdr..1 + hdr + len).ok_or_else(|| json_err("truncated JSON opaque"))?;
-            json_opaque(ft, v, out)
-        }
-        _ => Err(format!("unknown JSON type {t}")),
-    }
-}
-
-fn push_i64(out: &mut Vec<u8>, v: i64) -> Result<(), String> {
-    let _ = write!(out, "{v}");
-    Ok(())
-}
-
-fn read_varlen(data: &[u8]) -> Result<(usize, usize), String> {
-    let mut len: usize = 0;
-    for i in 0..5 {
-        let &b = data.get(i).ok_or_else(|| json_err("truncated JSON length"))?;
-        len |= usize::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            return Ok((len, i + 1));
-        }
-    }
-    Err(json_err("bad JSON length"))
-}
-
-fn json_container(data: &[u8], large: bool, object: bool, depth: usize, out: &mut Vec<u8>) -> Result<(), String> {
-    let w = if large { 4 } else { 2 };
-    let count = rd(data, 0, w)? as usize;
-    let size = rd(data, w, w)? as usize;
-    if size > data.len() {
-        return Err(json_err("JSON container larger than its value"));
-    }
-    let data = &data[..size];
-    let key_entry = if large { 6 } else { 4 };
-    let value_entry = if large { 5 } else { 3 };
-    let keys_at = 2 * w;
-    let values_at = keys_at + if object { count.checked_mul(key_entry).ok_or("bad JSON")? } else { 0 };
-    if values_at + count.checked_mul(value_entry).ok_or("bad JSON")? > size {
-        return Err(json_err("JSON container header overflows"));
-    }
-    out.push(if object { b'{' } else { b'[' });
-    for i in 0..count {
-        if i > 0 {
-            out.extend_from_slice(b", ");
-        }
-        if object {
-            let ke = keys_at + i * key_entry;
-            let koff = rd(data, ke, w)? as usize;
-            let klen = rd(data, ke + w, 2)? as usize;
-            let key = data.get(koff..koff + klen).ok_or_else(|| json_err("JSON key out of range"))?;
-            json_string(key, out);
-            out.extend_from_slice(b": ");
-        }
-        let ve = values_at + i * value_entry;
-        let vt = data[ve];
-        let inline = matches!(vt, 0x04..=0x06) || (large && matches!(vt, 0x07 | 0x08));
-        if inline {
-            json_value(vt, &data[ve + 1..ve + 1 + w], depth + 1, out)?;
-        } else {
-            let off = rd(data, ve + 1, w)? as usize;
-            let v = data.get(off..).ok_or_else(|| json_err("JSON value out of range"))?;
-            json_value(vt, v, depth + 1, out)?;
-        }
-    }
-    out.push(if object { b'}' } else { b']' });
-    Ok(())
-}
-
-/// JSON string escaping as MySQL does it (`"`, `\`, control characters).
-pub fn json_string(s: &[u8], out: &mut Vec<u8>) {
-    out.push(b'"');
-    let s = String::from_utf8_lossy(s);
-    for c in s.chars() {
-        match c {
-            '"' => out.extend_from_slice(b"\\\""),
-            '\\' => out.extend_from_slice(b"\\\\"),
-            '\n' => out.extend_from_slice(b"\\n"),
-            '\r' => out.extend_from_slice(b"\\r"),
-            '\t' => out.extend_from_slice(b"\\t"),
-            '\u{8}' => out.extend_from_slice(b"\\b"),
-            '\u{c}' => out.extend_from_slice(b"\\f"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => {
-                let mut b = [0u8; 4];
-                out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
-            }
-        }
-    }
-    out.push(b'"');
-}
-
-/// A double as MySQL's JSON printing does it (`my_gcvt` with the widest
-/// field, then `.0` when neither a point nor an exponent was printed).
-pub fn format_json_double(d: f64, out: &mut Vec<u8>) {
-    if !d.is_finite() {
-        let _ = write!(out, "{d}");
-        return;
-    }
-    if d == 0.0 {
-        out.extend_from_slice(if d.is_sign_negative() { b"-0.0" } else { b"0.0" });
-        return;
-    }
-    // Shortest round-trip digits and exponent, from Rust's `{:e}`.
-    let mut buf = StackBuf::<64>::new();
-    let _ = std::fmt::Write::write_fmt(&mut buf, format_args!("{:e}", d.abs()));
-    let s = buf.as_str();
-    let (mant, exp) = s.split_once('e').unwrap_or((s, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let mut digits = [0u8; 32];
-    let mut len = 0;
-    for b in mant.bytes().filter(u8::is_ascii_digit) {
-        if len < digits.len() {
-            digits[len] = b;
-            len += 1;
-        }
-    }
-    let digits = &digits[..len];
-    let decpt = exp + 1; // value = 0.DIGITS × 10^decpt
-    let len = len as i32;
-    if d < 0.0 {
-        out.push(b'-');
-    }
-    const MAX_DECPT_FOR_F_FORMAT: i32 = 15;
-    let f_format = decpt > -MAX_DECPT_FOR_F_FORMAT && (decpt <= MAX_DECPT_FOR_F_FORMAT || len > decpt);
-    if f_format {
-        if decpt <= 0 {
-            out.extend_from_slice(b"0.");
-            for _ in 0..-decpt {
-                out.push(b'0');
-            }
-            out.extend_from_slice(digits);
-        } else if decpt < len {
-            out.extend_from_slice(&digits[..decpt as usize]);
-            out.push(b'.');
-            out.extend_from_slice(&digits[decpt as usize..]);
-        } else {
-            out.extend_from_slice(digits);
-            for _ in 0..decpt - len {
-                out.push(b'0');
-            }
-            out.extend_from_slice(b".0");
-        }
-    } else {
-        out.push(digits[0]);
-        if len > 1 {
-            out.push(b'.');
-            out.extend_from_slice(&digits[1..]);
-        }
-        let _ = write!(out, "e{}", decpt - 1);
-    }
-}
-
-fn json_opaque(field_type: u8, v: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-    use ColumnType as T;
-    let ft = field_type;
-    if ft == T::MYSQL_TYPE_NEWDECIMAL as u8 {
-        let (&p, rest) = v.split_first().ok_or("bad JSON decimal")?;
-        let (&s, bin) = rest.split_first().ok_or("bad JSON decimal")?;
-        let size = decimal_bin_size(p, s);
-        let bin = bin.get(..size).ok_or("bad JSON decimal")?;
-        return format_decimal_bin(bin, p, s, out).ok_or_else(|| json_err("bad JSON decimal"));
-    }
-    let is_date = ft == T::MYSQL_TYPE_DATE as u8 || ft == T::MYSQL_TYPE_NEWDATE as u8;
-    let is_dt = ft == T::MYSQL_TYPE_DATETIME as u8 || ft == T::MYSQL_TYPE_TIMESTAMP as u8;
-    let is_time = ft == T::MYSQL_TYPE_TIME as u8;
-    if is_date || is_dt || is_time {
-        // Packed longlong (int part << 24 | microseconds), little-endian.
-        let packed = rd(v, 0, 8)? as i64;
-        let p = packed.unsigned_abs();
-        let int = p >> 24;
-        let micros = p % (1 << 24);
-        out.push(b'"');
-        if is_time {
-            format_time_packed(out, packed, 6);
-        } else {
-            let ymd = int >> 17;
-            let ym = ymd >> 5;
-            let hms = int % (1 << 17);
-            if is_date {
-                format_date(out, (ym / 13) as u32, (ym % 13) as u32, (ymd % 32) as u32);
-            } else {
-                format_datetime(
-                    out,
-                    (ym / 13) as u32,
-                    (ym % 13) as u32,
-                    (ymd % 32) as u32,
-                    (hms >> 12) as u32,
-                    ((hms >> 6) % 64) as u32,
-                    (hms % 64) as u32,
-                    micros,
-                    6,
-                );
-            }
-        }
-        out.push(b'"');
-        return Ok(());
-    }
-    // Anything else MySQL prints as "base64:typeNN:<base64 data>".
-    let _ = write!(out, "\"base64:type{ft}:");
-    base64(v, out);
-    out.push(b'"');
-    Ok(())
-}
-
-fn base64(data: &[u8], out: &mut Vec<u8>) {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    for c in data.chunks(3) {
-        let n =
-            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
-        out.push(T[(n >> 18) as usize & 63]);
-        out.push(T[(n >> 12) as usize & 63]);
-        out.push(if c.len() > 1 { T[(n >> 6) as usize & 63] } else { b'=' });
-        out.push(if c.len() > 2 { T[n as usize & 63] } else { b'=' });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn s(f: impl FnOnce(&mut Vec<u8>)) -> String {
-        let mut v = Vec::new();
-        f(&mut v);
-        String::from_utf8(v).unwrap()
-    }
-
-    /// MySQL's binary DECIMAL encoding of a decimal string (test helper).
-    fn dec_bin(text: &str, precision: u8, scale: u8) -> Vec<u8> {
-        let neg = text.starts_with('-');
-        let t = text.trim_start_matches('-');
-        let (ip, fp) = t.split_once('.').unwrap_or((t, ""));
-        let intg = usize::from(precision - scale);
-        let ip = format!("{ip:0>intg$}");
-        let ip = &ip[ip.len() - intg..];
-        let fp = format!("{fp:0<w$}", w = usize::from(scale));
-        let mut out = Vec::new();
-        let mut put = |digits: &str| {
-            if digits.is_empty() {
-                return;
-            }
-            let v: u32 = digits.parse().unwrap();
-            let n = DIG2BYTES[digits.len()];
-            out.extend_from_slice(&v.to_be_bytes()[4 - n..]);
-        };
-        let lead = intg % 9;
-        put(&ip[..lead]);
-        for c in ip.as_bytes()[lead..].chunks(9) {
-            put(std::str::from_utf8(c).unwrap());
-        }
-        for c in fp.as_bytes().chunks(9) {
-            put(std::str::from_utf8(c).unwrap());
-        }
-        out[0] ^= 0x80;
-        if neg {
-            for b in &mut out {
-                *b = !*b;
+    fn codec(mut plans: Vec<Plan>) -> TableCodec {
+        let mut json_count = 0;
+        for p in &mut plans {
+            if let Plan::Json { index, .. } = p {
+                *index = json_count;
+                json_count += 1;
             }
         }
-        out
-    }
-
-    fn dec(text: &str, p: u8, sc: u8) -> String {
-        let bin = dec_bin(text, p, sc);
-        assert_eq!(bin.len(), decimal_bin_size(p, sc));
-        s(|o| format_decimal_bin(&bin, p, sc, o).unwrap())
-    }
-
-    #[test]
-    fn decimals() {
-        assert_eq!(dec("12.5", 10, 2), "12.50");
-        assert_eq!(dec("-0.01", 10, 2), "-0.01");
-        assert_eq!(dec("0", 10, 2), "0.00");
-        assert_eq!(dec("100", 5, 0), "100");
-        assert_eq!(dec("-100", 5, 0), "-100");
-        assert_eq!(dec("0", 1, 0), "0");
-        assert_eq!(dec("1234567890.123456789", 20, 9), "1234567890.123456789");
-        assert_eq!(dec("-98765432109876543210.5", 30, 1), "-98765432109876543210.5");
-        assert_eq!(dec("0.000000001", 30, 30), "0.000000001000000000000000000000");
-        assert_eq!(dec("-1.5", 65, 30), "-1.500000000000000000000000000000");
-        // Known bytes from the MySQL docs (DECIMAL(14,4) 1234567890.1234).
-        let bin = [0x81, 0x0D, 0xFB, 0x38, 0xD2, 0x04, 0xD2];
-        assert_eq!(s(|o| format_decimal_bin(&bin, 14, 4, o).unwrap()), "1234567890.1234");
-        let neg: Vec<u8> = bin.iter().map(|b| !b).collect();
-        assert_eq!(s(|o| format_decimal_bin(&neg, 14, 4, o).unwrap()), "-1234567890.1234");
-        assert!(format_decimal_bin(&bin[..3], 14, 4, &mut Vec::new()).is_none());
-    }
-
-    #[test]
-    fn temporal() {
-        assert_eq!(s(|o| format_date(o, 2024, 2, 9)), "2024-02-09");
-        assert_eq!(s(|o| format_date(o, 0, 0, 0)), "0000-00-00");
-        assert_eq!(s(|o| format_datetime(o, 2024, 1, 2, 3, 4, 5, 123, 6)), "2024-01-02 03:04:05.000123");
-        assert_eq!(s(|o| format_datetime(o, 2024, 1, 2, 3, 4, 5, 120_000, 3)), "2024-01-02 03:04:05.120");
-        assert_eq!(s(|o| format_datetime(o, 0, 0, 0, 0, 0, 0, 0, 0)), "0000-00-00 00:00:00");
-        assert_eq!(s(|o| format_time(o, true, 838, 59, 59, 0, 0)), "-838:59:59");
-        assert_eq!(s(|o| format_time(o, false, 1, 2, 3, 500_000, 1)), "01:02:03.5");
-        assert_eq!(s(|o| format_timestamp_utc(o, 1_700_000_000, 0, 0)), "2023-11-14 22:13:20");
-        assert_eq!(s(|o| format_timestamp_utc(o, 951_782_400, 5, 6)), "2000-02-29 00:00:00.000005");
-        assert_eq!(s(|o| format_timestamp_utc(o, 0, 0, 3)), "0000-00-00 00:00:00.000");
-    }
-
-    #[test]
-    #[allow(clippy::approx_constant)]
-    fn floats_and_json_doubles() {
-        assert_eq!(float_to_f64(3.14f32), 3.14);
-        assert_eq!(float_to_f64(0.1f32), 0.1);
-        assert_eq!(float_to_f64(-1.5e-7f32), -1.5e-7);
-        assert_eq!(float_to_f64(16777216.0f32), 16777216.0);
-        let j = |d: f64| s(|o| format_json_double(d, o));
-        assert_eq!(j(1.5), "1.5");
-        assert_eq!(j(1.0), "1.0");
-        assert_eq!(j(1e100), "1e100");
-        assert_eq!(j(-2.5e-20), "-2.5e-20");
-        assert_eq!(j(0.00001), "0.00001");
-        assert_eq!(j(123456789012345.0), "123456789012345.0");
-        assert_eq!(j(1e15), "1e15");
-    }
-
-    #[test]
-    fn set_enum_labels() {
-        let labels: Vec<String> = ["a", "b", "c"].iter().map(|x| x.to_string()).collect();
-        assert_eq!(s(|o| format_set(0b101, &labels, o)), "a,c");
-        assert_eq!(s(|o| format_set(0, &labels, o)), "");
-    }
-
-    fn codec(plans: Vec<Plan>) -> TableCodec {
-        TableCodec { plans, table: "db.t".into() }
+        let names = (1..=plans.len()).map(|i| format!("c{i}")).collect();
+        TableCodec { plans, table: "db.t".into(), names, json_count }
     }
 
     /// A WRITE_ROWS_V2 body for one row of `values` (all present, none NULL).
@@ -1721,9 +1185,121 @@ mod tests {
         partial[11] = 0xfe;
         assert!(matches!(decode_one(&c, &partial), Err(DecodeFailure::Decode(DecodeError::PartialImage(_)))));
         assert!(matches!(
-            RowDecoder::new().decode(39, &body, &c, &mut |_| Ok(())),
+            RowDecoder::new().decode(36, &body, &c, &mut |_| Ok(())),
             Err(DecodeFailure::Decode(DecodeError::Unsupported(_)))
         ));
+    }
+
+    /// A PARTIAL_UPDATE_ROWS body: one row, all columns present and not
+    /// NULL, `value_options`/`partial` as given.
+    fn partial_update(ncols: u8, before: &[u8], value_options: u8, partial: &[u8], after: &[u8]) -> Vec<u8> {
+        let mut b = vec![1, 0, 0, 0, 0, 0, 0, 0, 2, 0, ncols];
+        let nb = usize::from(ncols).div_ceil(8);
+        b.extend(std::iter::repeat_n(0xff, 2 * nb));
+        b.extend(std::iter::repeat_n(0x00, nb));
+        b.extend_from_slice(before);
+        b.push(value_options);
+        b.extend_from_slice(partial);
+        b.extend(std::iter::repeat_n(0x00, nb));
+        b.extend_from_slice(after);
+        b
+    }
+
+    fn json_value(jsonb: &[u8]) -> Vec<u8> {
+        let mut v = (jsonb.len() as u32).to_le_bytes().to_vec();
+        v.extend_from_slice(jsonb);
+        v
+    }
+
+    type Images = (Vec<String>, Vec<String>);
+
+    fn updates(c: &TableCodec, body: &[u8]) -> Result<Vec<Images>, DecodeFailure> {
+        let text = |r: &[ValueRef<'_>]| {
+            r.iter()
+                .map(|v| match v {
+                    ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                    other => format!("{other:?}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut out = Vec::new();
+        RowDecoder::new().decode(39, body, c, &mut |ch| {
+            if let RowChange::Update { before, after } = ch {
+                out.push((text(before), text(after)));
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn partial_json_update() {
+        use crate::source::json_diff::{DiffOp, encode_diff, jsonb_from_serde};
+        let jb = |t: &str| jsonb_from_serde(&serde_json::from_str(t).unwrap());
+        // id INT, j1 JSON, j2 JSON: j1 gets diffs, j2 a full value.
+        let c = codec(vec![
+            Plan::Int { width: 4, unsigned: false },
+            Plan::Json { len_bytes: 4, index: 0 },
+            Plan::Json { len_bytes: 4, index: 0 },
+        ]);
+        let mut before = 7i32.to_le_bytes().to_vec();
+        before.extend(json_value(&jb(r#"{"a": [1, 2], "b": "x"}"#)));
+        before.extend(json_value(&jb("[1]")));
+        let mut diffs = Vec::new();
+        encode_diff(DiffOp::Insert, "$.a[2]", Some(&jb("3")), &mut diffs);
+        encode_diff(DiffOp::Insert, "$.aa", Some(&jb("true")), &mut diffs);
+        encode_diff(DiffOp::Remove, "$.b", None, &mut diffs);
+        let mut after = 7i32.to_le_bytes().to_vec();
+        after.extend(json_value(&diffs));
+        after.extend(json_value(&jb(r#"{"k": 1.5}"#)));
+        let body = partial_update(3, &before, 1, &[0b01], &after);
+        let got = updates(&c, &body).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, ["Integer(7)", r#"{"a": [1, 2], "b": "x"}"#, "[1]"]);
+        assert_eq!(got[0].1, ["Integer(7)", r#"{"a": [1, 2, 3], "aa": true}"#, r#"{"k": 1.5}"#]);
+
+        // value_options 0: a plain after image, no partial bitmap.
+        let mut plain_after = 7i32.to_le_bytes().to_vec();
+        plain_after.extend(json_value(&jb("{}")));
+        plain_after.extend(json_value(&jb("2")));
+        let body0 = partial_update(3, &before, 0, &[], &plain_after);
+        assert_eq!(updates(&c, &body0).unwrap()[0].1, ["Integer(7)", "{}", "2"]);
+
+        // A diff that does not apply names the column; never a panic.
+        let mut bad = Vec::new();
+        encode_diff(DiffOp::Replace, "$.nope", Some(&jb("1")), &mut bad);
+        let mut bad_after = 7i32.to_le_bytes().to_vec();
+        bad_after.extend(json_value(&bad));
+        bad_after.extend(json_value(&jb("1")));
+        match updates(&c, &partial_update(3, &before, 1, &[0b01], &bad_after)) {
+            Err(DecodeFailure::Decode(DecodeError::Malformed(m))) => {
+                assert!(m.contains("db.t column 2 (c2): partial JSON update") && m.contains("$.nope"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Unknown value_options bits are refused.
+        assert!(matches!(
+            updates(&c, &partial_update(3, &before, 2, &[], &plain_after)),
+            Err(DecodeFailure::Decode(DecodeError::Unsupported(_)))
+        ));
+        // Truncations are errors, never panics.
+        for cut in 0..body.len() {
+            match updates(&c, &body[..cut]) {
+                Err(DecodeFailure::Decode(_)) => {}
+                Ok(v) if v.is_empty() => {}
+                other => panic!("cut {cut}: {other:?}"),
+            }
+        }
+        // Diffs against a NULL before value are an error.
+        let mut null_before = vec![1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 3, 0xff, 0xff, 0b010];
+        null_before.extend_from_slice(&7i32.to_le_bytes());
+        null_before.extend(json_value(&jb("[1]")));
+        null_before.extend_from_slice(&[1, 0b01, 0]);
+        null_before.extend_from_slice(&after);
+        match updates(&c, &null_before) {
+            Err(DecodeFailure::Decode(DecodeError::Malformed(m))) => assert!(m.contains("NULL"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -1731,7 +1307,8 @@ mod tests {
         assert_eq!(rows_kind(23), Some(RowsKind::Write));
         assert_eq!(rows_kind(31), Some(RowsKind::Update));
         assert_eq!(rows_kind(25), Some(RowsKind::Delete));
-        assert_eq!(rows_kind(39), None);
+        assert_eq!(rows_kind(39), Some(RowsKind::Update));
+        assert_eq!(rows_kind(36), None);
         assert_eq!(rows_table_id(&[1, 2, 0, 0, 0, 0, 9]), Some(0x201));
         assert_eq!(rows_table_id(&[1]), None);
     }

@@ -6,5 +6,6 @@ pub mod conn;
 pub mod ddl;
 pub mod decode;
 pub mod events;
+pub mod json_diff;
 pub mod replicator;
 pub mod snapshot;

@@ -20,10 +20,10 @@ use crate::config::{MysqlConfig, TableRef};
 use crate::error::{Error, Result, codes};
 use crate::position::BinlogPosition;
 use crate::replica::tables::recreate_table;
+use crate::replica::value::{float_to_f64, format_date, format_datetime, format_time};
 use crate::schema::{Affinity, ColumnDef, TableSchema};
 use crate::source::catalog::load_table_schema;
 use crate::source::conn::{Flavor, ServerInfo, connect, master_status};
-use crate::source::decode::{float_to_f64, format_date, format_datetime, format_time};
 
 #[derive(Debug, Clone)]
 pub struct SnapshotOutcome {

@@ -9,16 +9,18 @@ use std::io::BufReader;
 
 use mysql_common::binlog::consts::{BinlogVersion, EventType};
 use mysql_common::binlog::events::{EventData, TableMapEvent, TransactionPayloadEvent};
+use mysql_common::binlog::jsondiff::{JsonDiff, JsonDiffOperation};
 use mysql_common::binlog::value::BinlogValue;
 use mysql_common::binlog::{BinlogFile, EventStreamReader};
 use mysql_common::value::Value;
 use rusqlite::types::ValueRef;
 use tailcache::config::TableRef;
+use tailcache::replica::value::format_timestamp_utc;
 use tailcache::schema::{ColumnDef, TableSchema};
 use tailcache::source::charset::{Charset, decode_string};
 use tailcache::source::decode::{
-    DecodeError, DecodeFailure, RowChange, RowDecoder, RowsKind, TableCodec, format_timestamp_utc, rows_kind,
-    rows_table_id, schema_from_table_map,
+    DecodeError, DecodeFailure, RowChange, RowDecoder, RowsKind, TableCodec, rows_kind, rows_table_id,
+    schema_from_table_map,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +67,8 @@ struct Run {
     errors: Vec<(String, DecodeError)>,
     /// JSON values the oracle cannot render (opaque scalars).
     opaque: usize,
+    /// Partial JSON after-values (diff vectors) checked.
+    partial_json: usize,
 }
 
 const OPAQUE: &str = "<opaque JSON the oracle cannot convert>";
@@ -171,8 +175,16 @@ fn handle(
         assert_eq!(ch.images.len(), orow.len(), "{path}: image count");
         for (img, oimg) in ch.images.iter().zip(orow) {
             assert_eq!(img.len(), schema.columns.len());
-            for ((v, o), col) in img.iter().zip(oimg).zip(&schema.columns) {
-                let expected = oracle_value(o.as_ref(), col, tme);
+            for (k, ((v, o), col)) in img.iter().zip(oimg).zip(&schema.columns).enumerate() {
+                let expected = match o {
+                    // A partial JSON after-value: the oracle applies the
+                    // diffs to its own before-value.
+                    Some(BinlogValue::JsonDiff(diffs)) => {
+                        out.partial_json += 1;
+                        oracle_partial_json(orow[0][k].as_ref(), diffs)
+                    }
+                    _ => oracle_value(o.as_ref(), col, tme),
+                };
                 let same = match (&expected, v) {
                     (V::R(a), V::R(b)) => a == b || (a.is_nan() && b.is_nan()),
                     (V::T(a), V::T(b)) if col.data_type == "json" && a == OPAQUE => {
@@ -193,6 +205,74 @@ fn handle(
         }
     }
     out.changes.extend(changes);
+}
+
+/// An independent application of mysql_common's parsed JSON diffs to its
+/// before-value, on serde_json values (compared as JSON, not as text).
+fn oracle_partial_json(before: Option<&BinlogValue<'_>>, diffs: &[JsonDiff<'_>]) -> V {
+    let Some(BinlogValue::Jsonb(j)) = before else { panic!("partial JSON without a JSON before-value: {before:?}") };
+    V::T(oracle_apply(serde_json::Value::try_from(j.clone()).expect("oracle before JSON"), diffs).to_string())
+}
+
+fn oracle_apply(mut doc: serde_json::Value, diffs: &[JsonDiff<'_>]) -> serde_json::Value {
+    for d in diffs {
+        let path = d.path_str().into_owned();
+        let legs = oracle_path(&path);
+        let (last, parents) = legs.split_last().expect("diff at the root");
+        let mut parent = &mut doc;
+        for leg in parents {
+            parent = match leg {
+                Ok(name) => parent.get_mut(name.as_str()),
+                Err(i) => parent.get_mut(*i),
+            }
+            .unwrap_or_else(|| panic!("oracle: {path} does not resolve"));
+        }
+        let value = d.value().map(|v| serde_json::Value::try_from(v.clone()).expect("oracle diff value"));
+        match (d.operation(), last, parent) {
+            (JsonDiffOperation::REPLACE, Ok(name), serde_json::Value::Object(m)) => {
+                m.insert(name.clone(), value.expect("value"));
+            }
+            (JsonDiffOperation::REPLACE, Err(i), serde_json::Value::Array(a)) => a[*i] = value.expect("value"),
+            (JsonDiffOperation::INSERT, Ok(name), serde_json::Value::Object(m)) => {
+                assert!(m.insert(name.clone(), value.expect("value")).is_none());
+            }
+            (JsonDiffOperation::INSERT, Err(i), serde_json::Value::Array(a)) => {
+                a.insert((*i).min(a.len()), value.expect("value"))
+            }
+            (JsonDiffOperation::REMOVE, Ok(name), serde_json::Value::Object(m)) => {
+                m.shift_remove(name.as_str()).expect("removed member");
+            }
+            (JsonDiffOperation::REMOVE, Err(i), serde_json::Value::Array(a)) => {
+                a.remove(*i);
+            }
+            (op, leg, parent) => panic!("oracle cannot apply {op:?} {leg:?} to {parent}"),
+        }
+    }
+    doc
+}
+
+/// `$.a[1]."b c"` → [Ok("a"), Err(1), Ok("b c")] (no `last`, no spaces).
+fn oracle_path(path: &str) -> Vec<Result<String, usize>> {
+    let mut rest = path.strip_prefix('$').unwrap_or_else(|| panic!("oracle path {path}"));
+    let mut legs = Vec::new();
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix("[") {
+            let (n, r) = r.split_once(']').expect("]");
+            legs.push(Err(n.parse().expect("index")));
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix(".\"") {
+            let end = r.find('"').expect("closing quote (no escapes in this oracle)");
+            legs.push(Ok(r[..end].to_owned()));
+            rest = &r[end + 1..];
+        } else if let Some(r) = rest.strip_prefix('.') {
+            let end = r.find(['.', '[']).unwrap_or(r.len());
+            legs.push(Ok(r[..end].to_owned()));
+            rest = &r[end..];
+        } else {
+            panic!("oracle path {path}");
+        }
+    }
+    legs
 }
 
 /// The oracle's value mapped through the value contract, written
@@ -425,6 +505,167 @@ fn full_metadata_enum_set_char_text() {
     let del = &r.changes[2];
     assert_eq!(del.kind, RowsKind::Delete);
     assert_eq!(del.images[0], upd.images[1]);
+}
+
+/// The fixture's table (MINIMAL metadata, so no names in the table map):
+/// `CREATE TABLE t(id INT PRIMARY KEY AUTO_INCREMENT, json_col JSON,
+/// name VARCHAR(100) AS (json_col->>'$.name'), age INT AS (json_col->'$.age'))`.
+fn json_binlog_schema(tme: &TableMapEvent<'_>) -> Option<TableSchema> {
+    (tme.table_name() == "t").then(|| TableSchema {
+        table: table_ref(tme),
+        columns: vec![
+            col("id", "int", "int"),
+            col("json_col", "json", "json"),
+            col("name", "varchar", "varchar(100)"),
+            col("age", "int", "int"),
+        ],
+        primary_key: vec![0],
+    })
+}
+
+/// The PARTIAL_UPDATE_ROWS event of json.binlog.000001 (`UPDATE t SET
+/// json_col = JSON_SET(json_col, '$.age', ...)` on six rows), as raw body
+/// plus mysql_common's parse of its rows, and the table map.
+fn partial_event(path: &str) -> (Vec<u8>, Vec<Vec<JsonDiff<'static>>>, TableMapEvent<'static>) {
+    let file = File::open(fixture(path)).unwrap();
+    let mut binlog = BinlogFile::new(BinlogVersion::Version4, BufReader::new(file)).unwrap();
+    while let Some(ev) = binlog.next() {
+        let ev = ev.unwrap();
+        if ev.header().event_type_raw() != EventType::PARTIAL_UPDATE_ROWS_EVENT as u8 {
+            continue;
+        }
+        let tme = binlog.reader_mut().get_tme(rows_table_id(ev.data()).unwrap()).unwrap().clone();
+        let Ok(Some(EventData::RowsEvent(rows))) = ev.read_data() else { panic!("oracle cannot read the event") };
+        let mut diffs = Vec::new();
+        for row in rows.rows(&tme) {
+            let (_, after) = row.unwrap();
+            match after.unwrap().as_ref(0) {
+                Some(BinlogValue::JsonDiff(d)) => diffs.push(d.iter().map(|x| x.clone().into_owned()).collect()),
+                other => panic!("json_col is not partial: {other:?}"),
+            }
+        }
+        return (ev.data().to_vec(), diffs, tme);
+    }
+    panic!("{path}: no PARTIAL_UPDATE_ROWS event");
+}
+
+#[test]
+fn partial_json_update_event() {
+    use tailcache::source::json_diff::{self, DiffOp};
+    let p = "rust_mysql_common/json.binlog.000001";
+    let r = run(p, &json_binlog_schema);
+    assert_eq!(r.event_types.get(&39), Some(&1), "one PARTIAL_UPDATE_ROWS event");
+    // That event was logged with binlog_row_image=MINIMAL (before image: id
+    // only), which tailcache refuses like any MINIMAL image; everything
+    // else in the file decodes and matches the oracle.
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert!(matches!(&r.errors[0].1, DecodeError::PartialImage(m) if m.contains("json_col") || m.contains("column 2")));
+    // The documents before the partial update: the after images of the
+    // preceding UPDATE_ROWS (age + 1 on every row).
+    let before_docs: Vec<(i64, String)> = r
+        .changes
+        .iter()
+        .filter(|c| c.kind == RowsKind::Update)
+        .map(|c| match (&c.images[1][0], &c.images[1][1]) {
+            (V::I(id), V::T(doc)) => (*id, doc.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(before_docs.len(), 6);
+    assert_eq!(before_docs[0].1, r#"{"age": 25, "data": "xxxxxxxxxx", "name": "Joe"}"#);
+
+    // The event's rows, walked by hand (MINIMAL images of this table):
+    // before {nulls, id} | value_options | partial bits | after {nulls,
+    // json_col (u32 length + diff vector), name (u16 length), age}.
+    let (body, oracle_diffs, tme) = partial_event(p);
+    assert_eq!(&body[8..13], &[2, 0, 4, 0x01, 0x0e], "v2 header, 4 columns, MINIMAL bitmaps");
+    let mut at = 13;
+    let mut take = |n: usize| {
+        at += n;
+        &body[at - n..at]
+    };
+    let mut results = Vec::new();
+    for (row, (id, before)) in before_docs.iter().enumerate() {
+        assert_eq!(take(1), [0], "before nulls");
+        assert_eq!(i64::from(i32::from_le_bytes(take(4).try_into().unwrap())), *id);
+        assert_eq!(take(2), [1, 1], "value_options PARTIAL_JSON_UPDATES, json_col partial");
+        assert_eq!(take(1), [0], "after nulls");
+        let len = u32::from_le_bytes(take(4).try_into().unwrap()) as usize;
+        let diffs = take(len).to_vec();
+        let nlen = u16::from_le_bytes(take(2).try_into().unwrap()) as usize;
+        let name = String::from_utf8(take(nlen).to_vec()).unwrap();
+        let age = i64::from(i32::from_le_bytes(take(4).try_into().unwrap()));
+
+        // Our parse of MySQL's bytes agrees with mysql_common's.
+        let ours: Vec<_> = json_diff::parse_diffs(&diffs).collect::<Result<_, _>>().unwrap();
+        assert_eq!(ours.len(), oracle_diffs[row].len());
+        for (a, b) in ours.iter().zip(&oracle_diffs[row]) {
+            assert_eq!(a.op, DiffOp::Replace);
+            assert_eq!(b.operation(), JsonDiffOperation::REPLACE);
+            assert_eq!(a.path, b.path());
+            assert_eq!(a.path, b"$.age");
+        }
+        // Applying them to the document before gives the document after:
+        // its $.age and $.name agree with the generated columns MySQL
+        // computed from it in the same image, and with the oracle.
+        let before_json: serde_json::Value = serde_json::from_str(before).unwrap();
+        let after = json_diff::apply_diffs(&json_diff::jsonb_from_serde(&before_json), &diffs).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&after).unwrap();
+        assert_eq!(parsed["age"], serde_json::json!(age));
+        assert_eq!(parsed["name"], serde_json::json!(name));
+        assert_eq!(parsed, oracle_apply(before_json, &oracle_diffs[row]));
+        results.push((before.clone(), diffs, name, age, after));
+    }
+    assert_eq!(at, body.len(), "all rows walked");
+    let texts: Vec<&str> = results.iter().map(|r| r.4.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            r#"{"age": 26, "data": "xxxxxxxxxx", "name": "Joe"}"#,
+            r#"{"age": 34, "data": "yyyyyyyyyy", "name": "Sue"}"#,
+            r#"{"age": 42, "data": "zzzzzzzzzz", "name": "Pete"}"#,
+            r#"{"age": 26, "data": "xxxxxxxxxx", "name": "Joe"}"#,
+            r#"{"age": 34, "data": "yyyyyyyyyy", "name": "Sue"}"#,
+            r#"{"age": 42, "data": "zzzzzzzzzz", "name": "Pete"}"#,
+        ]
+    );
+
+    // The same diff vectors in a FULL-image event (what MySQL logs with
+    // binlog_row_image=FULL), through the decoder with the file's table map.
+    let schema = json_binlog_schema(&tme).unwrap();
+    let codec = TableCodec::new(&tme, &schema).unwrap();
+    let mut full = body[..10].to_vec();
+    full.extend_from_slice(&[4, 0x0f, 0x0f]);
+    for (row, (before, diffs, name, age, _)) in results.iter().enumerate() {
+        let id = (row as i32 + 1).to_le_bytes();
+        let jsonb = json_diff::jsonb_from_serde(&serde_json::from_str(before).unwrap());
+        let image = |json: &[u8], age: i64, out: &mut Vec<u8>| {
+            out.push(0);
+            out.extend_from_slice(&id);
+            out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+            out.extend_from_slice(json);
+            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&(age as i32).to_le_bytes());
+        };
+        image(&jsonb, age - 1, &mut full);
+        full.extend_from_slice(&[1, 1]);
+        image(diffs, *age, &mut full);
+    }
+    let mut got = Vec::new();
+    RowDecoder::new()
+        .decode(39, &full, &codec, &mut |c| {
+            let RowChange::Update { before, after } = c else { panic!("not an update") };
+            got.push((before.iter().map(V::of).collect::<Vec<_>>(), after.iter().map(V::of).collect::<Vec<_>>()));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(got.len(), 6);
+    assert_eq!(got[0].0, [V::I(1), t(r#"{"age": 25, "data": "xxxxxxxxxx", "name": "Joe"}"#), t("Joe"), V::I(25)]);
+    assert_eq!(got[0].1, [V::I(1), t(r#"{"age": 26, "data": "xxxxxxxxxx", "name": "Joe"}"#), t("Joe"), V::I(26)]);
+    for ((_, after), (_, _, _, _, text)) in got.iter().zip(&results) {
+        assert_eq!(after[1], t(text));
+    }
 }
 
 #[test]

@@ -6,4 +6,5 @@ pub mod conn;
 pub mod ddl;
 pub mod decode;
 pub mod replicator;
+pub mod server;
 pub mod snapshot;

@@ -49,10 +49,9 @@ fn ssl_opts(cfg: &MysqlConfig, mode: TlsMode) -> Option<SslOpts> {
     Some(match mode {
         TlsMode::Disabled => return None,
         TlsMode::Preferred | TlsMode::Required => ssl.with_danger_accept_invalid_certs(true),
-        TlsMode::VerifyCa => ssl
-            .with_root_certs(ca())
-            .with_disable_built_in_roots(true)
-            .with_danger_skip_domain_validation(true),
+        TlsMode::VerifyCa => {
+            ssl.with_root_certs(ca()).with_disable_built_in_roots(true).with_danger_skip_domain_validation(true)
+        }
         // Without tls_ca_file: the built-in (Mozilla) roots, for servers
         // with a publicly signed certificate.
         TlsMode::VerifyIdentity => ssl.with_root_certs(ca()).with_disable_built_in_roots(cfg.tls_ca_file.is_some()),
@@ -107,9 +106,10 @@ pub async fn connect(cfg: &MysqlConfig) -> Result<Conn> {
             if let Ok(Ok(Ok(c))) = probe {
                 let _ = c.disconnect().await;
                 Err(Error::Fatal(format!(
-                    "mysql.tls = \"disabled\": the account {:?} at {where_} requires TLS (it logs in over TLS, not without; created REQUIRE SSL); \
+                    "mysql.tls = \"disabled\": {where_} requires TLS for user {:?}: the same login succeeds over TLS but is refused without \
+                     (server says: {}; the account was created REQUIRE SSL, or the server has require_secure_transport = ON); \
                      set mysql.tls = \"required\" (or \"verify_ca\"/\"verify_identity\" with mysql.tls_ca_file)",
-                    url.user
+                    url.user, e.message
                 )))
             } else {
                 Err(Error::Fatal(format!(
@@ -150,7 +150,7 @@ pub async fn connect(cfg: &MysqlConfig) -> Result<Conn> {
                 cfg.tls_ca_file.as_ref().map(|p| format!(" ({})", p.display())).unwrap_or_default()
             )))
         }
-Ok(Err(e)) => Err(Error::Mysql { context: format!("connect to {where_}"), position: None, source: e }),
+        Ok(Err(e)) => Err(Error::Mysql { context: format!("connect to {where_}"), position: None, source: e }),
     }
 }
 

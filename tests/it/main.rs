@@ -4,6 +4,8 @@ mod decode_fixtures;
 mod harness;
 mod harness_selftest;
 mod replica;
+mod restart;
 mod sink;
 mod snapshot;
+mod tls;
 mod views;

@@ -137,6 +137,7 @@ async fn own_leftover_dump_is_ended_and_another_users_reader_is_a_clash() {
     let mut root = db.root_conn().await;
     root.query_drop(format!("CREATE USER '{other}'@'%' IDENTIFIED BY '{}'", db.password)).await.unwrap();
     root.query_drop(format!("GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO '{other}'@'%'")).await.unwrap();
+    root.query_drop(format!("GRANT SELECT ON `{}`.* TO '{other}'@'%'", db.name)).await.unwrap();
     root.disconnect().await.unwrap();
     let other_url = db.url.replacen(&format!("//{}:", db.user), &format!("//{other}:"), 1);
     let _theirs = open_dump(&other_url, db.server_id).await;

@@ -376,9 +376,8 @@ impl MysqlConfig {
     /// named to make sure they hold what they should.
     pub fn tls_problems(&self) -> Vec<ConfigProblem> {
         let mut p = Vec::new();
-        let mut push = |key: &str, found: String, expected: String| {
-            p.push(ConfigProblem { key: key.into(), found, expected })
-        };
+        let mut push =
+            |key: &str, found: String, expected: String| p.push(ConfigProblem { key: key.into(), found, expected });
         let mode = self.tls;
         match (mode, &self.tls_ca_file) {
             (TlsMode::VerifyCa, None) => push(
@@ -412,14 +411,26 @@ impl MysqlConfig {
             _ => {}
         }
         let files = [
-            ("mysql.tls_ca_file", &self.tls_ca_file, "-----BEGIN CERTIFICATE-----", "a PEM file with at least one CERTIFICATE"),
-            ("mysql.tls_cert_file", &self.tls_cert_file, "-----BEGIN CERTIFICATE-----", "a PEM file with the client CERTIFICATE"),
+            (
+                "mysql.tls_ca_file",
+                &self.tls_ca_file,
+                "-----BEGIN CERTIFICATE-----",
+                "a PEM file with at least one CERTIFICATE",
+            ),
+            (
+                "mysql.tls_cert_file",
+                &self.tls_cert_file,
+                "-----BEGIN CERTIFICATE-----",
+                "a PEM file with the client CERTIFICATE",
+            ),
             ("mysql.tls_key_file", &self.tls_key_file, "PRIVATE KEY-----", "a PEM file with the client's PRIVATE KEY"),
         ];
         for (key, path, marker, what) in files {
             let Some(path) = path else { continue };
             match std::fs::read(path) {
-                Err(e) => push(key, format!("{} unreadable: {e}", path.display()), format!("{what}, readable by tailcache")),
+                Err(e) => {
+                    push(key, format!("{} unreadable: {e}", path.display()), format!("{what}, readable by tailcache"))
+                }
                 Ok(bytes) if !String::from_utf8_lossy(&bytes).contains(marker) => {
                     push(key, format!("{} without {marker}", path.display()), what.into())
                 }
@@ -781,6 +792,25 @@ path = ":memory:"
         );
         assert!(p.iter().any(|p| p.key.starts_with("views[1].name")), "{p:?}");
         assert!(p.iter().any(|p| p.key.starts_with("views[1].key") && p.found.contains("with a placeholder")), "{p:?}");
+    }
+
+    #[test]
+    fn tls_settings() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.mysql.tls, TlsMode::Preferred);
+        assert_eq!(c.mysql.snapshot_lock_wait, 5.0);
+        let with = |extra: &str| Config::from_toml(&MINIMAL.replace("[state]", &format!("{extra}\n[state]")));
+        assert_eq!(with("tls = \"verify_identity\"").unwrap().mysql.tls, TlsMode::VerifyIdentity);
+        assert!(with("tls = \"verify_identity\"").unwrap().validate().is_empty());
+        assert!(with("tls = \"yes\"").unwrap_err().contains("tls"));
+        let p = with("tls = \"verify_ca\"").unwrap().validate();
+        assert!(p.iter().any(|p| p.key == "mysql.tls_ca_file" && p.found.contains("verify_ca")), "{p:?}");
+        let p = with("tls = \"required\"\ntls_key_file = \"/k.pem\"").unwrap().validate();
+        assert!(p.iter().any(|p| p.key == "mysql.tls_cert_file"), "{p:?}");
+        assert!(p.iter().any(|p| p.key == "mysql.tls_key_file" && p.found.contains("/k.pem")), "{p:?}");
+        assert_eq!(parse_duration_secs("250ms"), Some(0.25));
+        assert_eq!(parse_duration_secs("2"), Some(2.0));
+        assert_eq!(parse_duration_secs("2h"), None);
     }
 
     trait UnwrapProblems {

@@ -11,7 +11,7 @@ use mysql_async::Conn;
 use mysql_async::prelude::*;
 
 use crate::config::TableRef;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, codes};
 use crate::position::BinlogPosition;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,11 +156,7 @@ pub fn binlog_status_statement(info: &ServerInfo) -> &'static str {
 /// `SHOW REPLICAS` on MySQL 8.0.22+ (SHOW SLAVE HOSTS is gone in 8.4),
 /// `SHOW SLAVE HOSTS` on older MySQL and on MariaDB.
 pub fn replicas_statement(info: &ServerInfo) -> &'static str {
-    if info.flavor == Flavor::Mysql && info.version_tuple >= (8, 0, 22) {
-        "SHOW REPLICAS"
-    } else {
-        "SHOW SLAVE HOSTS"
-    }
+    if info.flavor == Flavor::Mysql && info.version_tuple >= (8, 0, 22) { "SHOW REPLICAS" } else { "SHOW SLAVE HOSTS" }
 }
 
 /// The privilege that allows SHOW BINARY LOGS and the binlog status.
@@ -334,9 +330,19 @@ pub fn free_server_id(used: &[u32], server_own: u32, from: u32) -> u32 {
 /// reader (another user, another host, another id) are never touched.
 pub async fn kill_own_leftover_dumps(conn: &mut Conn, server_id: u32, user: &str) -> Result<u32> {
     let info = server_info(conn).await?;
-    let threads = match server_id_use(conn, &info, server_id, user).await? {
-        ServerIdUse::Own { threads } => threads,
-        ServerIdUse::Free | ServerIdUse::Other { .. } => return Ok(0),
+    let threads = match server_id_use(conn, &info, server_id, user).await {
+        Ok(ServerIdUse::Own { threads }) => threads,
+        Ok(ServerIdUse::Free | ServerIdUse::Other { .. }) => return Ok(0),
+        // Not allowed to list the replicas (MariaDB 10.5+ wants REPLICATION
+        // MASTER ADMIN): nothing can be told apart, so nothing is touched;
+        // the server still replaces a dump connection with our id when
+        // ours starts.
+        Err(Error::Mysql { source: mysql_async::Error::Server(e), .. })
+            if matches!(e.code, codes::SPECIFIC_ACCESS_DENIED | codes::ACCESS_DENIED) =>
+        {
+            return Ok(0);
+        }
+        Err(e) => return Err(e),
     };
     let mut killed = 0;
     for t in threads {
@@ -353,7 +359,7 @@ pub async fn kill_own_leftover_dumps(conn: &mut Conn, server_id: u32, user: &str
                 killed += 1;
             }
             // ER_NO_SUCH_THREAD: it ended by itself meanwhile.
-            Err(mysql_async::Error::Server(e)) if e.code == crate::error::codes::NO_SUCH_THREAD => {}
+            Err(mysql_async::Error::Server(e)) if e.code == codes::NO_SUCH_THREAD => {}
             Err(e) => return Err(Error::mysql(format!("KILL {}", t.id), e)),
         }
     }

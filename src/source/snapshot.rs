@@ -73,7 +73,7 @@ pub async fn snapshot_until(
                     attempt,
                     waited_secs = waited,
                     retry_in_ms = delay.as_millis() as u64,
-                    blockers = %if blockers.is_empty() { "none found in information_schema.innodb_trx".to_owned() } else { blockers.join("; ") },
+                    blockers = %if blockers.is_empty() { "none visible in information_schema.innodb_trx (other users' transactions need the PROCESS privilege)".to_owned() } else { blockers.join("; ") },
                     statement = %statement,
                     "snapshot: an open transaction kept a watched table locked longer than mysql.snapshot_lock_wait; retrying"
                 );

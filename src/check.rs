@@ -914,9 +914,7 @@ impl Ctx<'_> {
                 };
                 self.r.ok_line("tls", format!("encrypted ({version}, {cipher}; {verified}; mysql.tls = \"{mode}\")"))
             }
-            Ok(None) if mode == TlsMode::Disabled => {
-                self.r.ok_line("tls", "not encrypted (mysql.tls = \"disabled\")")
-            }
+            Ok(None) if mode == TlsMode::Disabled => self.r.ok_line("tls", "not encrypted (mysql.tls = \"disabled\")"),
             Ok(None) => self.r.ok_line(
                 "tls",
                 format!("not encrypted: the server offers no TLS (mysql.tls = \"{mode}\" falls back to plain)"),

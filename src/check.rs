@@ -16,9 +16,11 @@ use std::time::Duration;
 use mysql_async::Conn;
 use mysql_async::prelude::*;
 
-use crate::config::{Config, TableRef};
+use crate::config::{Config, TableRef, TlsMode};
 use crate::error::codes;
-use crate::source::conn::{Flavor, ServerInfo};
+use crate::source::server::{
+    self, Account, Flavor, ServerIdUse, ServerInfo, lock_tables_grants, lock_tables_statement, replicas_statement,
+};
 
 /// The result of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,7 +199,9 @@ pub async fn run_checks(cfg: &Config) -> Report {
     match crate::source::conn::connect(&cfg.mysql).await {
         Err(e) => {
             let expected = format!("a successful login at {where_}");
-            let fix = if e.to_string().contains("access denied") {
+            let fix = if e.to_string().contains("requires TLS") || e.to_string().starts_with("mysql.tls") {
+                "set mysql.tls (and mysql.tls_ca_file) as the message says; the server checks were skipped"
+            } else if e.to_string().contains("access denied") {
                 "check the user name in mysql.url and the password (mysql.password_file, $TAILCACHE_MYSQL_PASSWORD or the URL)"
             } else {
                 "check mysql.url (host, port, database) and that the server is running and reachable; the server checks were skipped"
@@ -209,7 +213,8 @@ pub async fn run_checks(cfg: &Config) -> Report {
             let t = query_timeout(cfg);
             match within(t, crate::source::conn::server_info(&mut conn)).await {
                 Ok(info) => {
-                    let rest = preflight(&mut conn, &info, cfg).await;
+                    // `check` only looks: a running tailcache keeps its stream.
+                    let rest = preflight_with(&mut conn, &info, cfg, false).await;
                     r.lines.extend(rest.lines);
                 }
                 Err(e) => r.problem(
@@ -229,10 +234,17 @@ pub async fn run_checks(cfg: &Config) -> Report {
 }
 
 /// The server checks on an open connection (what `tailcache run` runs before
-/// starting): version, binlog settings, privileges, tables, server_id.
+/// starting): version, TLS, binlog settings, privileges, tables, server_id.
+/// Binlog dump connections of our own user from this host still holding
+/// our server_id (left by a crash a moment ago) are ended, not reported.
 pub async fn preflight(conn: &mut Conn, info: &ServerInfo, cfg: &Config) -> Report {
-    let mut c = Ctx { conn, info, cfg, t: query_timeout(cfg), broken: None, r: Report::default() };
+    preflight_with(conn, info, cfg, true).await
+}
+
+async fn preflight_with(conn: &mut Conn, info: &ServerInfo, cfg: &Config, kill_leftovers: bool) -> Report {
+    let mut c = Ctx { conn, info, cfg, t: query_timeout(cfg), broken: None, kill_leftovers, r: Report::default() };
     c.version();
+    c.tls().await;
     c.binlog_settings().await;
     let account = c.privileges().await;
     c.tables(account.as_ref()).await;
@@ -301,9 +313,6 @@ async fn within<T, E: Into<QueryError>>(t: Duration, fut: impl Future<Output = R
     }
 }
 
-/// ER_NO_BINARY_LOGGING: SHOW BINARY LOGS on a server with log_bin off.
-const NO_BINARY_LOGGING: u16 = 1381;
-
 struct Ctx<'a> {
     conn: &'a mut Conn,
     info: &'a ServerInfo,
@@ -312,24 +321,10 @@ struct Ctx<'a> {
     /// Set once a query timed out or the link broke: the connection is in an
     /// unknown state, so the remaining server checks are skipped.
     broken: Option<String>,
+    /// End binlog dump connections our own user left behind with our
+    /// server_id (`tailcache run`), instead of only reporting them.
+    kill_leftovers: bool,
     r: Report,
-}
-
-/// `'user'@'host'` as GRANT wants it.
-#[derive(Debug, Clone)]
-pub(crate) struct Account(String);
-
-impl Account {
-    pub(crate) fn parse(current_user: &str) -> Account {
-        let (user, host) = current_user.rsplit_once('@').unwrap_or((current_user, "%"));
-        Account(format!("'{}'@'{}'", user.replace('\'', "''"), host.replace('\'', "''")))
-    }
-}
-
-impl fmt::Display for Account {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
 }
 
 impl Ctx<'_> {
@@ -506,7 +501,6 @@ impl Ctx<'_> {
         };
         let grants = self.read_grants().await;
         let flavor = self.info.flavor;
-        let mariadb_105 = flavor == Flavor::MariaDb && self.info.version_tuple >= (10, 5, 2);
 
         // REPLICATION SLAVE: reading the binlog stream. No cheap probe on
         // MariaDB, so SHOW GRANTS decides; on MySQL SHOW REPLICAS / SHOW
@@ -515,7 +509,7 @@ impl Ctx<'_> {
         let fix = format!("GRANT REPLICATION SLAVE ON *.* TO {account};");
         let in_grants = grants.as_ref().map(|g| g.has_global(&["REPLICATION SLAVE"]));
         let probe = if flavor == Flavor::Mysql && self.broken.is_none() {
-            let sql = self.replicas_statement();
+            let sql = replicas_statement(self.info);
             let res = within(self.t, self.conn.query_drop(sql)).await;
             Some(self.q(sql, res))
         } else {
@@ -542,7 +536,7 @@ impl Ctx<'_> {
 
         // REPLICATION CLIENT (BINLOG MONITOR on MariaDB 10.5.2+): SHOW
         // BINARY LOGS and SHOW MASTER STATUS; probed directly.
-        let priv_name = if mariadb_105 { "BINLOG MONITOR" } else { "REPLICATION CLIENT" };
+        let priv_name = server::binlog_monitor_privilege(self.info);
         let name = format!("privilege {priv_name}");
         let fix = format!("GRANT {priv_name} ON *.* TO {account};");
         let expected = format!("{priv_name} ON *.* (for SHOW BINARY LOGS and {})", self.info.status_statement());
@@ -565,7 +559,7 @@ impl Ctx<'_> {
                     break;
                 }
                 // log_bin off: no verdict from this probe.
-                Err(QueryError::Server { code: NO_BINARY_LOGGING, .. }) => {}
+                Err(QueryError::Server { code: codes::NO_BINARY_LOGGING, .. }) => {}
                 Err(_) => {}
             }
         }
@@ -627,7 +621,6 @@ impl Ctx<'_> {
     /// doing it; the privilege is checked before any wait, so a timeout
     /// still tells that it is granted.
     async fn lock_tables(&mut self, account: &Account) {
-        use crate::source::snapshot::{lock_tables_grants, lock_tables_statement};
         let tables = self.cfg.mysql.table_refs();
         let name = "privilege LOCK TABLES";
         let fix = lock_tables_grants(&tables, &account.to_string());
@@ -659,14 +652,6 @@ impl Ctx<'_> {
             // Missing tables are reported by the table checks.
             Err(QueryError::Server { code, .. }) if code == codes::NO_SUCH_TABLE || code == codes::BAD_DB => {}
             Err(e) => self.r.warn(name, format!("cannot tell: {sql} failed: {e}"), format!("make sure of it: {fix}")),
-        }
-    }
-
-    fn replicas_statement(&self) -> &'static str {
-        if self.info.flavor == Flavor::Mysql && self.info.version_tuple >= (8, 0, 22) {
-            "SHOW REPLICAS"
-        } else {
-            "SHOW SLAVE HOSTS"
         }
     }
 
@@ -834,69 +819,105 @@ impl Ctx<'_> {
     async fn server_id(&mut self) {
         let ours = self.cfg.mysql.server_id;
         let name = "server_id";
-        let fix = "set mysql.server_id to a number no server or replica in this replication topology uses, e.g. 4001";
         if ours == self.info.server_id {
+            let free = server::free_server_id(&[], self.info.server_id, ours.max(4001));
             self.r.problem(
                 name,
                 format!("mysql.server_id = {ours}, the server's own @@server_id"),
                 "an id different from the server's and every replica's",
-                fix,
+                format!("set mysql.server_id = {free} (or another number no server or replica in this replication topology uses)"),
             );
             return;
         }
         if self.broken.is_some() {
             return;
         }
-        let sql = self.replicas_statement();
-        let res = within(self.t, self.conn.query::<mysql_async::Row, _>(sql)).await;
-        match self.q(sql, res) {
-            Ok(rows) => {
-                let clash: Vec<String> = rows
-                    .iter()
-                    .filter(|row| row.get_opt::<u32, _>(0).and_then(|r| r.ok()) == Some(ours))
-                    .map(|row| {
-                        let host = row.get_opt::<String, _>(1).and_then(|r| r.ok()).unwrap_or_default();
-                        let port = row.get_opt::<u32, _>(2).and_then(|r| r.ok()).unwrap_or(0);
-                        if host.is_empty() {
-                            format!("a replica (port {port})")
-                        } else {
-                            format!("a replica at {host}:{port}")
-                        }
-                    })
-                    .collect();
-                if clash.is_empty() {
-                    self.r.ok_line(
+        let sql = replicas_statement(self.info);
+        let user = self.cfg.mysql.parse_url().map(|u| u.user).unwrap_or_default();
+        let res = within(self.t, server::server_id_use(self.conn, self.info, ours, &user)).await;
+        let used = match self.q(sql, res) {
+            Ok(u) => u,
+            Err(_) => {
+                self.r.ok_line(
+                    name,
+                    format!(
+                        "{ours} differs from the server's {}; other replicas not checked ({sql} needs {})",
+                        self.info.server_id,
+                        server::replicas_privilege(self.info)
+                    ),
+                );
+                return;
+            }
+        };
+        match used {
+            ServerIdUse::Free => self.r.ok_line(
+                name,
+                format!("{ours} (the server is {}; no other replica connected with {ours})", self.info.server_id),
+            ),
+            ServerIdUse::Own { threads } if self.kill_leftovers => {
+                let ids = threads.iter().map(|t| t.id.to_string()).collect::<Vec<_>>().join(", ");
+                let res = within(self.t, server::kill_own_leftover_dumps(self.conn, ours, &user)).await;
+                match self.q("KILL leftover binlog dump", res) {
+                    Ok(n) => self.r.ok_line(
                         name,
-                        format!(
-                            "{ours} (the server is {}; {} other replica(s) connected, none with {ours})",
-                            self.info.server_id,
-                            rows.len()
-                        ),
-                    );
-                } else {
-                    self.r.problem(
+                        format!("{ours}; ended {n} binlog dump connection(s) of {user} from this host left with this id ({ids})"),
+                    ),
+                    Err(e) => self.r.ok_line(
                         name,
-                        format!(
-                            "mysql.server_id = {ours} is already used by {} (the server drops one of two binlog readers with the same id; if that is another tailcache with this config, stop it first)",
-                            clash.join(", ")
-                        ),
-                        "an id different from the server's and every replica's",
-                        fix,
-                    );
+                        format!("{ours}; binlog dump connection(s) {ids} of {user} from this host hold this id and could not be ended ({e}); the server replaces them when tailcache starts reading"),
+                    ),
                 }
             }
-            Err(_) => self.r.ok_line(
+            ServerIdUse::Own { threads } => self.r.ok_line(
                 name,
                 format!(
-                    "{ours} differs from the server's {}; other replicas not checked ({sql} needs {})",
-                    self.info.server_id,
-                    if self.info.flavor == Flavor::MariaDb && self.info.version_tuple >= (10, 5, 2) {
-                        "REPLICATION MASTER ADMIN"
-                    } else {
-                        "REPLICATION SLAVE"
-                    }
+                    "{ours}, in use by {} binlog dump connection(s) of {user} from this host (this tailcache running, or one that just crashed); `tailcache run` takes it over",
+                    threads.len()
                 ),
             ),
+            ServerIdUse::Other { replicas, foreign } => {
+                let all = within(self.t, server::replicas(self.conn, self.info)).await;
+                let used_ids: Vec<u32> = all.map(|v| v.iter().map(|r| r.server_id).collect()).unwrap_or_default();
+                let free = server::free_server_id(&used_ids, self.info.server_id, ours);
+                let mut who: Vec<String> = replicas.iter().map(|r| r.to_string()).collect();
+                who.extend(
+                    foreign.iter().map(|d| format!("a binlog dump connection {} of {} from {}", d.id, d.user, d.client)),
+                );
+                self.r.problem(
+                    name,
+                    format!(
+                        "mysql.server_id = {ours} is already used by another binlog reader: {} (the server drops one of two readers with the same id)",
+                        who.join(", ")
+                    ),
+                    "an id different from the server's and every replica's",
+                    format!("set mysql.server_id = {free} (free: not the server's and no connected replica's); if that reader is another tailcache with this config, stop it first"),
+                );
+            }
+        }
+    }
+
+    /// One line on the connection's encryption (`SHOW STATUS LIKE 'Ssl_%'`).
+    async fn tls(&mut self) {
+        if self.broken.is_some() {
+            return;
+        }
+        let mode = self.cfg.mysql.tls;
+        let res = within(self.t, crate::source::conn::tls_status(self.conn)).await;
+        match self.q("SHOW STATUS LIKE 'Ssl_version'", res) {
+            Ok(Some((version, cipher))) => {
+                let verified = match mode {
+                    TlsMode::VerifyIdentity => "certificate and host name verified",
+                    TlsMode::VerifyCa => "certificate verified against mysql.tls_ca_file, host name not checked",
+                    _ => "certificate not verified",
+                };
+                self.r.ok_line("tls", format!("encrypted ({version}, {cipher}; {verified}; mysql.tls = \"{mode}\")"))
+            }
+            Ok(None) if mode == TlsMode::Disabled => self.r.ok_line("tls", "not encrypted (mysql.tls = \"disabled\")"),
+            Ok(None) => self.r.ok_line(
+                "tls",
+                format!("not encrypted: the server offers no TLS (mysql.tls = \"{mode}\" falls back to plain)"),
+            ),
+            Err(e) => self.r.warn("tls", format!("cannot tell: {e}"), "re-run tailcache check"),
         }
     }
 }
@@ -1141,12 +1162,6 @@ mod tests {
         assert!(like("a_p", "app"));
         assert!(!like("a\\_p", "app"));
         assert!(like("a\\_p", "a_p"));
-    }
-
-    #[test]
-    fn account_quoting() {
-        assert_eq!(Account::parse("tailcache@%").to_string(), "'tailcache'@'%'");
-        assert_eq!(Account::parse("o'k@10.0.0.%").to_string(), "'o''k'@'10.0.0.%'");
     }
 
     #[test]

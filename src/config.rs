@@ -40,6 +40,88 @@ pub struct MysqlConfig {
     pub heartbeat_secs: f64,
     #[serde(default = "default_connect_timeout_secs")]
     pub connect_timeout_secs: f64,
+    /// TLS to the server, as the mysql client's `--ssl-mode`.
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// PEM file with the CA certificate(s) the server's certificate must
+    /// chain to (`verify_ca`, `verify_identity`).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for accounts created `REQUIRE X509`; with
+    /// `tls_key_file`.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// How long a MySQL snapshot waits for open transactions on the watched
+    /// tables before it backs off and tries again: seconds (`5`, `0.5`) or a
+    /// duration (`"5s"`, `"500ms"`, `"1m"`).
+    #[serde(default = "default_snapshot_lock_wait", deserialize_with = "seconds")]
+    pub snapshot_lock_wait: f64,
+}
+
+/// `mysql.tls`: the mysql client's `--ssl-mode`, same names in lower case.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// Plain TCP.
+    Disabled,
+    /// TLS when the server offers it (certificate not verified), else plain.
+    #[default]
+    Preferred,
+    /// TLS or no connection; the certificate is not verified.
+    Required,
+    /// TLS, the certificate must chain to `tls_ca_file` (any host name).
+    VerifyCa,
+    /// Like `verify_ca`, and the certificate must name the host in `mysql.url`.
+    VerifyIdentity,
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsMode::Disabled => "disabled",
+            TlsMode::Preferred => "preferred",
+            TlsMode::Required => "required",
+            TlsMode::VerifyCa => "verify_ca",
+            TlsMode::VerifyIdentity => "verify_identity",
+        })
+    }
+}
+
+/// Seconds as a number or a duration string: `5`, `0.5`, `"5s"`, `"500ms"`, `"1m"`.
+fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(i64),
+        Float(f64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(i) => Ok(i as f64),
+        Raw::Float(f) => Ok(f),
+        Raw::Text(t) => parse_duration_secs(&t).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{t:?} is not a duration; expected seconds (5, 0.5) or a number with a unit: \"500ms\", \"5s\", \"1m\""
+            ))
+        }),
+    }
+}
+
+/// `"500ms"`, `"5s"`, `"1.5s"`, `"2m"`, `"5"` → seconds.
+pub fn parse_duration_secs(t: &str) -> Option<f64> {
+    let t = t.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let scale = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" => 60.0,
+        _ => return None,
+    };
+    Some(n * scale)
 }
 
 // The URL may carry a password: never let it reach a log line.
@@ -51,6 +133,12 @@ impl fmt::Debug for MysqlConfig {
             .field("server_id", &self.server_id)
             .field("tables", &self.tables)
             .field("heartbeat_secs", &self.heartbeat_secs)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .field("tls", &self.tls)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("snapshot_lock_wait", &self.snapshot_lock_wait)
             .finish()
     }
 }
@@ -139,6 +227,9 @@ fn default_heartbeat_secs() -> f64 {
 }
 fn default_connect_timeout_secs() -> f64 {
     10.0
+}
+fn default_snapshot_lock_wait() -> f64 {
+    5.0
 }
 fn default_max_item_size() -> usize {
     1024 * 1024
@@ -279,6 +370,74 @@ impl MysqlConfig {
         }
         let rest = self.url.strip_prefix("mysql://").unwrap_or(&self.url);
         Ok(rest.rsplit_once('@').and_then(|(userinfo, _)| userinfo.split_once(':').map(|(_, p)| percent_decode(p))))
+    }
+
+    /// What is wrong with the TLS settings (`mysql.tls*`), reading the files
+    /// named to make sure they hold what they should.
+    pub fn tls_problems(&self) -> Vec<ConfigProblem> {
+        let mut p = Vec::new();
+        let mut push =
+            |key: &str, found: String, expected: String| p.push(ConfigProblem { key: key.into(), found, expected });
+        let mode = self.tls;
+        match (mode, &self.tls_ca_file) {
+            (TlsMode::VerifyCa, None) => push(
+                "mysql.tls_ca_file",
+                "nothing, with mysql.tls = \"verify_ca\"".into(),
+                "the PEM file of the CA that signed the server's certificate (its ssl_ca), e.g. tls_ca_file = \"/etc/mysql/ca.pem\"".into(),
+            ),
+            (TlsMode::Disabled | TlsMode::Preferred | TlsMode::Required, Some(path)) => push(
+                "mysql.tls_ca_file",
+                format!("{} with mysql.tls = \"{mode}\", which does not verify the certificate", path.display()),
+                "mysql.tls = \"verify_ca\" or \"verify_identity\" to use the CA file, or no tls_ca_file".into(),
+            ),
+            _ => {}
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => push(
+                "mysql.tls_key_file",
+                "nothing, with mysql.tls_cert_file set".into(),
+                "both tls_cert_file and tls_key_file (the client certificate's private key), or neither".into(),
+            ),
+            (None, Some(_)) => push(
+                "mysql.tls_cert_file",
+                "nothing, with mysql.tls_key_file set".into(),
+                "both tls_cert_file (the client certificate) and tls_key_file, or neither".into(),
+            ),
+            (Some(_), Some(_)) if mode == TlsMode::Disabled => push(
+                "mysql.tls_cert_file",
+                "a client certificate with mysql.tls = \"disabled\"".into(),
+                "mysql.tls other than \"disabled\" to present it, or no tls_cert_file/tls_key_file".into(),
+            ),
+            _ => {}
+        }
+        let files = [
+            (
+                "mysql.tls_ca_file",
+                &self.tls_ca_file,
+                "-----BEGIN CERTIFICATE-----",
+                "a PEM file with at least one CERTIFICATE",
+            ),
+            (
+                "mysql.tls_cert_file",
+                &self.tls_cert_file,
+                "-----BEGIN CERTIFICATE-----",
+                "a PEM file with the client CERTIFICATE",
+            ),
+            ("mysql.tls_key_file", &self.tls_key_file, "PRIVATE KEY-----", "a PEM file with the client's PRIVATE KEY"),
+        ];
+        for (key, path, marker, what) in files {
+            let Some(path) = path else { continue };
+            match std::fs::read(path) {
+                Err(e) => {
+                    push(key, format!("{} unreadable: {e}", path.display()), format!("{what}, readable by tailcache"))
+                }
+                Ok(bytes) if !String::from_utf8_lossy(&bytes).contains(marker) => {
+                    push(key, format!("{} without {marker}", path.display()), what.into())
+                }
+                Ok(_) => {}
+            }
+        }
+        p
     }
 
     /// Watched tables, resolved against the URL's default schema.
@@ -431,6 +590,19 @@ impl Config {
                 "a number of seconds in (0, 3600]",
             );
         }
+        if !(m.snapshot_lock_wait > 0.0 && m.snapshot_lock_wait <= 3600.0) {
+            push(
+                "mysql.snapshot_lock_wait".into(),
+                m.snapshot_lock_wait.to_string(),
+                "a wait in (0, 3600] seconds, e.g. 5 or \"5s\" (the default)",
+            );
+        }
+        for problem in m.tls_problems() {
+            p.push(problem);
+        }
+        let mut push = |key: String, found: String, expected: &str| {
+            p.push(ConfigProblem { key, found, expected: expected.into() })
+        };
         if self.state.path.trim().is_empty() {
             push(
                 "state.path".into(),
@@ -620,6 +792,25 @@ path = ":memory:"
         );
         assert!(p.iter().any(|p| p.key.starts_with("views[1].name")), "{p:?}");
         assert!(p.iter().any(|p| p.key.starts_with("views[1].key") && p.found.contains("with a placeholder")), "{p:?}");
+    }
+
+    #[test]
+    fn tls_settings() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.mysql.tls, TlsMode::Preferred);
+        assert_eq!(c.mysql.snapshot_lock_wait, 5.0);
+        let with = |extra: &str| Config::from_toml(&MINIMAL.replace("[state]", &format!("{extra}\n[state]")));
+        assert_eq!(with("tls = \"verify_identity\"").unwrap().mysql.tls, TlsMode::VerifyIdentity);
+        assert!(with("tls = \"verify_identity\"").unwrap().validate().is_empty());
+        assert!(with("tls = \"yes\"").unwrap_err().contains("tls"));
+        let p = with("tls = \"verify_ca\"").unwrap().validate();
+        assert!(p.iter().any(|p| p.key == "mysql.tls_ca_file" && p.found.contains("verify_ca")), "{p:?}");
+        let p = with("tls = \"required\"\ntls_key_file = \"/k.pem\"").unwrap().validate();
+        assert!(p.iter().any(|p| p.key == "mysql.tls_cert_file"), "{p:?}");
+        assert!(p.iter().any(|p| p.key == "mysql.tls_key_file" && p.found.contains("/k.pem")), "{p:?}");
+        assert_eq!(parse_duration_secs("250ms"), Some(0.25));
+        assert_eq!(parse_duration_secs("2"), Some(2.0));
+        assert_eq!(parse_duration_secs("2h"), None);
     }
 
     trait UnwrapProblems {

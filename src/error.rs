@@ -43,6 +43,14 @@ pub enum Error {
     Fatal(String),
     #[error("{0}")]
     Transient(String),
+    /// A MySQL snapshot could not lock the watched tables within
+    /// `mysql.snapshot_lock_wait`: open transactions held them.
+    #[error(
+        "snapshot: a transaction kept a watched table locked for more than {waited} s ({statement}); \
+         open transactions: {}; look for long-open transactions in SHOW PROCESSLIST",
+        if blockers.is_empty() { "none visible".to_owned() } else { blockers.join("; ") }
+    )]
+    LockWaitTimeout { statement: String, waited: u64, blockers: Vec<String> },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -58,6 +66,13 @@ pub mod codes {
     pub const NO_SUCH_TABLE: u16 = 1146;
     pub const BAD_DB: u16 = 1049;
     pub const LOCK_WAIT_TIMEOUT: u16 = 1205;
+    /// ER_NO_BINARY_LOGGING: SHOW BINARY LOGS on a server with log_bin off.
+    pub const NO_BINARY_LOGGING: u16 = 1381;
+    /// ER_NO_SUCH_THREAD: KILL of a connection that has ended.
+    pub const NO_SUCH_THREAD: u16 = 1094;
+    /// ER_SECURE_TRANSPORT_REQUIRED (MySQL 5.7+, MariaDB 10.5+): a plain
+    /// connection to a server with require_secure_transport = ON.
+    pub const SECURE_TRANSPORT_REQUIRED: u16 = 3159;
 }
 
 impl Error {
@@ -70,7 +85,8 @@ impl Error {
                     | codes::DBACCESS_DENIED
                     | codes::SPECIFIC_ACCESS_DENIED
                     | codes::TABLEACCESS_DENIED
-                    | codes::BAD_DB => Recovery::Fatal,
+                    | codes::BAD_DB
+                    | codes::SECURE_TRANSPORT_REQUIRED => Recovery::Fatal,
                     // The table vanished between two steps: a DDL we will
                     // see in the stream; re-snapshotting settles it.
                     codes::NO_SUCH_TABLE => Recovery::NeedsResync,
@@ -83,7 +99,7 @@ impl Error {
             Error::Decode { table, .. } if table != "-" => Recovery::ResnapshotTable,
             Error::Decode { .. } | Error::NeedsResync { .. } => Recovery::NeedsResync,
             Error::Fatal(_) => Recovery::Fatal,
-            Error::Transient(_) => Recovery::Transient,
+            Error::Transient(_) | Error::LockWaitTimeout { .. } => Recovery::Transient,
         }
     }
 

@@ -1,62 +1,26 @@
 //! Connecting to MySQL/MariaDB and asking it who it is and where it stands.
 
-use std::fmt;
 use std::time::Duration;
 
 use mysql_async::prelude::*;
-use mysql_async::{Conn, OptsBuilder};
+use mysql_async::{ClientIdentity, Conn, OptsBuilder, SslOpts};
 
-use crate::config::MysqlConfig;
+use crate::config::{MysqlConfig, TlsMode};
 use crate::error::{Error, Result, codes};
-use crate::position::BinlogPosition;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flavor {
-    MariaDb,
-    Mysql,
-}
+// Server facts live in `server`; re-exported here for the callers that
+// reach them through `conn`.
+pub use crate::source::server::{
+    Flavor, ServerInfo, binary_logs, get, kill_own_leftover_dumps, master_status, server_info, variable,
+};
 
-impl fmt::Display for Flavor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Flavor::MariaDb => "MariaDB",
-            Flavor::Mysql => "MySQL",
-        })
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ServerInfo {
-    pub flavor: Flavor,
-    /// `SELECT VERSION()`, e.g. `10.11.6-MariaDB-0+deb12u1-log`.
-    pub version: String,
-    pub version_tuple: (u16, u16, u16),
-    pub server_id: u32,
-    /// MySQL's `@@server_uuid`; MariaDB has none.
-    pub server_uuid: Option<String>,
-}
-
-impl ServerInfo {
-    /// Identifies the server a checkpoint belongs to: a position is
-    /// meaningless on another server even if the file names match.
-    pub fn identity(&self) -> String {
-        match (&self.server_uuid, self.flavor) {
-            (Some(uuid), _) => format!("mysql:{uuid}"),
-            (None, flavor) => format!("{}:{}", flavor.to_string().to_lowercase(), self.server_id),
-        }
-    }
-
-    /// MySQL 8.2 renamed SHOW MASTER STATUS (removed in 8.4).
-    pub fn status_statement(&self) -> &'static str {
-        if self.flavor == Flavor::Mysql && self.version_tuple >= (8, 2, 0) {
-            "SHOW BINARY LOG STATUS"
-        } else {
-            "SHOW MASTER STATUS"
-        }
-    }
-}
-
+/// The one place the connection options are built: every connection
+/// tailcache opens (binlog, snapshot, check, KILL) goes through it.
 pub fn opts(cfg: &MysqlConfig) -> Result<OptsBuilder> {
+    opts_with_tls(cfg, ssl_opts(cfg, cfg.tls))
+}
+
+fn opts_with_tls(cfg: &MysqlConfig, ssl: Option<SslOpts>) -> Result<OptsBuilder> {
     let url = cfg.parse_url().map_err(|p| Error::Fatal(p.to_string()))?;
     let password = cfg.password().map_err(|e| Error::Fatal(e.to_string()))?;
     Ok(OptsBuilder::default()
@@ -67,22 +31,96 @@ pub fn opts(cfg: &MysqlConfig) -> Result<OptsBuilder> {
         .db_name(Some(url.database))
         .prefer_socket(false)
         .stmt_cache_size(32)
+        .ssl_opts(ssl)
         // Snapshot and stream must agree on TIMESTAMP rendering: UTC.
         .init(vec!["SET time_zone = '+00:00'", "SET NAMES utf8mb4"]))
+}
+
+/// The TLS options for `mode` (`None`: plain TCP), as the mysql client's
+/// `--ssl-mode`: `preferred`/`required` encrypt without verifying the
+/// certificate, `verify_ca` checks the chain against `tls_ca_file`,
+/// `verify_identity` also the host name.
+fn ssl_opts(cfg: &MysqlConfig, mode: TlsMode) -> Option<SslOpts> {
+    let mut ssl = SslOpts::default();
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        ssl = ssl.with_client_identity(Some(ClientIdentity::new(cert.clone().into(), key.clone().into())));
+    }
+    let ca = || cfg.tls_ca_file.iter().map(|p| p.clone().into()).collect::<Vec<_>>();
+    Some(match mode {
+        TlsMode::Disabled => return None,
+        TlsMode::Preferred | TlsMode::Required => ssl.with_danger_accept_invalid_certs(true),
+        TlsMode::VerifyCa => {
+            ssl.with_root_certs(ca()).with_disable_built_in_roots(true).with_danger_skip_domain_validation(true)
+        }
+        // Without tls_ca_file: the built-in (Mozilla) roots, for servers
+        // with a publicly signed certificate.
+        TlsMode::VerifyIdentity => ssl.with_root_certs(ca()).with_disable_built_in_roots(cfg.tls_ca_file.is_some()),
+    })
+}
+
+/// True for the failures of a TLS handshake (certificate, protocol).
+fn is_tls_failure(e: &mysql_async::Error) -> bool {
+    matches!(e, mysql_async::Error::Io(mysql_async::IoError::Tls(_))) || {
+        let text = e.to_string().to_ascii_lowercase();
+        text.contains("certificate") || text.contains("tls") || text.contains("handshake")
+    }
+}
+
+fn no_tls_offered(e: &mysql_async::Error) -> bool {
+    matches!(e, mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer))
 }
 
 /// Connects with a deadline and turns the common failures into one line
 /// that names the setting to fix. The password never appears.
 pub async fn connect(cfg: &MysqlConfig) -> Result<Conn> {
-    let opts = opts(cfg)?;
     let url = cfg.parse_url().map_err(|p| Error::Fatal(p.to_string()))?;
     let timeout = Duration::from_secs_f64(cfg.connect_timeout_secs);
     let where_ = format!("{}:{}", url.host, url.port);
-    match tokio::time::timeout(timeout, Conn::new(opts)).await {
+    let attempt = |ssl: Option<SslOpts>| async move {
+        let opts = opts_with_tls(cfg, ssl)?;
+        Ok::<_, Error>(tokio::time::timeout(timeout, Conn::new(opts)).await)
+    };
+    let mut res = attempt(ssl_opts(cfg, cfg.tls)).await?;
+    // `preferred`: a server without TLS gets a plain connection.
+    if cfg.tls == TlsMode::Preferred && matches!(&res, Ok(Err(e)) if no_tls_offered(e)) {
+        res = attempt(None).await?;
+    }
+    let tls = cfg.tls;
+    match res {
         Err(_) => Err(Error::Transient(format!(
             "mysql.url: no answer from {where_} within {timeout:?}; check the host/port and that the server is running"
         ))),
         Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(mysql_async::Error::Server(e))) if e.code == codes::SECURE_TRANSPORT_REQUIRED => {
+            Err(Error::Fatal(format!(
+                "mysql.tls = \"{tls}\": the server at {where_} requires TLS (require_secure_transport = ON; server says: {}); \
+                 set mysql.tls = \"required\" (or \"verify_ca\"/\"verify_identity\" with mysql.tls_ca_file)",
+                e.message
+            )))
+        }
+        Ok(Err(mysql_async::Error::Server(e))) if e.code == codes::ACCESS_DENIED && tls == TlsMode::Disabled => {
+            // A plain login refused: with the same password over TLS?
+            // (accounts created REQUIRE SSL/X509 refuse plain logins with
+            // the same error as a wrong password).
+            let probe = attempt(ssl_opts(cfg, TlsMode::Required)).await;
+            if let Ok(Ok(Ok(c))) = probe {
+                let _ = c.disconnect().await;
+                Err(Error::Fatal(format!(
+                    "mysql.tls = \"disabled\": {where_} requires TLS for user {:?}: the same login succeeds over TLS but is refused without \
+                     (server says: {}; the account was created REQUIRE SSL, or the server has require_secure_transport = ON); \
+                     set mysql.tls = \"required\" (or \"verify_ca\"/\"verify_identity\" with mysql.tls_ca_file)",
+                    url.user, e.message
+                )))
+            } else {
+                Err(Error::Fatal(format!(
+                    "mysql.url: access denied for user {:?} at {where_} (server says: {}); the account may require TLS \
+                     (REQUIRE SSL/X509, then set mysql.tls = \"required\"); otherwise check the password in mysql.password_file, ${} or the URL",
+                    url.user,
+                    e.message,
+                    crate::config::PASSWORD_ENV
+                )))
+            }
+        }
         Ok(Err(mysql_async::Error::Server(e))) if e.code == codes::ACCESS_DENIED => Err(Error::Fatal(format!(
             "mysql.url: access denied for user {:?} at {where_} (server says: {}); check the password in mysql.password_file, ${} or the URL",
             url.user,
@@ -95,76 +133,35 @@ pub async fn connect(cfg: &MysqlConfig) -> Result<Conn> {
                 url.database, e.message
             )))
         }
+        Ok(Err(e)) if no_tls_offered(&e) => Err(Error::Fatal(format!(
+            "mysql.tls = \"{tls}\": the server at {where_} does not offer TLS (have_ssl is not YES); \
+             give the server ssl_cert/ssl_key, or set mysql.tls = \"preferred\" to connect without TLS"
+        ))),
+        Ok(Err(e)) if tls != TlsMode::Disabled && is_tls_failure(&e) => {
+            let hint = match tls {
+                TlsMode::VerifyCa => "the server's certificate must be signed by the CA in mysql.tls_ca_file",
+                TlsMode::VerifyIdentity => {
+                    "the server's certificate must be signed by the CA in mysql.tls_ca_file and name the host in mysql.url"
+                }
+                _ => "check the server's TLS setup (ssl_cert, ssl_key, tls_version)",
+            };
+            Err(Error::Fatal(format!(
+                "mysql.tls = \"{tls}\": TLS handshake with {where_} failed: {e}; {hint}{}",
+                cfg.tls_ca_file.as_ref().map(|p| format!(" ({})", p.display())).unwrap_or_default()
+            )))
+        }
         Ok(Err(e)) => Err(Error::Mysql { context: format!("connect to {where_}"), position: None, source: e }),
     }
 }
 
-fn parse_version(v: &str) -> (u16, u16, u16) {
-    let mut it = v.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap_or(0));
-    (it.next().unwrap_or(0), it.next().unwrap_or(0), it.next().unwrap_or(0))
-}
-
-pub async fn server_info(conn: &mut Conn) -> Result<ServerInfo> {
-    let row: mysql_async::Row = conn
-        .query_first("SELECT VERSION(), @@server_id")
+/// Whether the session is encrypted: `Some((version, cipher))` from
+/// `SHOW SESSION STATUS LIKE 'Ssl_%'`, `None` on a plain connection.
+pub async fn tls_status(conn: &mut Conn) -> Result<Option<(String, String)>> {
+    let rows: Vec<(String, String)> = conn
+        .query("SHOW SESSION STATUS WHERE Variable_name IN ('Ssl_version', 'Ssl_cipher')")
         .await
-        .map_err(|e| Error::mysql("read server version", e))?
-        .ok_or_else(|| Error::Transient("SELECT VERSION() returned no row".into()))?;
-    let version: String = get(&row, 0).ok_or_else(|| Error::Transient("unreadable VERSION()".into()))?;
-    let server_id: u32 = get(&row, 1).ok_or_else(|| Error::Transient("unreadable @@server_id".into()))?;
-    let flavor = if version.to_ascii_lowercase().contains("mariadb") { Flavor::MariaDb } else { Flavor::Mysql };
-    let server_uuid = if flavor == Flavor::Mysql {
-        let row: Option<mysql_async::Row> =
-            conn.query_first("SELECT @@server_uuid").await.map_err(|e| Error::mysql("read server_uuid", e))?;
-        row.and_then(|r| get(&r, 0))
-    } else {
-        None
-    };
-    Ok(ServerInfo { version_tuple: parse_version(&version), flavor, version, server_id, server_uuid })
-}
-
-/// A column of a server answer, `None` when absent or not convertible
-/// (never a panic on an unexpected reply).
-pub fn get<T: mysql_async::prelude::FromValue>(row: &mysql_async::Row, i: usize) -> Option<T> {
-    row.get_opt::<T, _>(i).and_then(|r| r.ok())
-}
-
-/// The server's current end of binlog.
-pub async fn master_status(conn: &mut Conn, info: &ServerInfo) -> Result<BinlogPosition> {
-    let row: Option<mysql_async::Row> =
-        conn.query_first(info.status_statement()).await.map_err(|e| Error::mysql(info.status_statement(), e))?;
-    let row = row.ok_or_else(|| {
-        Error::Fatal(format!(
-            "{} returned nothing: binary logging is off; add log_bin=mysql-bin to my.cnf and restart",
-            info.status_statement()
-        ))
-    })?;
-    let file: String = get(&row, 0).ok_or_else(|| Error::Transient("binlog status without a file".into()))?;
-    let pos: u64 = get(&row, 1).ok_or_else(|| Error::Transient("binlog status without a position".into()))?;
-    Ok(BinlogPosition::new(file, pos))
-}
-
-/// `SHOW BINARY LOGS`: (file, size) in order.
-pub async fn binary_logs(conn: &mut Conn) -> Result<Vec<(String, u64)>> {
-    let rows: Vec<mysql_async::Row> =
-        conn.query("SHOW BINARY LOGS").await.map_err(|e| Error::mysql("SHOW BINARY LOGS", e))?;
-    Ok(rows.into_iter().filter_map(|r| Some((get::<String>(&r, 0)?, get::<u64>(&r, 1)?))).collect())
-}
-
-/// A server variable as text (`None` when the server does not know it).
-pub async fn variable(conn: &mut Conn, name: &str) -> Result<Option<String>> {
-    let row: Option<mysql_async::Row> = conn
-        .exec_first("SHOW GLOBAL VARIABLES WHERE Variable_name = ?", (name,))
-        .await
-        .map_err(|e| Error::mysql(format!("read variable {name}"), e))?;
-    Ok(row.and_then(|r| get(&r, 1)))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn versions() {
-        assert_eq!(super::parse_version("10.11.6-MariaDB-0+deb12u1-log"), (10, 11, 6));
-        assert_eq!(super::parse_version("8.4.3"), (8, 4, 3));
-    }
+        .map_err(|e| Error::mysql("SHOW STATUS LIKE 'Ssl_version'", e))?;
+    let find = |n: &str| rows.iter().find(|r| r.0.eq_ignore_ascii_case(n)).map(|r| r.1.clone()).unwrap_or_default();
+    let (version, cipher) = (find("Ssl_version"), find("Ssl_cipher"));
+    Ok(if version.is_empty() && cipher.is_empty() { None } else { Some((version, cipher)) })
 }

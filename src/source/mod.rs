@@ -8,4 +8,5 @@ pub mod decode;
 pub mod events;
 pub mod json_diff;
 pub mod replicator;
+pub mod server;
 pub mod snapshot;

@@ -30,7 +30,7 @@ use crate::source::conn::{Flavor, ServerInfo, binary_logs, connect, server_info}
 use crate::source::ddl::{self, DdlKind};
 use crate::source::decode::{DecodeError, DecodeFailure, RowDecoder, TableCodec, rows_table_id};
 use crate::source::events::{self, Handling};
-use crate::source::snapshot::snapshot;
+use crate::source::snapshot::snapshot_until;
 
 /// What the replicator tells the publisher after each SQLite commit.
 #[derive(Debug, Clone)]
@@ -350,7 +350,7 @@ impl<'c> Replicator<'c> {
         }
         self.applier.begin()?;
         let tables = self.tables.clone();
-        let outcome = match snapshot(&self.cfg.mysql, info, &tables, self.applier.conn()).await {
+        let outcome = match snapshot_until(&self.cfg.mysql, info, &tables, self.applier.conn(), &self.shutdown).await {
             Ok(o) => o,
             Err(e) => {
                 self.applier.rollback();
@@ -941,7 +941,9 @@ impl<'c> Replicator<'c> {
             return Ok(());
         };
         self.applier.forget_schema(idx);
-        let outcome = snapshot(&self.cfg.mysql, &info, std::slice::from_ref(&t), self.applier.conn()).await?;
+        let outcome =
+            snapshot_until(&self.cfg.mysql, &info, std::slice::from_ref(&t), self.applier.conn(), &self.shutdown)
+                .await?;
         let schema = outcome.schemas.into_iter().next().ok_or_else(|| Error::Transient("empty snapshot".into()))?;
         let until = outcome.consistent_after.clone().unwrap_or_else(|| outcome.start.clone());
         self.skip_until[idx] = Some(outcome.start.clone());

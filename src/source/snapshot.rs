@@ -8,14 +8,15 @@
 //! a position read after the snapshot began (P1). P0 is read under a brief
 //! `LOCK TABLES … READ` (see [`quiesced_position`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Value as MyValue};
+use rand::Rng;
 use rusqlite::Connection;
 use rusqlite::types::{ToSqlOutput, Value};
+use tokio::sync::watch;
 
-use crate::check::Account;
 use crate::config::{MysqlConfig, TableRef};
 use crate::error::{Error, Result, codes};
 use crate::position::BinlogPosition;
@@ -23,7 +24,8 @@ use crate::replica::tables::recreate_table;
 use crate::replica::value::{float_to_f64, format_date, format_datetime, format_time};
 use crate::schema::{Affinity, ColumnDef, TableSchema};
 use crate::source::catalog::load_table_schema;
-use crate::source::conn::{Flavor, ServerInfo, connect, master_status};
+use crate::source::conn::connect;
+use crate::source::server::{Account, Flavor, ServerInfo, lock_tables_grants, lock_tables_statement, master_status};
 
 #[derive(Debug, Clone)]
 pub struct SnapshotOutcome {
@@ -37,7 +39,68 @@ pub struct SnapshotOutcome {
 
 /// Snapshot `tables` and write them into the replica through `sqlite`
 /// (inside the caller's transaction, so the replica switches atomically).
+///
+/// On MySQL, while an open transaction keeps a watched table locked for
+/// longer than `mysql.snapshot_lock_wait`, it logs that transaction and
+/// tries again with capped, jittered backoff until it gets through; drop
+/// the future (or use [`snapshot_until`]) to stop.
 pub async fn snapshot(
+    cfg: &MysqlConfig,
+    info: &ServerInfo,
+    tables: &[TableRef],
+    sqlite: &Connection,
+) -> Result<SnapshotOutcome> {
+    let (_tx, never) = watch::channel(false);
+    snapshot_until(cfg, info, tables, sqlite, &never).await
+}
+
+/// [`snapshot`], giving up with a `Transient` error as soon as `shutdown`
+/// turns true while it waits to retry.
+pub async fn snapshot_until(
+    cfg: &MysqlConfig,
+    info: &ServerInfo,
+    tables: &[TableRef],
+    sqlite: &Connection,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<SnapshotOutcome> {
+    let mut attempt: u32 = 0;
+    loop {
+        match snapshot_once(cfg, info, tables, sqlite).await {
+            Err(Error::LockWaitTimeout { statement, waited, blockers }) => {
+                attempt += 1;
+                let delay = retry_delay(attempt);
+                tracing::warn!(
+                    attempt,
+                    waited_secs = waited,
+                    retry_in_ms = delay.as_millis() as u64,
+                    blockers = %if blockers.is_empty() { "none visible in information_schema.innodb_trx (other users' transactions need the PROCESS privilege)".to_owned() } else { blockers.join("; ") },
+                    statement = %statement,
+                    "snapshot: an open transaction kept a watched table locked longer than mysql.snapshot_lock_wait; retrying"
+                );
+                let mut sd = shutdown.clone();
+                if *sd.borrow() {
+                    return Err(Error::Transient("snapshot abandoned: shutting down".into()));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = sd.wait_for(|stop| *stop) => {
+                        return Err(Error::Transient("snapshot abandoned: shutting down".into()));
+                    }
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Capped exponential backoff with full jitter on the upper half:
+/// 0.5–1 s, 1–2 s, 2–4 s, … up to 15–30 s.
+fn retry_delay(attempt: u32) -> Duration {
+    let cap_ms = 500u64.saturating_mul(1 << attempt.min(6)).min(30_000);
+    Duration::from_millis(rand::rng().random_range(cap_ms / 2..=cap_ms))
+}
+
+async fn snapshot_once(
     cfg: &MysqlConfig,
     info: &ServerInfo,
     tables: &[TableRef],
@@ -61,7 +124,13 @@ pub async fn snapshot(
         schemas.push(schema);
     }
     let p0 = match info.flavor {
-        Flavor::Mysql => quiesced_position(&mut conn, info, tables).await?,
+        Flavor::Mysql => match quiesced_position(&mut conn, info, tables, cfg.snapshot_lock_wait).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = conn.disconnect().await;
+                return Err(e);
+            }
+        },
         Flavor::MariaDb => master_status(&mut conn, info).await?,
     };
     conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -108,11 +177,6 @@ pub async fn snapshot(
     Ok(SnapshotOutcome { schemas, start, consistent_after, rows: counts })
 }
 
-/// How long a MySQL snapshot waits for open transactions on the watched
-/// tables (and holds up new writers behind it) before it gives up and
-/// retries later.
-pub const QUIESCE_WAIT_SECS: u32 = 5;
-
 /// MySQL's replay start P0: a binlog position before which every
 /// transaction on the watched tables is committed in InnoDB.
 ///
@@ -122,10 +186,19 @@ pub const QUIESCE_WAIT_SECS: u32 = 5;
 /// from P0 would never bring it. `LOCK TABLES … READ` is granted only once
 /// every transaction writing those tables has ended (their metadata locks
 /// last until after the commit), and keeps new ones out while P0 is read;
-/// it is held for one round trip. Without the LOCK TABLES privilege we fall
-/// back to the unguarded position and say what that risks.
-pub async fn quiesced_position(conn: &mut Conn, info: &ServerInfo, tables: &[TableRef]) -> Result<BinlogPosition> {
-    conn.query_drop(format!("SET SESSION lock_wait_timeout = {QUIESCE_WAIT_SECS}"))
+/// it is held for one round trip. It waits `lock_wait_secs` (the server's
+/// `lock_wait_timeout`, whole seconds, rounded up) and then fails with
+/// [`Error::LockWaitTimeout`] naming the open transactions. Without the
+/// LOCK TABLES privilege we fall back to the unguarded position and say
+/// what that risks.
+pub async fn quiesced_position(
+    conn: &mut Conn,
+    info: &ServerInfo,
+    tables: &[TableRef],
+    lock_wait_secs: f64,
+) -> Result<BinlogPosition> {
+    let wait = lock_wait_secs.ceil().clamp(1.0, 31_536_000.0) as u64;
+    conn.query_drop(format!("SET SESSION lock_wait_timeout = {wait}"))
         .await
         .map_err(|e| Error::mysql("set lock_wait_timeout", e))?;
     let lock = lock_tables_statement(tables);
@@ -140,37 +213,60 @@ pub async fn quiesced_position(conn: &mut Conn, info: &ServerInfo, tables: &[Tab
         Err(mysql_async::Error::Server(e))
             if matches!(e.code, codes::DBACCESS_DENIED | codes::TABLEACCESS_DENIED | codes::SPECIFIC_ACCESS_DENIED) =>
         {
-            let who: Option<String> = conn.query_first("SELECT CURRENT_USER()").await.ok().flatten();
-            let account = who.map_or_else(|| "<tailcache user>".to_owned(), |u| Account::parse(&u).to_string());
+            let account = Account::current(conn, "<tailcache user>").await;
             tracing::warn!(
                 error = %e.message,
-                fix = %lock_tables_grants(tables, &account),
+                fix = %lock_tables_grants(tables, &account.to_string()),
                 "snapshot without LOCK TABLES: a transaction committing at this very moment may be missing from the replica until the next resync"
             );
             master_status(conn, info).await
         }
-        Err(mysql_async::Error::Server(e)) if e.code == codes::LOCK_WAIT_TIMEOUT => Err(Error::Transient(format!(
-            "snapshot: a transaction kept a watched table locked for more than {QUIESCE_WAIT_SECS} s ({lock}); \
-             retrying; look for long-open transactions in SHOW PROCESSLIST"
-        ))),
+        Err(mysql_async::Error::Server(e)) if e.code == codes::LOCK_WAIT_TIMEOUT => {
+            let blockers = open_transactions(conn, wait).await;
+            Err(Error::LockWaitTimeout { statement: lock, waited: wait, blockers })
+        }
         Err(e) => Err(Error::mysql(lock, e)),
     }
 }
 
-/// `LOCK TABLES a READ, b READ` over the watched tables.
-pub fn lock_tables_statement(tables: &[TableRef]) -> String {
-    let list = tables.iter().map(|t| format!("{} READ", t.mysql_quoted())).collect::<Vec<_>>().join(", ");
-    format!("LOCK TABLES {list}")
+/// The transactions open for at least about `min_secs` (those that can hold
+/// a table lock that long), one line each: trx id, connection, user@host,
+/// seconds open, the statement it runs. Empty when the server does not let
+/// us see them (information_schema.innodb_trx needs the PROCESS privilege
+/// for other users' transactions).
+pub async fn open_transactions(conn: &mut Conn, min_secs: u64) -> Vec<String> {
+    let sql = "SELECT CAST(t.trx_id AS CHAR), t.trx_mysql_thread_id, CAST(p.USER AS CHAR), CAST(p.HOST AS CHAR), \
+               TIMESTAMPDIFF(SECOND, t.trx_started, NOW()), CAST(COALESCE(t.trx_query, p.INFO) AS CHAR) \
+               FROM information_schema.INNODB_TRX t \
+               LEFT JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id \
+               WHERE t.trx_mysql_thread_id <> CONNECTION_ID() AND t.trx_started <= NOW() - INTERVAL ? SECOND \
+               ORDER BY t.trx_started LIMIT 10";
+    type Row = (String, u64, Option<String>, Option<String>, Option<i64>, Option<String>);
+    match conn.exec::<Row, _, _>(sql, (min_secs.saturating_sub(1),)).await {
+        Ok(rows) => rows
+            .into_iter()
+            .map(|(trx, thread, user, host, secs, query)| {
+                format!(
+                    "trx {trx} on connection {thread} ({}@{}), open {} s, {}",
+                    user.unwrap_or_else(|| "?".into()),
+                    host.unwrap_or_else(|| "?".into()),
+                    secs.unwrap_or(0),
+                    match query {
+                        Some(q) if !q.trim().is_empty() => format!("running {:?}", truncate(&q, 200)),
+                        _ => "idle in transaction (KILL it or make it COMMIT)".into(),
+                    }
+                )
+            })
+            .collect(),
+        Err(e) => vec![format!("cannot list open transactions: {e}")],
+    }
 }
 
-/// The GRANT statements that give `account` LOCK TABLES on the watched schemas.
-pub fn lock_tables_grants(tables: &[TableRef], account: &str) -> String {
-    let schemas: std::collections::BTreeSet<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
-    schemas
-        .iter()
-        .map(|s| format!("GRANT LOCK TABLES ON `{}`.* TO {account};", s.replace('`', "``")))
-        .collect::<Vec<_>>()
-        .join(" ")
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
 }
 
 async fn copy_table(conn: &mut Conn, schema: &TableSchema, sqlite: &Connection) -> Result<u64> {

@@ -5,6 +5,8 @@ mod events;
 mod harness;
 mod harness_selftest;
 mod replica;
+mod restart;
 mod sink;
 mod snapshot;
+mod tls;
 mod views;

@@ -98,16 +98,19 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         let conn = crate::replica::open_connection(&state.path, &cfg.mysql.table_refs())?;
         crate::views::published::ensure_tables(&conn)?;
     }
+    let status = Arc::new(crate::status::Status::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (control_tx, control_rx) = mpsc::unbounded_channel::<Control>();
     let (notice_tx, notice_rx) = mpsc::unbounded_channel::<CommitNotice>();
 
-    let publisher = start_publisher(cfg.clone(), state.path.clone(), &notice_tx, notice_rx, shutdown_rx.clone())?;
+    let publisher =
+        start_publisher(cfg.clone(), state.path.clone(), &notice_tx, notice_rx, shutdown_rx.clone(), status.clone())?;
     let notify = Box::new(move |n: CommitNotice| {
         let _ = notice_tx.send(n);
     });
-    let replicator = spawn_replicator(cfg.clone(), state.path.clone(), opts.resync, notify, control_rx, shutdown_rx)
-        .map_err(|e| Error::Fatal(format!("cannot start the replicator thread: {e}")))?;
+    let replicator =
+        spawn_replicator(cfg.clone(), state.path.clone(), opts.resync, notify, control_rx, shutdown_rx, status.clone())
+            .map_err(|e| Error::Fatal(format!("cannot start the replicator thread: {e}")))?;
 
     let outcome = wait_for_exit(signals, &control_tx, &replicator.thread, publisher.as_ref()).await;
     let _ = shutdown_tx.send(true);
@@ -201,6 +204,7 @@ fn start_publisher(
     tx: &mpsc::UnboundedSender<CommitNotice>,
     mut rx: mpsc::UnboundedReceiver<CommitNotice>,
     shutdown: watch::Receiver<bool>,
+    status: Arc<crate::status::Status>,
 ) -> Result<Option<std::thread::JoinHandle<Result<()>>>> {
     if cfg.memcached.is_none() {
         tokio::spawn(async move { while rx.recv().await.is_some() {} });
@@ -215,8 +219,9 @@ fn start_publisher(
         arrived: std::time::Instant::now(),
         full: false,
         schema_changed: false,
+        trigger: None,
     });
-    Ok(Some(spawn_publisher(cfg, state, rx, shutdown)))
+    Ok(Some(spawn_publisher(cfg, state, rx, shutdown, status)))
 }
 
 /// Compiles the views against the watched tables' current shape (an

@@ -17,6 +17,7 @@ pub mod replica;
 pub mod schema;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod views;
 
 pub use error::{Error, Recovery, Result};

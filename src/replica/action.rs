@@ -4,6 +4,8 @@
 
 use rusqlite::types::ValueRef;
 
+use std::time::Instant;
+
 use crate::position::Checkpoint;
 
 /// One change to one row, each image a full row in the schema's column
@@ -48,4 +50,24 @@ pub enum Action<'a> {
     /// Everything applied since the last commit is one committed state of
     /// the database, at this checkpoint.
     Commit { checkpoint: &'a Checkpoint, consistent: bool },
+}
+
+/// What the replica tells the views after each SQLite commit (the applier's
+/// committed notice).
+#[derive(Debug, Clone)]
+pub struct CommitNotice {
+    /// SQLite names of the tables the committed transactions changed.
+    pub touched: Vec<String>,
+    pub checkpoint: Checkpoint,
+    /// When the first binlog event of these transactions arrived.
+    pub arrived: Instant,
+    /// A snapshot replaced the replica: recompute and repair everything.
+    pub full: bool,
+    /// A watched table changed shape (DDL, re-snapshotted): the views
+    /// must be compiled again before they run.
+    pub schema_changed: bool,
+    /// Set when a full resync (snapshot) produced this notice: why it was
+    /// taken (`periodic resync`, `SIGHUP / tailcache resync`, `admin`, …),
+    /// for the resync report.
+    pub trigger: Option<String>,
 }

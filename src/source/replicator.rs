@@ -31,21 +31,9 @@ use crate::source::ddl::{self, DdlKind};
 use crate::source::decode::{DecodeError, DecodeFailure, RowDecoder, TableCodec, rows_table_id};
 use crate::source::events::{self, Handling};
 use crate::source::snapshot::snapshot_until;
+use crate::status::Status;
 
-/// What the replicator tells the publisher after each SQLite commit.
-#[derive(Debug, Clone)]
-pub struct CommitNotice {
-    /// SQLite names of the tables the committed transactions changed.
-    pub touched: Vec<String>,
-    pub checkpoint: Checkpoint,
-    /// When the first binlog event of these transactions arrived.
-    pub arrived: Instant,
-    /// A snapshot replaced the replica: recompute and repair everything.
-    pub full: bool,
-    /// A watched table changed shape (DDL, re-snapshotted): the views
-    /// must be compiled again before they run.
-    pub schema_changed: bool,
-}
+pub use crate::replica::action::CommitNotice;
 
 #[derive(Debug, Clone)]
 pub enum Control {
@@ -73,6 +61,7 @@ pub fn spawn_replicator(
     notify: Box<dyn FnMut(CommitNotice) + Send>,
     control: mpsc::UnboundedReceiver<Control>,
     shutdown: watch::Receiver<bool>,
+    status: Arc<Status>,
 ) -> std::io::Result<ReplicatorHandle> {
     let thread = std::thread::Builder::new().name("replicator".into()).spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -83,7 +72,7 @@ pub fn spawn_replicator(
             let tables = cfg.mysql.table_refs();
             let sqlite = crate::replica::open_connection(&state_path, &tables)?;
             let applier = Applier::new(&sqlite, tables.clone())?;
-            let mut r = Replicator::new(cfg, tables, applier, notify, control, shutdown);
+            let mut r = Replicator::new(cfg, tables, applier, notify, control, shutdown, status);
             r.need_snapshot = force_resync.then(|| "forced by --resync".to_owned());
             r.run().await
         })
@@ -146,6 +135,10 @@ pub struct Replicator<'c> {
     resnapshot_tables: Vec<usize>,
     /// Reads the events inside compressed transaction payloads.
     inner_reader: EventStreamReader,
+    status: Arc<Status>,
+    /// The server timestamp of the last event read (0: a heartbeat said we
+    /// are at the end of the binlog), for the lag.
+    last_event_ts: u32,
 }
 
 enum SessionEnd {
@@ -165,6 +158,7 @@ impl<'c> Replicator<'c> {
         notify: Box<dyn FnMut(CommitNotice) + Send>,
         control: mpsc::UnboundedReceiver<Control>,
         shutdown: watch::Receiver<bool>,
+        status: Arc<Status>,
     ) -> Self {
         let n = tables.len();
         Self {
@@ -188,6 +182,8 @@ impl<'c> Replicator<'c> {
             control_open: true,
             resnapshot_tables: Vec::new(),
             inner_reader: EventStreamReader::new(BinlogVersion::Version4),
+            status,
+            last_event_ts: 0,
         }
     }
 
@@ -222,6 +218,12 @@ impl<'c> Replicator<'c> {
                 }
                 Err(e) => {
                     self.abort_batch();
+                    let msg = e.to_string();
+                    self.status.update(|s| {
+                        s.source_connected = false;
+                        s.source_error = Some(msg);
+                        s.snapshot = None;
+                    });
                     match e.recovery() {
                         Recovery::Fatal => return Err(e),
                         Recovery::NeedsResync => {
@@ -273,7 +275,7 @@ impl<'c> Replicator<'c> {
         if let Some(reason) = self.need_snapshot.take() {
             tracing::info!(reason = %reason, "taking a snapshot");
             let _ = conn.disconnect().await;
-            if let Err(e) = self.full_snapshot(&info).await {
+            if let Err(e) = self.full_snapshot(&info, &reason).await {
                 // Not taken: ask again next time, whatever the error.
                 self.need_snapshot = Some(reason);
                 return Err(e);
@@ -343,13 +345,18 @@ impl<'c> Replicator<'c> {
     }
 
     /// Replaces the whole replica with a fresh snapshot, atomically.
-    async fn full_snapshot(&mut self, info: &ServerInfo) -> Result<()> {
+    async fn full_snapshot(&mut self, info: &ServerInfo, reason: &str) -> Result<()> {
         let started = Instant::now();
         for i in 0..self.tables.len() {
             self.applier.forget_schema(i);
         }
         self.applier.begin()?;
         let tables = self.tables.clone();
+        let names = self.tables_key();
+        self.status.update(|s| {
+            s.consistent = false;
+            s.snapshot = Some(crate::status::SnapshotProgress { table: names, rows_copied: 0, estimated_rows: None });
+        });
         let outcome = match snapshot_until(&self.cfg.mysql, info, &tables, self.applier.conn(), &self.shutdown).await {
             Ok(o) => o,
             Err(e) => {
@@ -371,6 +378,7 @@ impl<'c> Replicator<'c> {
         self.resnapshot_tables.clear();
         self.consistent_after = outcome.consistent_after;
         self.checkpoint = Some(cp.clone());
+        self.publish_position(&cp);
         self.schedule_resync();
         tracing::info!(position = %cp, elapsed_ms = started.elapsed().as_millis() as u64, "replica replaced by snapshot");
         (self.notify)(CommitNotice {
@@ -379,6 +387,7 @@ impl<'c> Replicator<'c> {
             arrived: started,
             full: true,
             schema_changed: true,
+            trigger: Some(reason.to_owned()),
         });
         Ok(())
     }
@@ -430,7 +439,12 @@ impl<'c> Replicator<'c> {
             })?
             .with_raw_transaction_payloads(true);
         tracing::info!(position = %start, heartbeat_ms = heartbeat.as_millis() as u64, "streaming binlog");
+        self.status.update(|s| {
+            s.source_connected = true;
+            s.source_error = None;
+        });
         let end = self.pump(&mut stream, start, heartbeat).await;
+        self.status.update(|s| s.source_connected = false);
         if end.is_ok() {
             drop(stream);
             self.release_dump(dump_id).await;
@@ -550,6 +564,9 @@ impl<'c> Replicator<'c> {
         let here = || BinlogPosition::new(file.clone(), end);
         let handling = events::classify(et);
         crate::metrics::BINLOG_EVENTS.inc(et);
+        if inner_end.is_none() {
+            self.last_event_ts = if handling == Handling::Heartbeat { 0 } else { header.timestamp() };
+        }
         match handling {
             Handling::Rotate => {
                 let re: RotateEvent<'_> = event.read_event().map_err(|e| malformed("ROTATE", e, here()))?;
@@ -740,13 +757,38 @@ impl<'c> Replicator<'c> {
         let schema_changed = std::mem::take(&mut b.schema_changed);
         b.started = None;
         self.checkpoint = Some(cp.clone());
+        self.publish_position(&cp);
         if !touched.is_empty() || became_consistent || schema_changed {
             tracing::debug!(position = %cp, rows, tables = ?touched, "applied");
             let touched =
                 if became_consistent { self.tables.iter().map(TableRef::sqlite_name).collect() } else { touched };
-            (self.notify)(CommitNotice { touched, checkpoint: cp, arrived, full: false, schema_changed });
+            (self.notify)(CommitNotice {
+                touched,
+                checkpoint: cp,
+                arrived,
+                full: false,
+                schema_changed,
+                trigger: None,
+            });
         }
         Ok(())
+    }
+
+    /// Tells the status where the replica is and how far behind.
+    fn publish_position(&self, cp: &Checkpoint) {
+        let consistent = self.consistent_after.is_none();
+        let lag = if self.last_event_ts == 0 {
+            0.0
+        } else {
+            (crate::status::unix_now() - f64::from(self.last_event_ts)).max(0.0)
+        };
+        self.status.update(|s| {
+            s.position = Some(cp.position.to_string());
+            s.gtid = cp.gtid.as_ref().map(|g| g.to_string());
+            s.consistent = consistent;
+            s.lag_seconds = Some(lag);
+            s.snapshot = None;
+        });
     }
 
     fn abort_batch(&mut self) {

@@ -90,8 +90,10 @@ pub fn spawn_publisher(
     state_path: PathBuf,
     rx: mpsc::UnboundedReceiver<Committed>,
     shutdown: watch::Receiver<bool>,
+    status: Arc<crate::status::Status>,
 ) -> JoinHandle<Result<()>> {
     let body = move || -> Result<()> {
+        let _ = &status;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -515,6 +517,7 @@ mod tests {
             arrived,
             full,
             schema_changed: false,
+            trigger: None,
         }
     }
 

@@ -209,6 +209,7 @@ fn committed(pos: u64) -> Committed {
         arrived: Instant::now(),
         full: false,
         schema_changed: false,
+        trigger: None,
     }
 }
 
@@ -230,7 +231,7 @@ async fn publisher_publishes_repairs_and_survives_memcached_outages() {
     let conn = replica(&state, &cfg);
     let (tx, rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx);
+    let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, Default::default());
 
     // start-up: the replica is consistent, so everything is published
     // without any message
@@ -277,7 +278,7 @@ async fn publisher_publishes_repairs_and_survives_memcached_outages() {
     let cfg = publisher_config(&state, &m, one_view);
     let (_tx, rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let handle = spawn_publisher(cfg, state.clone(), rx, stop_rx);
+    let handle = spawn_publisher(cfg, state.clone(), rx, stop_rx, Default::default());
     wait_until("keys of the removed view deleted", WAIT, || async {
         (m.get_raw("t:app:1").is_none() && m.get_raw("t:app:2").is_none()).then_some(())
     })
@@ -298,7 +299,7 @@ async fn publisher_refuses_views_that_do_not_compile() {
     let _conn = replica(&state, &cfg);
     let (_tx, rx) = mpsc::unbounded_channel();
     let (_stop_tx, stop_rx) = watch::channel(false);
-    let handle = spawn_publisher(cfg, state, rx, stop_rx);
+    let handle = spawn_publisher(cfg, state, rx, stop_rx, Default::default());
     let r = tokio::task::spawn_blocking(move || handle.join()).await.unwrap().unwrap();
     let e = r.unwrap_err().to_string();
     assert!(e.contains("view \"bad\"") && e.contains("nope"), "{e}");
@@ -312,7 +313,7 @@ async fn publisher_waits_for_a_consistent_replica_before_compiling() {
     let cfg = publisher_config(&state, &m, VIEWS);
     let (tx, rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx);
+    let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, Default::default());
     // No tables, no checkpoint yet: a message must not make the views fail.
     tx.send(committed(4)).unwrap();
     let conn = wait_until("state file", WAIT, || async {

@@ -1,0 +1,184 @@
+//! What the workers know about themselves, shared with the admin endpoint,
+//! the readiness check and systemd: one `Arc<Status>` per process.
+//!
+//! Each worker writes only its own part (the replicator the source and the
+//! snapshot, the publisher views, memcached, publishes and resyncs); readers
+//! take a consistent copy with [`Status::snapshot`]. Resync completions are
+//! also announced on a `watch` channel so a caller can wait for the report
+//! of the resync it asked for.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// Per-view figures of one resync.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ResyncCounts {
+    /// Keys the view produces, each read back from memcached.
+    pub checked: u64,
+    /// Produced but absent in memcached: written.
+    pub missing: u64,
+    /// Present with other bytes or flags: rewritten.
+    pub differed: u64,
+    /// Published before but no longer produced: deleted.
+    pub deleted: u64,
+    /// Present and identical: not written.
+    pub unchanged: u64,
+}
+
+impl ResyncCounts {
+    pub fn add(&mut self, o: &ResyncCounts) {
+        self.checked += o.checked;
+        self.missing += o.missing;
+        self.differed += o.differed;
+        self.deleted += o.deleted;
+        self.unchanged += o.unchanged;
+    }
+}
+
+/// The outcome of one full resync, as logged, served and returned.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResyncReport {
+    /// Increasing per process; [`Status::resync_done`] carries the latest.
+    pub seq: u64,
+    /// What asked for it: `interval`, `signal`, `admin`, `command`,
+    /// `start`, `memcached_lost`, `purged_binlog`, `ddl`, ...
+    pub trigger: String,
+    #[serde(flatten)]
+    pub total: ResyncCounts,
+    pub views: BTreeMap<String, ResyncCounts>,
+    pub duration_ms: u64,
+    /// RFC 3339 / seconds since the epoch.
+    pub finished_at_unix: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PublishInfo {
+    pub at_unix: f64,
+    pub position: String,
+    pub latency_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ViewStatus {
+    pub keys: u64,
+    /// Why the view is not being published (does not compile, failed).
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SnapshotProgress {
+    pub table: String,
+    pub rows_copied: u64,
+    /// From information_schema.TABLES (an estimate for InnoDB).
+    pub estimated_rows: Option<u64>,
+}
+
+/// Everything `/status` shows; `Clone` so readers never hold the lock.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StatusView {
+    /// Where the replica is (binlog file:offset of the last applied commit).
+    pub position: Option<String>,
+    pub gtid: Option<String>,
+    /// The replica equals the database at `position`.
+    pub consistent: bool,
+    /// The binlog stream is open.
+    pub source_connected: bool,
+    /// Why the source is not connected or not streaming (last error).
+    pub source_error: Option<String>,
+    /// Seconds the replica is behind the server (event timestamps and
+    /// heartbeats); `None` before the first event.
+    pub lag_seconds: Option<f64>,
+    pub last_publish: Option<PublishInfo>,
+    /// The last publish round failed (memcached unreachable, ...): why.
+    pub publish_error: Option<String>,
+    pub last_resync: Option<ResyncReport>,
+    pub views: BTreeMap<String, ViewStatus>,
+    /// Each memcached server (`host:port`) and whether it answered last.
+    pub memcached: BTreeMap<String, bool>,
+    pub snapshot: Option<SnapshotProgress>,
+    /// A publish has succeeded since the replica became consistent.
+    pub published_consistent: bool,
+}
+
+impl StatusView {
+    /// Why the process is not ready, one reason per entry; empty = ready.
+    pub fn not_ready(&self) -> Vec<String> {
+        let mut r = Vec::new();
+        if !self.consistent {
+            r.push(match &self.snapshot {
+                Some(s) => format!("snapshot in progress: {} ({} rows copied)", s.table, s.rows_copied),
+                None => "replica not consistent with the server yet".to_owned(),
+            });
+        }
+        if let Some(e) = &self.source_error {
+            r.push(format!("source: {e}"));
+        }
+        if let Some(e) = &self.publish_error {
+            r.push(format!("publish: {e}"));
+        } else if self.consistent && !self.published_consistent && !self.views.is_empty() {
+            r.push("first publish of a consistent replica not done yet".to_owned());
+        }
+        for (name, v) in &self.views {
+            if let Some(e) = &v.last_error {
+                r.push(format!("view {name}: {e}"));
+            }
+        }
+        for (server, up) in &self.memcached {
+            if !up {
+                r.push(format!("memcached {server}: down"));
+            }
+        }
+        r
+    }
+}
+
+#[derive(Debug)]
+pub struct Status {
+    inner: Mutex<StatusView>,
+    resync_done: watch::Sender<u64>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Status {
+    pub fn new() -> Self {
+        Self { inner: Mutex::new(StatusView::default()), resync_done: watch::channel(0).0 }
+    }
+
+    /// A copy of everything, for readers.
+    pub fn snapshot(&self) -> StatusView {
+        self.inner.lock().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Changes the status under its lock; the closure must be quick.
+    pub fn update(&self, f: impl FnOnce(&mut StatusView)) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g);
+    }
+
+    /// Records a finished resync and wakes whoever waits for it.
+    pub fn resync_finished(&self, mut report: ResyncReport) {
+        let seq = *self.resync_done.borrow() + 1;
+        report.seq = seq;
+        self.update(|s| s.last_resync = Some(report));
+        self.resync_done.send_replace(seq);
+    }
+
+    /// The number of resyncs finished so far, and a receiver that changes
+    /// when the next one finishes.
+    pub fn resync_done(&self) -> watch::Receiver<u64> {
+        self.resync_done.subscribe()
+    }
+}
+
+pub fn unix_now() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}

@@ -205,6 +205,22 @@ pub struct ViewConfig {
     pub value_column: Option<String>,
     #[serde(default)]
     pub json_columns: Vec<String>,
+    /// What happens to the view's keys while it does not compile (a DDL
+    /// dropped a column it reads, ...): `keep` leaves the last published
+    /// values in memcached (readers see slightly old data, nothing
+    /// disappears), `delete` removes them (readers fall back to their own
+    /// source). Either way the view is reported and compiled again at the
+    /// next schema change.
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    #[default]
+    Keep,
+    Delete,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -88,8 +88,29 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let cfg = Arc::new(cfg);
     // Handlers first: SIGHUP's default action kills the process, and
     // `tailcache resync` may signal as soon as the pid file exists.
-    let signals = Signals::install()?;
-    preflight(&cfg).await?;
+    let mut signals = Signals::install()?;
+    let status = Arc::new(crate::status::Status::new());
+    // A server that is down at start is transient like a lost link: wait
+    // for it (readiness says why); only configuration, privileges and
+    // server settings are fatal.
+    let mut attempt = 0u32;
+    loop {
+        let e = match preflight(&cfg).await {
+            Ok(()) => break,
+            Err(e) if e.recovery() == crate::error::Recovery::Transient => e,
+            Err(e) => return Err(e),
+        };
+        attempt += 1;
+        let delay = crate::source::replicator::backoff(attempt);
+        tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "cannot reach the server at start; retrying");
+        let msg = e.to_string();
+        status.update(|s| s.source_error = Some(msg));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = signals.term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
+            _ = signals.int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()) }
+        }
+    }
     let state = StatePath::resolve(&cfg)?;
     let _pid = PidFile::create(&pid_file(&cfg))?;
     // Create the state schema once, before the replicator and the publisher
@@ -98,7 +119,6 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         let conn = crate::replica::open_connection(&state.path, &cfg.mysql.table_refs())?;
         crate::views::published::ensure_tables(&conn)?;
     }
-    let status = Arc::new(crate::status::Status::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (control_tx, control_rx) = mpsc::unbounded_channel::<Control>();
     let (notice_tx, notice_rx) = mpsc::unbounded_channel::<CommitNotice>();
@@ -188,9 +208,12 @@ async fn preflight(cfg: &Config) -> Result<()> {
     if !report.ok() {
         return Err(Error::Fatal(format!("preflight failed; refusing to start:\n{}", report.render().trim_end())));
     }
+    // A view that does not compile is reported and skipped, the same at
+    // start as at run time (the tables may also still change: the views are
+    // compiled again once the replica has caught up with the binlog's DDL).
     let problems = validate_views(cfg, &mut conn).await?;
-    if !problems.is_empty() {
-        return Err(Error::Fatal(format!("views: refusing to start:\n{}", problems.join("\n"))));
+    for p in &problems {
+        tracing::error!(problem = %p.trim(), "view does not compile against the watched tables; it is skipped until it does");
     }
     let _ = conn.disconnect().await;
     Ok(())

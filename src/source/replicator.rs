@@ -944,7 +944,7 @@ impl<'c> Replicator<'c> {
             .iter()
             .filter_map(|(s, n)| {
                 let schema = s.as_deref().unwrap_or(default_schema);
-                self.tables.iter().position(|t| t.name.eq_ignore_ascii_case(n) && (s.is_none() || t.schema == schema))
+                self.tables.iter().position(|t| t.name.eq_ignore_ascii_case(n) && t.schema == schema)
             })
             .collect();
         hit.sort_unstable();

@@ -254,6 +254,9 @@ pub struct Scratch {
 #[derive(Debug, Clone)]
 pub struct ViewSet {
     views: Vec<CompiledView>,
+    /// Views that did not compile (name, problems, what to do with their
+    /// keys); the others run without them.
+    broken: Vec<(String, String, crate::config::OnError)>,
     prefix: String,
     codec: Codec,
     exptime: u32,
@@ -490,6 +493,7 @@ impl ViewSet {
         }
         Ok(ViewSet {
             views: compiled,
+            broken: Vec::new(),
             prefix: mc.key_prefix.clone(),
             codec: mc.codec,
             exptime: mc.exptime,
@@ -499,6 +503,54 @@ impl ViewSet {
 
     pub fn views(&self) -> &[CompiledView] {
         &self.views
+    }
+
+    /// Compiles what compiles: a view with a problem is left out (and
+    /// listed in [`broken`](Self::broken)) while the others run, the same
+    /// at start as after a schema change.
+    pub fn compile_lenient(
+        conn: &Connection,
+        views: &[ViewConfig],
+        mc: &MemcachedConfig,
+        watched: &[TableRef],
+    ) -> ViewSet {
+        match Self::compile(conn, views, mc, watched) {
+            Ok(vs) => vs,
+            Err(problems) => {
+                let bad: BTreeSet<&str> = problems.iter().map(|p| p.view.as_str()).collect();
+                let good: Vec<ViewConfig> = views.iter().filter(|v| !bad.contains(v.name.as_str())).cloned().collect();
+                let mut vs = match Self::compile(conn, &good, mc, watched) {
+                    Ok(vs) => vs,
+                    // Problems between views (a shared key) surface only
+                    // together; then nothing is safe to publish.
+                    Err(_) => ViewSet {
+                        views: Vec::new(),
+                        broken: Vec::new(),
+                        prefix: mc.key_prefix.clone(),
+                        codec: mc.codec,
+                        exptime: mc.exptime,
+                        max_item_size: mc.max_item_size,
+                    },
+                };
+                for v in views.iter().filter(|v| !vs.views.iter().any(|c| c.name() == v.name)) {
+                    let msg: Vec<String> =
+                        problems.iter().filter(|p| p.view == v.name).map(|p| p.message.clone()).collect();
+                    let msg = if msg.is_empty() { "conflicts with another view".to_owned() } else { msg.join("; ") };
+                    vs.broken.push((v.name.clone(), msg, v.on_error));
+                }
+                vs
+            }
+        }
+    }
+
+    /// Views left out because they do not compile: (name, why, on_error).
+    pub fn broken(&self) -> &[(String, String, crate::config::OnError)] {
+        &self.broken
+    }
+
+    /// A broken view whose keys stay in memcached (`on_error = "keep"`).
+    pub fn keeps_keys_of(&self, name: &str) -> bool {
+        self.broken.iter().any(|(n, _, o)| n == name && *o == crate::config::OnError::Keep)
     }
 
     pub fn codec(&self) -> Codec {

@@ -124,7 +124,11 @@ impl Published {
         let mut v: Vec<String> = self
             .views
             .iter()
-            .filter(|(name, keys)| !keys.is_empty() && !viewset.views().iter().any(|c| c.name() == name.as_str()))
+            .filter(|(name, keys)| {
+                !keys.is_empty()
+                    && !viewset.views().iter().any(|c| c.name() == name.as_str())
+                    && !viewset.keeps_keys_of(name)
+            })
             .map(|(name, _)| name.clone())
             .collect();
         v.sort();

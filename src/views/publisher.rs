@@ -108,6 +108,14 @@ pub fn spawn_publisher(
     })
 }
 
+/// Logs each view left out because it does not compile.
+fn report_broken(vs: &ViewSet) {
+    for (view, why, on_error) in vs.broken() {
+        crate::metrics::VIEW_ERRORS.inc();
+        tracing::error!(view = %view, on_error = ?on_error, problem = %why, "view does not compile; skipped until the next schema change");
+    }
+}
+
 /// Merged, not yet published work.
 #[derive(Debug, Default)]
 struct Pending {
@@ -372,13 +380,8 @@ impl Worker {
     fn viewset(&mut self) -> Result<&ViewSet> {
         if self.viewset.is_none() {
             let refs = self.cfg.mysql.table_refs();
-            let vs = ViewSet::compile(&self.conn, &self.cfg.views, &self.mc, &refs).map_err(|problems| {
-                Error::Fatal(format!(
-                    "{} view problem(s):\n{}",
-                    problems.len(),
-                    problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n")
-                ))
-            })?;
+            let vs = ViewSet::compile_lenient(&self.conn, &self.cfg.views, &self.mc, &refs);
+            report_broken(&vs);
             self.viewset = Some(vs);
         }
         match &self.viewset {
@@ -403,14 +406,9 @@ impl Worker {
             // until it is stepped again; drop them so the shape check in
             // `compute` compares with the new tables.
             self.conn.flush_prepared_statement_cache();
-            match ViewSet::compile(&self.conn, &self.cfg.views, &self.mc, &refs) {
-                Ok(vs) => self.viewset = Some(vs),
-                Err(problems) => {
-                    for p in problems {
-                        tracing::error!(view = %p.view, "after resync: {p}");
-                    }
-                }
-            }
+            let vs = ViewSet::compile_lenient(&self.conn, &self.cfg.views, &self.mc, &refs);
+            report_broken(&vs);
+            self.viewset = Some(vs);
         }
         self.viewset()?;
         let Some(viewset) = self.viewset.take() else {

@@ -54,6 +54,7 @@ fn view(name: &str, key: &str, query: &str) -> ViewConfig {
         map_key: None,
         value_column: None,
         json_columns: vec![],
+        on_error: Default::default(),
     }
 }
 

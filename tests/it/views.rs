@@ -384,41 +384,38 @@ async fn restart_publishes_missed_changes_without_rewriting_the_rest() {
     assert_eq!(raw_gets(&mc.addr(), "app:1").unwrap().2, cas1, "an unchanged key was rewritten after a restart");
 }
 
-fn refused(db: &TestDb, dir: &Path, mc: &Memcached, views: &str) -> String {
-    let path = dir.join("bad.toml");
-    std::fs::write(&path, config(db, &dir.join("bad.db"), mc, "msgpack", "", views)).unwrap();
-    let out = harness::run_tailcache(&["run", "--config", path.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "start-up must be refused:\n{stderr}");
-    stderr
-}
-
 #[tokio::test(flavor = "multi_thread")]
-async fn bad_views_refuse_to_start_naming_the_view() {
+async fn bad_views_are_reported_and_skipped_while_the_others_publish() {
     let (db, dir) = setup("badviews").await;
     let mc = Memcached::start();
-    let e = refused(
-        &db,
-        dir.path(),
-        &mc,
+    let views = concat!(
+        app_view!(),
         "[[views]]\nname = \"broken\"\nkey = \"k:{id}\"\nquery = \"SELEC id FROM application\"\n",
+        "[[views]]\nname = \"holey\"\nkey = \"h:{nope}\"\nquery = \"SELECT id FROM application\"\n",
+        "[[views]]\nname = \"peeker\"\nkey = \"p:{id}\"\nquery = \"SELECT id FROM secret\"\n",
     );
-    assert!(e.contains("\"broken\"") || e.contains("broken"), "{e}");
-    assert!(e.to_lowercase().contains("syntax") || e.contains("SELEC"), "{e}");
-    let e = refused(
-        &db,
-        dir.path(),
-        &mc,
-        "[[views]]\nname = \"holey\"\nkey = \"k:{nope}\"\nquery = \"SELECT id FROM application\"\n",
-    );
-    assert!(e.contains("holey") && e.contains("nope"), "{e}");
-    let e = refused(
-        &db,
-        dir.path(),
-        &mc,
-        "[[views]]\nname = \"peeker\"\nkey = \"k:{id}\"\nquery = \"SELECT id FROM secret\"\n",
-    );
-    assert!(e.contains("peeker") && e.contains("secret"), "{e}");
+    let cfg = config(&db, &dir.path().join("s.db"), &mc, "msgpack", "b:", views);
+    // `check` refuses them, naming each view and its problem.
+    let path = dir.path().join("check.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let out = harness::run_tailcache(&["check", "--config", path.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check must fail on broken views:\n{text}");
+    for (view, problem) in [("broken", "SELEC"), ("holey", "nope"), ("peeker", "secret")] {
+        assert!(text.contains(view) && text.contains(problem), "check names {view} and {problem}:\n{text}");
+    }
+    // The daemon starts anyway: the good view is published, the broken
+    // ones are logged with their problem and skipped.
+    let daemon = Daemon::start(&cfg);
+    wait_for(&mc, "b:app:1", "the good view", &daemon, |v| name_is(v, "test0")).await;
+    let log = daemon.log();
+    for (view, problem) in [("broken", "SELEC"), ("holey", "nope"), ("peeker", "secret")] {
+        assert!(
+            log.lines().any(|l| l.contains(view) && l.contains(problem) && l.contains("does not compile")),
+            "the log names {view} and {problem}:\n{log}"
+        );
+    }
+    assert!(mc.get_raw("k:1").is_none() && mc.get_raw("b:k:1").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -34,6 +34,18 @@ async fn shared_server_has_row_binlog() {
                 // The whole MySQL run exercises GTIDs and compressed transactions.
                 assert_eq!(variable(&mut conn, "gtid_mode").await, "ON");
                 assert_eq!(variable(&mut conn, "binlog_transaction_compression").await, "ON");
+                // ... and a transaction really is logged compressed.
+                let db = s.create_db("selftest zstd").await;
+                let mut root = db.root_conn().await;
+                root.query_drop("CREATE TABLE t (id INT PRIMARY KEY)").await.unwrap();
+                let status: mysql_async::Row = root.query_first("SHOW BINARY LOG STATUS").await.unwrap().unwrap();
+                let (file, pos): (String, u64) = (status.get(0).unwrap(), status.get(1).unwrap());
+                root.query_drop("INSERT INTO t VALUES (1)").await.unwrap();
+                let events: Vec<mysql_async::Row> =
+                    root.query(format!("SHOW BINLOG EVENTS IN '{file}' FROM {pos}")).await.unwrap();
+                let types: Vec<String> = events.iter().map(|r| r.get::<String, _>("Event_type").unwrap()).collect();
+                assert!(types.iter().any(|t| t == "Transaction_payload"), "no compressed transaction: {types:?}");
+                root.disconnect().await.unwrap();
             }
         }
     }

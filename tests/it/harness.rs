@@ -1,9 +1,12 @@
 //! Shared integration-test harness: real MariaDB / memcached servers started
 //! on free ports in temp dirs, plus helpers to run the `tailcache` binary.
 //!
-//! * [`server()`] is one MariaDB (binlog on, ROW/FULL) shared by every test of
-//!   this binary, or the server named by `TAILCACHE_TEST_MYSQL_URL`.
-//! * [`start_private_mariadb`] / [`Memcached::start`] give a test its own
+//! * [`server()`] is one server (binlog on, ROW/FULL) shared by every test of
+//!   this binary: MariaDB, or with `TAILCACHE_TEST_FLAVOR=mysql` MySQL run
+//!   chrooted from the root built by `scripts/mysql-root.sh` (GTIDs on,
+//!   binlog transaction compression on); or the server named by
+//!   `TAILCACHE_TEST_MYSQL_URL`, which wins.
+//! * [`start_private_server`] / [`Memcached::start`] give a test its own
 //!   instance (killed on drop).
 //! * Every child process is spawned from one long-lived thread with
 //!   `PR_SET_PDEATHSIG = SIGKILL`, so servers die with the test process even
@@ -149,37 +152,48 @@ fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
 
 const DIR_PREFIX: &str = "tailcache-it-";
 
-/// Removes `tailcache-it-<pid>-*` dirs left behind by dead test processes.
-fn cleanup_stale_dirs() {
-    static ONCE: OnceLock<()> = OnceLock::new();
-    ONCE.get_or_init(|| {
-        let me = std::process::id();
-        let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+/// Removes `tailcache-it-<pid>-*` dirs in `parent` left behind by dead test
+/// processes (once per parent and process).
+fn cleanup_stale_dirs(parent: &Path) {
+    static DONE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    {
+        let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+        if done.iter().any(|d| d == parent) {
             return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
-                continue;
-            };
-            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-                continue;
-            };
-            if pid == me || Path::new(&format!("/proc/{pid}")).exists() {
-                continue;
-            }
-            let _ = fs::remove_dir_all(entry.path());
         }
-    });
+        done.push(parent.to_owned());
+    }
+    let me = std::process::id();
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let _ = fs::remove_dir_all(entry.path());
+    }
 }
 
 /// A fresh dir `$TMPDIR/tailcache-it-<pid>-<kind>-XXXXXX`, removed on drop.
 fn test_dir(kind: &str) -> TempDir {
-    cleanup_stale_dirs();
+    test_dir_in(&std::env::temp_dir(), kind)
+}
+
+/// A fresh dir `<parent>/tailcache-it-<pid>-<kind>-XXXXXX`, removed on drop.
+fn test_dir_in(parent: &Path, kind: &str) -> TempDir {
+    cleanup_stale_dirs(parent);
     tempfile::Builder::new()
         .prefix(&format!("{DIR_PREFIX}{}-{kind}-", std::process::id()))
-        .tempdir_in(std::env::temp_dir())
-        .unwrap_or_else(|e| panic!("cannot create temp dir for {kind} in {:?}: {e}", std::env::temp_dir()))
+        .tempdir_in(parent)
+        .unwrap_or_else(|e| panic!("cannot create temp dir for {kind} in {}: {e}", parent.display()))
 }
 
 fn free_port() -> u16 {
@@ -217,6 +231,50 @@ fn random_password() -> String {
 pub enum Flavor {
     MariaDb,
     Mysql,
+}
+
+/// Env var choosing which server the harness starts: `mariadb` (default) or
+/// `mysql` (MySQL from the root built by `scripts/mysql-root.sh`).
+pub const FLAVOR_ENV: &str = "TAILCACHE_TEST_FLAVOR";
+/// Env var naming the MySQL root (as in `scripts/mysql-root.sh`).
+pub const MYSQL_ROOT_ENV: &str = "TAILCACHE_MYSQL_ROOT";
+const DEFAULT_MYSQL_ROOT: &str = "/var/cache/tailcache/mysql-root";
+/// mysqld inside the MySQL root.
+const MYSQLD_IN_ROOT: &str = "/usr/sbin/mysqld";
+
+/// The flavour the harness starts (`TAILCACHE_TEST_FLAVOR`). A server from
+/// `TAILCACHE_TEST_MYSQL_URL` has its own flavour: see [`MysqlServer::flavor`].
+pub fn flavor() -> Flavor {
+    static FLAVOR: OnceLock<Flavor> = OnceLock::new();
+    *FLAVOR.get_or_init(|| match std::env::var(FLAVOR_ENV) {
+        Err(std::env::VarError::NotPresent) => Flavor::MariaDb,
+        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "" | "mariadb" => Flavor::MariaDb,
+            "mysql" => Flavor::Mysql,
+            other => panic!("{FLAVOR_ENV}={other:?}: expected `mariadb` or `mysql`"),
+        },
+        Err(e) => panic!("{FLAVOR_ENV}: {e}"),
+    })
+}
+
+/// The MySQL root (`TAILCACHE_MYSQL_ROOT`, default
+/// /var/cache/tailcache/mysql-root); panics naming `scripts/mysql-root.sh`
+/// when it holds no mysqld. Never falls back to MariaDB.
+fn mysql_root() -> PathBuf {
+    let root = std::env::var_os(MYSQL_ROOT_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_MYSQL_ROOT));
+    let mysqld = root.join(MYSQLD_IN_ROOT.trim_start_matches('/'));
+    if !mysqld.is_file() {
+        panic!(
+            "{FLAVOR_ENV}=mysql but there is no MySQL root at {} ({} is missing): build it with \
+             `sudo scripts/mysql-root.sh` (or point {MYSQL_ROOT_ENV} at one)",
+            root.display(),
+            mysqld.display()
+        );
+    }
+    root
 }
 
 struct PrivateProc {
@@ -332,7 +390,9 @@ impl MysqlServer {
 
     /// Creates a fresh database `t_<hint>_<n>` and a user `u_<hint>_<n>` with
     /// exactly what tailcache needs: REPLICATION SLAVE, REPLICATION CLIENT on
-    /// `*.*` and SELECT on the database. Write through root.
+    /// `*.*` and SELECT on the database, plus LOCK TABLES on it on MySQL
+    /// (its snapshot reads the start position under `LOCK TABLES … READ`, and
+    /// `tailcache check` asks for it there). Write through root.
     pub async fn create_db(&self, hint: &str) -> TestDb {
         let n = DB_COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
         // A shared external server may be used by concurrent runs: make names
@@ -354,7 +414,10 @@ impl MysqlServer {
             format!("DROP USER IF EXISTS '{user}'@'%'"),
             format!("CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'"),
             format!("GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO '{user}'@'%'"),
-            format!("GRANT SELECT ON `{name}`.* TO '{user}'@'%'"),
+            match self.flavor {
+                Flavor::MariaDb => format!("GRANT SELECT ON `{name}`.* TO '{user}'@'%'"),
+                Flavor::Mysql => format!("GRANT SELECT, LOCK TABLES ON `{name}`.* TO '{user}'@'%'"),
+            },
         ];
         for sql in &stmts {
             conn.query_drop(sql)
@@ -417,19 +480,22 @@ extern "C" fn cleanup_at_exit() {
         }
         let _ = fs::remove_dir_all(p.dir.path());
     }
-    if let Some(Ok((dir, _))) = TEMPLATE.get() {
-        let _ = fs::remove_dir_all(dir.path());
+    for t in [&TEMPLATE, &MARIADB_TEMPLATE] {
+        if let Some(Ok((dir, _))) = t.get() {
+            let _ = fs::remove_dir_all(dir.path());
+        }
     }
 }
 
-/// The MariaDB shared by all tests of this binary (started on first use), or
-/// the server from `TAILCACHE_TEST_MYSQL_URL`.
+/// The server shared by all tests of this binary (started on first use): a
+/// private MariaDB or MySQL as chosen by `TAILCACHE_TEST_FLAVOR` (see
+/// [`flavor`]), or the server from `TAILCACHE_TEST_MYSQL_URL`, which wins.
 pub fn server() -> &'static MysqlServer {
     let res = SHARED_SERVER.get_or_init(|| {
         register_exit_cleanup();
         std::panic::catch_unwind(|| match std::env::var(EXTERNAL_URL_ENV) {
             Ok(url) if !url.trim().is_empty() => external_server(url.trim()),
-            _ => start_mariadb(&[], "shared"),
+            _ => start_server(&[], "shared"),
         })
         .map_err(|e| {
             e.downcast_ref::<String>()
@@ -474,12 +540,12 @@ fn external_server(url: &str) -> MysqlServer {
     MysqlServer { host, port, flavor, version, root_base, root_query: query, proc_: None }
 }
 
-/// A separate MariaDB instance, killed and its dir removed on drop.
-pub struct PrivateMariaDb {
+/// A separate server of the chosen flavour, killed and its dir removed on drop.
+pub struct PrivateServer {
     server: MysqlServer,
 }
 
-impl PrivateMariaDb {
+impl PrivateServer {
     pub fn server(&self) -> &MysqlServer {
         &self.server
     }
@@ -490,54 +556,161 @@ impl PrivateMariaDb {
     }
 }
 
-impl Deref for PrivateMariaDb {
+impl Deref for PrivateServer {
     type Target = MysqlServer;
     fn deref(&self) -> &MysqlServer {
         &self.server
     }
 }
 
-/// Starts a separate MariaDB with the same defaults as [`server()`], with
-/// `extra_args` appended (later options override earlier ones).
-pub fn start_private_mariadb(extra_args: &[&str]) -> PrivateMariaDb {
-    PrivateMariaDb { server: start_mariadb(extra_args, "private") }
+/// Starts a separate server of the chosen flavour ([`flavor`], even when
+/// `TAILCACHE_TEST_MYSQL_URL` is set) with the same defaults as
+/// [`server()`], with `extra_args` appended (later options override earlier
+/// ones). Pass only options both MariaDB and MySQL understand, or branch on
+/// [`flavor`].
+pub fn start_private_server(extra_args: &[&str]) -> PrivateServer {
+    PrivateServer { server: start_server(extra_args, "private") }
 }
 
-/// A freshly initialised, never started datadir. `mariadb-install-db` takes
-/// seconds (it is fsync-bound), so it runs once per test process and every
-/// instance starts from a copy.
+fn start_server(extra_args: &[&str], kind: &str) -> MysqlServer {
+    match flavor() {
+        Flavor::MariaDb => start_mariadb(extra_args, kind),
+        Flavor::Mysql => start_mysql(extra_args, kind),
+    }
+}
+
+/// A freshly initialised, never started datadir of the chosen flavour.
+/// Initialising takes seconds (`mariadb-install-db` is fsync-bound, `mysqld
+/// --initialize-insecure` creates the dictionary), so it runs once per test
+/// process and every instance starts from a copy.
 fn template_datadir() -> &'static Path {
     let res = TEMPLATE.get_or_init(|| {
         register_exit_cleanup();
-        let dir = test_dir("template");
-        let datadir = dir.path().join("data");
-        let install_log = dir.path().join("install.log");
-        let tmpdir = dir.path().join("tmp");
-        fs::create_dir(&tmpdir).map_err(|e| format!("create {}: {e}", tmpdir.display()))?;
-        let out = Command::new(MARIADB_INSTALL_DB)
-            .arg("--no-defaults")
-            .arg("--auth-root-authentication-method=normal")
-            .arg("--skip-test-db")
-            .arg("--user=root")
-            .arg(format!("--datadir={}", datadir.display()))
-            // Passed through to the bootstrap mariadbd; must match the
-            // server's value or every start resizes the redo log.
-            .arg("--innodb-log-file-size=48M")
-            // Own tmpdir: other processes cleaning /tmp must not break the bootstrap.
-            .arg(format!("--tmpdir={}", tmpdir.display()))
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {MARIADB_INSTALL_DB} (install the mariadb-server package): {e}"))?;
-        let _ = fs::write(&install_log, [&out.stdout[..], &out.stderr[..]].concat());
-        if !out.status.success() {
-            return Err(format!("{MARIADB_INSTALL_DB} failed ({}):\n{}", out.status, tail(&install_log, 40)));
+        match flavor() {
+            Flavor::MariaDb => mariadb_template(),
+            Flavor::Mysql => mysql_template(&mysql_root()),
         }
-        Ok((dir, datadir))
     });
     match res {
         Ok((_, datadir)) => datadir,
         Err(e) => panic!("{e}"),
     }
+}
+
+fn mariadb_template() -> Result<(TempDir, PathBuf), String> {
+    let dir = test_dir("template");
+    let datadir = dir.path().join("data");
+    let install_log = dir.path().join("install.log");
+    let tmpdir = dir.path().join("tmp");
+    fs::create_dir(&tmpdir).map_err(|e| format!("create {}: {e}", tmpdir.display()))?;
+    let out = Command::new(MARIADB_INSTALL_DB)
+        .arg("--no-defaults")
+        .arg("--auth-root-authentication-method=normal")
+        .arg("--skip-test-db")
+        .arg("--user=root")
+        .arg(format!("--datadir={}", datadir.display()))
+        // Passed through to the bootstrap mariadbd; must match the
+        // server's value or every start resizes the redo log.
+        .arg("--innodb-log-file-size=48M")
+        // Own tmpdir: other processes cleaning /tmp must not break the bootstrap.
+        .arg(format!("--tmpdir={}", tmpdir.display()))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {MARIADB_INSTALL_DB} (install the mariadb-server package): {e}"))?;
+    let _ = fs::write(&install_log, [&out.stdout[..], &out.stderr[..]].concat());
+    if !out.status.success() {
+        return Err(format!("{MARIADB_INSTALL_DB} failed ({}):\n{}", out.status, tail(&install_log, 40)));
+    }
+    Ok((dir, datadir))
+}
+
+/// `path` (below `root`) as mysqld in the chroot sees it.
+fn inner_path(root: &Path, path: &Path) -> String {
+    let rel = path
+        .strip_prefix(root)
+        .unwrap_or_else(|_| panic!("{} is not inside the MySQL root {}", path.display(), root.display()));
+    format!("/{}", rel.display())
+}
+
+/// mysqld's options for a server in `inner` (a dir inside the root holding
+/// data/ and tmp/), as verified with scripts/mysql-start.sh. Every MySQL test
+/// server compresses its binlog transactions, so the whole MySQL run goes
+/// through TRANSACTION_PAYLOAD events.
+fn mysqld_args(inner: &str, port: u16) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--no-defaults".to_owned(),
+        "--user=root".to_owned(),
+        format!("--datadir={inner}/data"),
+        format!("--tmpdir={inner}/tmp"),
+        format!("--secure-file-priv={inner}/tmp"),
+        format!("--socket={inner}/mysql.sock"),
+        format!("--pid-file={inner}/mysqld.pid"),
+        format!("--log-error={inner}/error.log"),
+        "--bind-address=127.0.0.1".to_owned(),
+        format!("--port={port}"),
+    ]
+    .into();
+    args.extend(
+        [
+            "--mysqlx=OFF",
+            "--server-id=1",
+            "--log-bin=binlog",
+            "--binlog-format=ROW",
+            "--binlog-row-image=FULL",
+            "--binlog-row-metadata=FULL",
+            "--gtid-mode=ON",
+            "--enforce-gtid-consistency=ON",
+            "--binlog-transaction-compression=ON",
+            "--performance-schema=OFF",
+            "--innodb-buffer-pool-size=32M",
+            "--innodb-log-buffer-size=4M",
+            "--innodb-redo-log-capacity=32M",
+            "--key-buffer-size=1M",
+            "--temptable-max-ram=32M",
+            "--table-open-cache=256",
+            "--max-connections=100",
+            "--innodb-doublewrite=OFF",
+            "--innodb-flush-log-at-trx-commit=2",
+            "--sync-binlog=0",
+        ]
+        .map(str::to_owned),
+    );
+    args
+}
+
+fn mysql_template(root: &Path) -> Result<(TempDir, PathBuf), String> {
+    let started = Instant::now();
+    let dir = test_dir_in(&root.join("tmp"), "template");
+    let inner = inner_path(root, dir.path());
+    let datadir = dir.path().join("data");
+    let tmpdir = dir.path().join("tmp");
+    fs::create_dir(&tmpdir).map_err(|e| format!("create {}: {e}", tmpdir.display()))?;
+    let init_log = dir.path().join("init.log");
+    let out = Command::new("chroot")
+        .arg(root)
+        .arg(MYSQLD_IN_ROOT)
+        .args(mysqld_args(&inner, 0))
+        .arg(format!("--log-error={inner}/init.log"))
+        .arg("--initialize-insecure")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run chroot {} {MYSQLD_IN_ROOT}: {e}", root.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mysqld --initialize-insecure in {} failed ({}):\n{}\n{}{}",
+            root.display(),
+            out.status,
+            tail(&init_log, 40),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    // Each copy gets a fresh server_uuid.
+    let _ = fs::remove_file(datadir.join("auto.cnf"));
+    if verbose() {
+        eprintln!("harness: mysqld --initialize-insecure took {:?}", started.elapsed());
+    }
+    Ok((dir, datadir))
 }
 
 fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
@@ -554,11 +727,35 @@ fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The MariaDB template, whatever the flavour: a MySQL run still starts a
+/// private MariaDB for tests whose server must read host files (TLS keys;
+/// MySQL runs in a chroot that cannot see them).
+static MARIADB_TEMPLATE: OnceLock<Result<(TempDir, PathBuf), String>> = OnceLock::new();
+
+fn mariadb_template_datadir() -> &'static Path {
+    if flavor() == Flavor::MariaDb {
+        return template_datadir();
+    }
+    let res = MARIADB_TEMPLATE.get_or_init(|| {
+        register_exit_cleanup();
+        mariadb_template()
+    });
+    match res {
+        Ok((_, datadir)) => datadir,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// A private MariaDB whatever the flavour (see [`mariadb_template_datadir`]).
+pub fn start_private_mariadb(extra_args: &[&str]) -> PrivateServer {
+    PrivateServer { server: start_mariadb(extra_args, "private") }
+}
+
 fn start_mariadb(extra_args: &[&str], kind: &str) -> MysqlServer {
     let started = Instant::now();
     let dir = test_dir(&format!("mariadb-{kind}"));
     let datadir = dir.path().join("data");
-    copy_dir(template_datadir(), &datadir)
+    copy_dir(mariadb_template_datadir(), &datadir)
         .unwrap_or_else(|e| panic!("cannot copy the template datadir to {}: {e}", datadir.display()));
     let installed = started.elapsed();
     let err_log = dir.path().join("error.log");
@@ -652,17 +849,37 @@ fn start_mariadb(extra_args: &[&str], kind: &str) -> MysqlServer {
         }
     };
 
+    let proc_ = PrivateProc { child: Mutex::new(child), err_log, dir };
+    secure_root(proc_, port, Flavor::MariaDb, kind, started)
+}
+
+/// Sets a random root password on a fresh server (root has none yet) and
+/// adds root@'%', so that tests log in over TCP with a password like users do.
+fn secure_root(proc_: PrivateProc, port: u16, flavor: Flavor, kind: &str, started: Instant) -> MysqlServer {
     let password = random_password();
     let mut server = MysqlServer {
         host: "127.0.0.1".into(),
         port,
-        flavor: Flavor::MariaDb,
+        flavor,
         version: String::new(),
         root_base: format!("mysql://root:{password}@127.0.0.1:{port}"),
         root_query: String::new(),
-        proc_: Some(PrivateProc { child: Mutex::new(child), err_log: err_log.clone(), dir }),
+        proc_: Some(proc_),
     };
-    // Fresh datadir: root@127.0.0.1 exists with an empty password.
+    let mut stmts = vec![
+        format!("CREATE USER 'root'@'%' IDENTIFIED BY '{password}'"),
+        "GRANT ALL PRIVILEGES ON *.* TO 'root'@'%' WITH GRANT OPTION".to_owned(),
+        format!("ALTER USER 'root'@'localhost' IDENTIFIED BY '{password}'"),
+    ];
+    match flavor {
+        // mariadb-install-db also makes root@127.0.0.1; MySQL's
+        // --initialize-insecure only root@localhost (and needs no FLUSH).
+        Flavor::MariaDb => stmts.extend([
+            format!("ALTER USER 'root'@'127.0.0.1' IDENTIFIED BY '{password}'"),
+            "FLUSH PRIVILEGES".to_owned(),
+        ]),
+        Flavor::Mysql => {}
+    }
     let bootstrap_url = format!("mysql://root@127.0.0.1:{port}/");
     let setup = block_on(async {
         let mut conn =
@@ -672,27 +889,125 @@ fn start_mariadb(extra_args: &[&str], kind: &str) -> MysqlServer {
             .await
             .map_err(|e| format!("SELECT VERSION(): {e}"))?
             .ok_or("SELECT VERSION() returned no row")?;
-        let stmts = [
-            format!("CREATE USER 'root'@'%' IDENTIFIED BY '{password}'"),
-            "GRANT ALL PRIVILEGES ON *.* TO 'root'@'%' WITH GRANT OPTION".to_owned(),
-            format!("ALTER USER 'root'@'localhost' IDENTIFIED BY '{password}'"),
-            format!("ALTER USER 'root'@'127.0.0.1' IDENTIFIED BY '{password}'"),
-            "FLUSH PRIVILEGES".to_owned(),
-        ];
         for sql in &stmts {
             conn.query_drop(sql).await.map_err(|e| format!("`{}`: {e}", sql.replace(&password, "***")))?;
         }
         let _ = conn.disconnect().await;
         Ok::<_, String>(version)
     });
+    let what = match flavor {
+        Flavor::MariaDb => "mariadbd",
+        Flavor::Mysql => "mysqld",
+    };
     match setup {
         Ok(v) => server.version = v,
-        Err(e) => panic!("root setup of mariadbd ({kind}) on port {port} failed: {e}\n{}", server.err_log_tail()),
+        Err(e) => panic!("root setup of {what} ({kind}) on port {port} failed: {e}\n{}", server.err_log_tail()),
+    }
+    // The root password works (on MySQL: caching_sha2_password over plain
+    // TCP, i.e. RSA key exchange, since the cache is still cold).
+    let check = block_on(async {
+        let mut conn = try_connect(&server.root_url(None)).await?;
+        conn.query_drop("DO 1").await?;
+        conn.disconnect().await
+    });
+    if let Err(e) = check {
+        panic!("{what} ({kind}) on port {port}: root cannot log in with its new password: {e}");
     }
     if verbose() {
-        eprintln!("harness: mariadbd ({kind}) {} ready on port {port} in {:?}", server.version, started.elapsed());
+        eprintln!("harness: {what} ({kind}) {} ready on port {port} in {:?}", server.version, started.elapsed());
     }
     server
+}
+
+/// Starts mysqld from the MySQL root, chrooted, on a free port.
+fn start_mysql(extra_args: &[&str], kind: &str) -> MysqlServer {
+    let started = Instant::now();
+    let root = mysql_root();
+    let template = template_datadir();
+    let dir = test_dir_in(&root.join("tmp"), &format!("mysql-{kind}"));
+    let inner = inner_path(&root, dir.path());
+    let datadir = dir.path().join("data");
+    copy_dir(template, &datadir)
+        .unwrap_or_else(|e| panic!("cannot copy the template datadir to {}: {e}", datadir.display()));
+    let installed = started.elapsed();
+    let tmpdir = dir.path().join("tmp");
+    fs::create_dir(&tmpdir).unwrap_or_else(|e| panic!("create {}: {e}", tmpdir.display()));
+    let err_log = dir.path().join("error.log");
+    let stdout_log = dir.path().join("stdout.log");
+    let our_datadir = format!("{inner}/data/");
+    let mut attempt = 0;
+    let (child, port) = loop {
+        attempt += 1;
+        let port = free_port();
+        let _ = fs::remove_file(&err_log);
+        let mut cmd = Command::new("chroot");
+        cmd.arg(&root)
+            .arg(MYSQLD_IN_ROOT)
+            .args(mysqld_args(&inner, port))
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout_log).expect("create stdout.log"))
+            .stderr(fs::File::options().append(true).open(&stdout_log).expect("open stdout.log"));
+        // chroot execs mysqld: same pid, PDEATHSIG kept (neither is setuid and
+        // --user=root makes mysqld keep its credentials).
+        let mut child =
+            spawn_tied(cmd).unwrap_or_else(|e| panic!("cannot spawn chroot {} mysqld: {e}", root.display()));
+        let deadline = Instant::now() + SERVER_START_TIMEOUT;
+        let failure = loop {
+            // Ours only if it serves our datadir: a server of another test
+            // run may hold a port we believed free.
+            if mysql_greets(port) {
+                let answer = block_on(async {
+                    let mut conn = try_connect(&format!("mysql://root@127.0.0.1:{port}/")).await.ok()?;
+                    let d: Option<String> = conn.query_first("SELECT @@datadir").await.ok()?;
+                    let _ = conn.disconnect().await;
+                    d
+                });
+                match answer {
+                    Some(d) if d == our_datadir => break None,
+                    Some(_) | None => {}
+                }
+            }
+            if let Some(status) = child.try_wait().expect("try_wait mysqld") {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "timed out after {SERVER_START_TIMEOUT:?} waiting for mysqld ({kind}) to serve {our_datadir} on \
+                     127.0.0.1:{port}\n{}\n{}",
+                    tail(&err_log, 40),
+                    tail(&stdout_log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        match failure {
+            None => break (child, port),
+            Some(status) => {
+                let log = fs::read_to_string(&err_log).unwrap_or_default()
+                    + &fs::read_to_string(&stdout_log).unwrap_or_default();
+                let port_taken = log.contains("Address already in use")
+                    || log.contains("Do you already have another mysqld server running on port");
+                if port_taken && attempt < 10 {
+                    continue;
+                }
+                panic!(
+                    "mysqld ({kind}, chroot {}) exited with {status} before accepting connections on \
+                     127.0.0.1:{port}\n{}\n{}",
+                    root.display(),
+                    tail(&err_log, 40),
+                    tail(&stdout_log, 20)
+                );
+            }
+        }
+    };
+    if verbose() {
+        eprintln!("harness: mysqld ({kind}) copy {installed:?}, serving after {:?}", started.elapsed());
+    }
+    let proc_ = PrivateProc { child: Mutex::new(child), err_log, dir };
+    secure_root(proc_, port, Flavor::Mysql, kind, started)
 }
 
 /// True when something on `port` sends a MySQL protocol-10 greeting.

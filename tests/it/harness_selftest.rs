@@ -22,14 +22,38 @@ async fn shared_server_has_row_binlog() {
     let v: String = conn.query_first("SELECT VERSION()").await.unwrap().unwrap();
     assert_eq!(v, s.version);
     if s.is_private() {
-        assert_eq!(s.flavor, Flavor::MariaDb);
+        assert_eq!(s.flavor, harness::flavor(), "the flavour TAILCACHE_TEST_FLAVOR asked for");
         assert_ne!(s.port, 3306, "must never use the system MariaDB");
+    }
+    let lower = v.to_ascii_lowercase();
+    match s.flavor {
+        Flavor::MariaDb => assert!(lower.contains("mariadb"), "{v}"),
+        Flavor::Mysql => {
+            assert!(!lower.contains("mariadb"), "{v}");
+            if s.is_private() {
+                // The whole MySQL run exercises GTIDs and compressed transactions.
+                assert_eq!(variable(&mut conn, "gtid_mode").await, "ON");
+                assert_eq!(variable(&mut conn, "binlog_transaction_compression").await, "ON");
+                // ... and a transaction really is logged compressed.
+                let db = s.create_db("selftest zstd").await;
+                let mut root = db.root_conn().await;
+                root.query_drop("CREATE TABLE t (id INT PRIMARY KEY)").await.unwrap();
+                let status: mysql_async::Row = root.query_first("SHOW BINARY LOG STATUS").await.unwrap().unwrap();
+                let (file, pos): (String, u64) = (status.get(0).unwrap(), status.get(1).unwrap());
+                root.query_drop("INSERT INTO t VALUES (1)").await.unwrap();
+                let events: Vec<mysql_async::Row> =
+                    root.query(format!("SHOW BINLOG EVENTS IN '{file}' FROM {pos}")).await.unwrap();
+                let types: Vec<String> = events.iter().map(|r| r.get::<String, _>("Event_type").unwrap()).collect();
+                assert!(types.iter().any(|t| t == "Transaction_payload"), "no compressed transaction: {types:?}");
+                root.disconnect().await.unwrap();
+            }
+        }
     }
     conn.disconnect().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn create_db_user_has_only_replication_and_select() {
+async fn create_db_user_has_only_what_tailcache_needs() {
     let s = harness::server();
     let db = s.create_db("selftest privs").await;
     assert!(db.name.starts_with("t_selftest_privs_"), "{}", db.name);
@@ -56,6 +80,18 @@ async fn create_db_user_has_only_replication_and_select() {
     assert!(status.is_some(), "{show_status} returned no row: is the binlog on?");
     let v: Option<String> = user.query_first("SELECT v FROM t WHERE id = 1").await.expect("SELECT as tailcache user");
     assert_eq!(v.as_deref(), Some("a"));
+    // LOCK TABLES only where tailcache asks for it (its MySQL snapshot).
+    let lock = user.query_drop("LOCK TABLES t READ").await;
+    match s.flavor {
+        Flavor::Mysql => {
+            lock.unwrap_or_else(|e| panic!("LOCK TABLES as tailcache user on MySQL: {e}"));
+            user.query_drop("UNLOCK TABLES").await.unwrap();
+        }
+        Flavor::MariaDb => {
+            let err = lock.expect_err("LOCK TABLES must be denied on MariaDB");
+            assert!(err.to_string().contains("denied"), "unexpected error: {err}");
+        }
+    }
     let err = user.query_drop("INSERT INTO t VALUES (2, 'b')").await.expect_err("INSERT must be denied");
     assert!(err.to_string().contains("denied"), "unexpected error: {err}");
     let err = user.query_drop("CREATE TABLE t2 (id INT)").await.expect_err("CREATE must be denied");
@@ -99,9 +135,10 @@ fn memcached_set_get_restart_empty() {
 }
 
 #[test]
-fn private_mariadb_with_statement_binlog() {
-    let p = harness::start_private_mariadb(&["--binlog-format=STATEMENT"]);
+fn private_server_with_statement_binlog() {
+    let p = harness::start_private_server(&["--binlog-format=STATEMENT"]);
     assert!(p.is_private());
+    assert_eq!(p.flavor, harness::flavor());
     assert_ne!(p.port, 3306, "never the system MariaDB");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
@@ -116,7 +153,7 @@ fn private_mariadb_with_statement_binlog() {
     });
     let port = p.port;
     drop(p);
-    harness::wait_until_blocking("private mariadb to stop listening", Duration::from_secs(10), || {
+    harness::wait_until_blocking("private server to stop listening", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err().then_some(())
     });
 }
@@ -141,7 +178,7 @@ fn wait_until_blocking_times_out_with_message() {
 
 #[test]
 #[should_panic(expected = "exited with")]
-fn private_mariadb_bad_option_fails_clearly() {
+fn private_server_bad_option_fails_clearly() {
     // The panic message names what failed and carries the error log tail.
-    harness::start_private_mariadb(&["--no-such-option-for-the-selftest"]);
+    harness::start_private_server(&["--no-such-option-for-the-selftest"]);
 }

@@ -1,7 +1,8 @@
 //! The MySQL snapshot method (P0 read under a brief `LOCK TABLES … READ`,
-//! replay from P0, consistent after P1), run against the harness's MariaDB
-//! by presenting it as MySQL 8.0: MariaDB has the same LOCK TABLES and
-//! SHOW MASTER STATUS, and no MySQL server runs here.
+//! replay from P0, consistent after P1), run against the harness's server:
+//! a real MySQL with `TAILCACHE_TEST_FLAVOR=mysql`, else the MariaDB
+//! presented as MySQL 8.0 (MariaDB has the same LOCK TABLES and SHOW MASTER
+//! STATUS).
 
 use std::time::Duration;
 
@@ -97,8 +98,13 @@ async fn mysql_snapshot_waits_for_open_writers_before_reading_its_start_position
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mysql_snapshot_without_lock_tables_still_works() {
-    // The harness's user has SELECT and replication grants only.
     let (db, cfg, _dir, sqlite) = setup("snapnolock").await;
+    // SELECT and replication grants only (the harness also grants LOCK
+    // TABLES on MySQL, where tailcache asks for it).
+    if harness::server().flavor == harness::Flavor::Mysql {
+        let revoke = format!("REVOKE LOCK TABLES ON `{}`.* FROM '{}'@'%'", db.name, db.user);
+        db.root_conn().await.query_drop(revoke).await.unwrap();
+    }
     let info = as_mysql(&cfg).await;
     let mut conn = db.root_conn().await;
     let before = master_position(&mut conn).await;

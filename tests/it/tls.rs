@@ -10,7 +10,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tailcache::check::run_checks;
 use tailcache::config::Config;
 
-use crate::harness::{self, Daemon, Memcached, PrivateMariaDb, TestDb};
+use crate::harness::{self, Daemon, Memcached, PrivateServer, TestDb};
 
 /// A CA, a server certificate it signed, and an unrelated second CA.
 struct Certs {
@@ -58,7 +58,7 @@ impl Certs {
     }
 }
 
-async fn tls_server() -> (Certs, PrivateMariaDb) {
+async fn tls_server() -> (Certs, PrivateServer) {
     let certs = Certs::make();
     let args = certs.server_args();
     let server = tokio::task::spawn_blocking(move || {

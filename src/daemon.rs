@@ -132,7 +132,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         spawn_replicator(cfg.clone(), state.path.clone(), opts.resync, notify, control_rx, shutdown_rx, status.clone())
             .map_err(|e| Error::Fatal(format!("cannot start the replicator thread: {e}")))?;
 
-    let outcome = wait_for_exit(signals, &control_tx, &replicator.thread, publisher.as_ref()).await;
+    let mut notifier = crate::notify::Notifier::new(status.clone(), &cfg); // systemd (src/notify.rs)
+    let outcome = wait_for_exit(signals, &control_tx, &replicator.thread, publisher.as_ref(), &mut notifier).await;
+    notifier.stopping(); // systemd STOPPING=1 (src/notify.rs)
     let _ = shutdown_tx.send(true);
     let rep = tokio::task::spawn_blocking(move || replicator.thread.join()).await;
     let pubr = match publisher {
@@ -178,6 +180,7 @@ async fn wait_for_exit(
     control: &mpsc::UnboundedSender<Control>,
     replicator: &std::thread::JoinHandle<Result<()>>,
     publisher: Option<&std::thread::JoinHandle<Result<()>>>,
+    notifier: &mut crate::notify::Notifier,
 ) -> Result<()> {
     let Signals { mut term, mut int, mut hup } = signals;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
@@ -190,7 +193,9 @@ async fn wait_for_exit(
                 let _ = control.send(Control::Resync { reason: "SIGHUP / tailcache resync".into() });
             }
             _ = tick.tick() => {
-                if replicator.is_finished() || publisher.is_some_and(|p| p.is_finished()) {
+                let finished = replicator.is_finished() || publisher.is_some_and(|p| p.is_finished());
+                notifier.tick(!finished); // systemd READY/STATUS/WATCHDOG (src/notify.rs)
+                if finished {
                     return Ok(());
                 }
             }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod metrics;
+pub mod notify;
 pub mod position;
 pub mod replica;
 pub mod schema;

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -140,6 +141,10 @@ impl StatusView {
 pub struct Status {
     inner: Mutex<StatusView>,
     resync_done: watch::Sender<u64>,
+    /// Bumped by the replicator for every binlog event it reads (server
+    /// heartbeats included): the systemd watchdog's proof that a connected
+    /// replicator is not stuck. Lock-free, outside [`StatusView`].
+    beats: AtomicU64,
 }
 
 impl Default for Status {
@@ -150,7 +155,17 @@ impl Default for Status {
 
 impl Status {
     pub fn new() -> Self {
-        Self { inner: Mutex::new(StatusView::default()), resync_done: watch::channel(0).0 }
+        Self { inner: Mutex::new(StatusView::default()), resync_done: watch::channel(0).0, beats: AtomicU64::new(0) }
+    }
+
+    /// The replicator read an event (or a heartbeat): it is alive.
+    pub fn beat(&self) {
+        self.beats.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times [`Status::beat`] was called.
+    pub fn beats(&self) -> u64 {
+        self.beats.load(Ordering::Relaxed)
     }
 
     /// A copy of everything, for readers.

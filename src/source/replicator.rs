@@ -567,6 +567,7 @@ impl<'c> Replicator<'c> {
         if inner_end.is_none() {
             self.last_event_ts = if handling == Handling::Heartbeat { 0 } else { header.timestamp() };
         }
+        self.status.beat(); // systemd watchdog (src/notify.rs): the stream is alive
         match handling {
             Handling::Rotate => {
                 let re: RotateEvent<'_> = event.read_event().map_err(|e| malformed("ROTATE", e, here()))?;
@@ -983,9 +984,14 @@ impl<'c> Replicator<'c> {
             return Ok(());
         };
         self.applier.forget_schema(idx);
+        // Shown in /status and systemd's STATUS=; exempts the copy from the watchdog's stall check.
+        let name = t.to_string();
+        self.status
+            .update(|s| s.snapshot = Some(crate::status::SnapshotProgress { table: name, ..Default::default() }));
         let outcome =
-            snapshot_until(&self.cfg.mysql, &info, std::slice::from_ref(&t), self.applier.conn(), &self.shutdown)
-                .await?;
+            snapshot_until(&self.cfg.mysql, &info, std::slice::from_ref(&t), self.applier.conn(), &self.shutdown).await;
+        self.status.update(|s| s.snapshot = None);
+        let outcome = outcome?;
         let schema = outcome.schemas.into_iter().next().ok_or_else(|| Error::Transient("empty snapshot".into()))?;
         let until = outcome.consistent_after.clone().unwrap_or_else(|| outcome.start.clone());
         self.skip_until[idx] = Some(outcome.start.clone());

@@ -93,12 +93,11 @@ pub fn spawn_publisher(
     status: Arc<crate::status::Status>,
 ) -> JoinHandle<Result<()>> {
     let body = move || -> Result<()> {
-        let _ = &status;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| Error::Fatal(format!("cannot start the publisher's runtime: {e}")))?;
-        rt.block_on(run(cfg, state_path, rx, shutdown))
+        rt.block_on(run(cfg, state_path, rx, shutdown, status))
     };
     std::thread::Builder::new().name("tailcache-publisher".into()).spawn(body).unwrap_or_else(|e| {
         // Spawning only fails when the OS is out of threads; report it
@@ -272,6 +271,7 @@ async fn run(
     state_path: PathBuf,
     mut rx: mpsc::UnboundedReceiver<Committed>,
     mut shutdown: watch::Receiver<bool>,
+    status: Arc<crate::status::Status>,
 ) -> Result<()> {
     let Some(mc) = cfg.memcached.clone() else {
         // Nothing to publish to: keep the channel drained until shutdown.
@@ -341,6 +341,11 @@ async fn run(
         }
         match w.publish(&pending).await {
             Ok(Outcome::Done) => {
+                // systemd READY=1 / STATUS= (src/notify.rs): a publish of a consistent replica succeeded.
+                status.update(|s| {
+                    s.published_consistent = true;
+                    s.publish_error = None;
+                });
                 pending.clear();
                 backoff.reset();
                 last_publish = Some(Instant::now());
@@ -351,6 +356,8 @@ async fn run(
             }
             Err(Failure::Sink(e)) => {
                 metrics::SINK_ERRORS.inc();
+                let message = e.to_string();
+                status.update(|s| s.publish_error = Some(message)); // systemd STATUS= (src/notify.rs)
                 let delay = backoff.step();
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "memcached write failed; will republish everything");
                 pending.force_full();

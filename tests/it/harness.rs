@@ -1225,6 +1225,12 @@ impl Daemon {
     }
 
     pub fn start_args(config_toml: &str, extra_args: &[&str]) -> Daemon {
+        Self::start_with_env(config_toml, extra_args, &[])
+    }
+
+    /// Like [`Daemon::start_args`] with extra environment variables (e.g.
+    /// `NOTIFY_SOCKET`, `WATCHDOG_USEC` for the systemd tests).
+    pub fn start_with_env(config_toml: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let dir = test_dir("daemon");
         let config_path = dir.path().join("tailcache.toml");
         fs::write(&config_path, config_toml).expect("write daemon config");
@@ -1236,6 +1242,7 @@ impl Daemon {
             .arg(&config_path)
             .args(extra_args)
             .env("RUST_LOG", "info,tailcache=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
             .stderr(log);

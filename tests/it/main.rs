@@ -8,5 +8,6 @@ mod replica;
 mod restart;
 mod sink;
 mod snapshot;
+mod systemd;
 mod tls;
 mod views;

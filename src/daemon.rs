@@ -190,7 +190,6 @@ async fn wait_for_exit(
     once: Option<(Arc<crate::status::Status>, bool)>,
 ) -> Result<()> {
     let Signals { mut term, mut int, mut hup } = signals;
-    let mut resynced = once.as_ref().map(|(s, _)| s.resync_done());
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     loop {
         tokio::select! {
@@ -205,17 +204,12 @@ async fn wait_for_exit(
                     health.set(false);
                     return Ok(());
                 }
-                if let Some((status, false)) = &once
-                    && status.snapshot().consistent
-                {
-                    return Ok(());
+                if let Some((status, publishing)) = &once {
+                    let s = status.snapshot();
+                    if (*publishing && s.last_resync.is_some()) || (!*publishing && s.consistent) {
+                        return Ok(());
+                    }
                 }
-            }
-            r = async { resynced.as_mut()?.changed().await.ok() }, if resynced.is_some() => {
-                if r.is_some() {
-                    return Ok(());
-                }
-                resynced = None;
             }
         }
     }

@@ -449,23 +449,33 @@ mod tests {
 
     #[test]
     fn render_lists_every_metric() {
-        // Families without a member yet print only their descriptor.
+        // Families without a member yet are left out: give each one.
         let t = crate::config::TableRef { schema: "db".into(), name: "t".into(), qualified: false };
         rows_applied(&t, 3);
         rows_applied(&t, 2);
+        transaction_applied();
+        snapshot_taken("no replica yet");
+        reconnect();
         keys_set("v", 4);
+        keys_deleted("v", 1);
         view_computed("v", Duration::from_millis(2));
         publish_latency(Duration::from_millis(7));
+        entry_rejected(&crate::views::EntryError::TooLarge { view: "v".into(), key: "k".into(), size: 9, limit: 1 });
+        publish_failed();
+        memcached_error("127.0.0.1:11211");
+        resync_finished("start", &Default::default());
         BINLOG_EVENTS.inc(16); // XID
+        BINLOG_EVENTS_IGNORED.inc(4); // ROTATE, as an example
         let text = render();
         for name in ALL_NAMES {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing in\n{text}");
         }
         assert!(text.contains("tailcache_rows_applied_total{table=\"db.t\"} "), "{text}");
         assert!(text.contains("tailcache_binlog_events_total{type=\"XID\"} "), "{text}");
-        assert!(text.contains("tailcache_view_compute_seconds_bucket{le=\"0.0025\",view=\"v\"}"), "{text}");
+        assert!(text.contains("tailcache_view_compute_seconds_bucket{view=\"v\",le=\"0.0025\"}"), "{text}");
         assert!(text.contains("tailcache_publish_latency_seconds_count "), "{text}");
         assert!(family_value(&METRICS.rows_applied.family, &[("table", "db.t".to_owned())]) >= 5);
+        assert!(text.contains("tailcache_entries_rejected_total{view=\"v\",reason=\"too_large\"} "), "{text}");
     }
 
     #[test]

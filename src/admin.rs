@@ -203,8 +203,9 @@ async fn resync(State(st): State<AdminState>, Query(q): Query<ResyncQuery>) -> R
 pub async fn request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let req =
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\nAccept: */*\r\n\r\n");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\nAccept: */*\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await?;
@@ -250,7 +251,8 @@ mod tests {
     fn parses_plain_and_chunked_responses() {
         let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
         assert_eq!(parse_response(plain), Some((200, "ok\n".into())));
-        let chunked = b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        let chunked =
+            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
         assert_eq!(parse_response(chunked), Some((503, "abcde".into())));
         assert_eq!(parse_response(b"garbage"), None);
     }

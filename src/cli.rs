@@ -136,7 +136,9 @@ pub fn main() -> ExitCode {
         Command::Run { config, resync, log_format } => {
             init_logging(log_format == "json");
             let cfg = try_load!(config);
-            match runtime().block_on(crate::daemon::run(cfg, crate::daemon::RunOptions { resync, ..Default::default() })) {
+            match runtime()
+                .block_on(crate::daemon::run(cfg, crate::daemon::RunOptions { resync, ..Default::default() }))
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "tailcache stopped");
@@ -219,7 +221,12 @@ fn admin_target(cfg: &Config) -> Option<SocketAddr> {
 }
 
 /// One request to the running daemon; `Err` when none answers.
-fn ask_daemon(rt: &tokio::runtime::Runtime, addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+fn ask_daemon(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     rt.block_on(async {
         // Connecting is quick or refused on loopback; the answer may take as
         // long as the resync does.
@@ -268,11 +275,8 @@ fn one_shot_resync(cfg: Config, rt: tokio::runtime::Runtime) -> ExitCode {
     // terminal, tells the rest.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(terminal)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(terminal).with_writer(std::io::stderr).try_init();
     let status = std::sync::Arc::new(crate::status::Status::new());
     let publishing = cfg.memcached.is_some();
     let opts = crate::daemon::RunOptions { resync: true, once: true, status: Some(status.clone()) };
@@ -405,11 +409,30 @@ fn stored_status(cfg: &Config) -> ExitCode {
         out!("state file {} does not exist (no snapshot taken yet)", path.display());
         return ExitCode::SUCCESS;
     }
+    // A read-only connection still creates the -wal/-shm files of a WAL
+    // database. Without a -wal file the database file holds everything:
+    // open it immutable (no lock, no side file). With one (a process died
+    // before its last checkpoint) its transactions only show through the
+    // shared index, which must already exist.
+    let side = |ext: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(ext);
+        std::path::PathBuf::from(p).exists()
+    };
+    let (wal, shm) = (side("-wal"), side("-shm"));
     use rusqlite::OpenFlags;
-    let conn = match rusqlite::Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    ) {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    let opened = if wal && shm {
+        rusqlite::Connection::open_with_flags(path, flags)
+    } else {
+        if wal {
+            out!("note: {}-wal exists without its -shm index; its last transactions are not shown", path.display());
+        }
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        let uri = format!("file:{}?immutable=1", uri_escape(&abs.to_string_lossy()));
+        rusqlite::Connection::open_with_flags(uri, flags)
+    };
+    let conn = match opened {
         Ok(c) => c,
         Err(e) => {
             err!("error: cannot open {} read-only: {e}", path.display());
@@ -430,6 +453,18 @@ fn stored_status(cfg: &Config) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Percent-escapes what a SQLite URI path cannot hold as is.
+fn uri_escape(p: &str) -> String {
+    let mut out = String::with_capacity(p.len());
+    for b in p.bytes() {
+        match b {
+            b'?' | b'#' | b'%' | b' ' | 0..=0x1f | 0x7f..=0xff => out.push_str(&format!("%{b:02X}")),
+            _ => out.push(b as char),
+        }
+    }
+    out
 }
 
 /// `GET /status` for people.
@@ -465,7 +500,9 @@ fn render_status(v: &serde_json::Value) -> String {
     let connected = v.get("source_connected").and_then(J::as_bool).unwrap_or(false);
     let lag = f(v, "lag_seconds").map(|l| format!(", lag {l:.1} s")).unwrap_or_default();
     match s("source_error") {
-        Some(e) => line(format!("source: {}{lag}; last error: {e}", if connected { "streaming" } else { "disconnected" })),
+        Some(e) => {
+            line(format!("source: {}{lag}; last error: {e}", if connected { "streaming" } else { "disconnected" }))
+        }
         None => line(format!("source: {}{lag}", if connected { "streaming" } else { "disconnected" })),
     }
     match v.get("last_publish").filter(|p| !p.is_null()) {

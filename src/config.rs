@@ -256,10 +256,12 @@ impl AdminConfig {
         if l.is_empty() {
             return Ok(None);
         }
-        let bad = |why: &str| ConfigProblem {
+        let bad = |why: &str| {
+            ConfigProblem {
             key: "admin.listen".into(),
             found: format!("{:?}{why}", self.listen),
             expected: "IP:PORT such as \"127.0.0.1:9187\" (the default) or \"[::1]:9187\", \"0.0.0.0:9187\" to listen on every interface, or \"\" to disable the endpoint".into(),
+        }
         };
         let parsed = match l.strip_prefix("localhost:") {
             Some(port) => port.parse::<u16>().map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p))).ok(),

@@ -130,7 +130,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         shutdown_rx.clone(),
         status.clone(),
     )
-            .map_err(|e| Error::Fatal(format!("cannot start the replicator thread: {e}")))?;
+    .map_err(|e| Error::Fatal(format!("cannot start the replicator thread: {e}")))?;
 
     if let Some(listener) = admin {
         let publishing = publisher.is_some();

@@ -34,8 +34,8 @@
 //! | `tailcache_resync_drift_keys_total` | counter | `kind` | keys a resync found wrong in memcached and repaired: `missing`, `differed`, `deleted` (stale: published before, no longer produced) |
 
 use std::collections::HashMap;
-use std::sync::{LazyLock, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, RwLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -118,8 +118,7 @@ impl EventTypeCounter {
     }
 }
 
-pub static BINLOG_EVENTS: EventTypeCounter =
-    EventTypeCounter::new(BINLOG_EVENTS_NAME, "Binlog events read, by type.");
+pub static BINLOG_EVENTS: EventTypeCounter = EventTypeCounter::new(BINLOG_EVENTS_NAME, "Binlog events read, by type.");
 pub static BINLOG_EVENTS_IGNORED: EventTypeCounter =
     EventTypeCounter::new(BINLOG_EVENTS_IGNORED_NAME, "Binlog events of a type tailcache has no use for, by type.");
 
@@ -172,8 +171,7 @@ impl<M: Clone, C: MetricConstructor<M>> Labeled<M, C> {
 
 const COMPUTE_BUCKETS: [f64; 14] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
-const LATENCY_BUCKETS: [f64; 14] =
-    [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
+const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
 
 type HistogramCtor = fn() -> Histogram;
 
@@ -284,7 +282,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Failed exchanges with a memcached server, by server",
         m.memcached_errors.family.clone(),
     );
-    r.register(base(LOST_STATE_NAME), "Times memcached was found restarted, flushed or unreachable", LOST_STATE.clone());
+    r.register(
+        base(LOST_STATE_NAME),
+        "Times memcached was found restarted, flushed or unreachable",
+        LOST_STATE.clone(),
+    );
     r.register(base(RESYNCS_NAME), "Full resyncs finished, by trigger", m.resyncs.clone());
     r.register(base(RESYNC_DRIFT_NAME), "Keys a resync found wrong in memcached, by kind", m.resync_drift.clone());
     Metrics { registry: r, ..m }

@@ -381,7 +381,8 @@ fn interim_status_published(status: &crate::status::Status, w: &Worker, pending:
         for server in &w.mc.servers {
             s.memcached.insert(server.clone(), true);
         }
-        s.last_publish = Some(crate::status::PublishInfo { at_unix, position: position.unwrap_or_default(), latency_ms });
+        s.last_publish =
+            Some(crate::status::PublishInfo { at_unix, position: position.unwrap_or_default(), latency_ms });
     });
     if let Some(t) = &pending.trigger {
         status.resync_finished(crate::status::ResyncReport {

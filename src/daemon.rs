@@ -95,7 +95,7 @@ pub struct RunOptions {
 pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let cfg = Arc::new(cfg);
     // Handlers first: SIGHUP's default action kills the process, and
-    // `tailcache resync` may signal as soon as the pid file exists.
+    // `systemctl reload` may send one as soon as we run.
     let signals = Signals::install()?;
     let state = StatePath::resolve(&cfg)?;
     // Before preflight, which ends leftover binlog dumps of our server_id:

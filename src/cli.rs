@@ -1,7 +1,9 @@
-//! Command line: `tailcache run|check|resync|status`.
+//! Command line: `tailcache run|check|resync|status|get`.
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
@@ -43,7 +45,8 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Ask the running daemon (by its pid file) for a full resync now.
+    /// Full resync now: asks the running daemon (admin endpoint) and prints its report; with no
+    /// daemon reachable, takes a fresh snapshot and republishes everything itself, then exits.
     Resync {
         #[command(flatten)]
         config: ConfigArg,
@@ -55,7 +58,7 @@ pub enum Command {
         /// The key without memcached.key_prefix.
         key: String,
     },
-    /// Print the replica's checkpoint and whether it is consistent.
+    /// What the running daemon is doing (admin endpoint); with none, the stored checkpoint (read-only).
     Status {
         #[command(flatten)]
         config: ConfigArg,
@@ -133,7 +136,9 @@ pub fn main() -> ExitCode {
         Command::Run { config, resync, log_format } => {
             init_logging(log_format == "json");
             let cfg = try_load!(config);
-            match runtime().block_on(crate::daemon::run(cfg, crate::daemon::RunOptions { resync })) {
+            match runtime()
+                .block_on(crate::daemon::run(cfg, crate::daemon::RunOptions { resync, ..Default::default() }))
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "tailcache stopped");
@@ -173,27 +178,7 @@ pub fn main() -> ExitCode {
         }
         Command::Resync { config } => {
             let cfg = try_load!(config);
-            let pid_path = crate::daemon::pid_file(&cfg);
-            let pid = match std::fs::read_to_string(&pid_path).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
-                Some(p) => p,
-                None => {
-                    err!(
-                        "error: no running tailcache found (pid file {} missing or unreadable); start it with `tailcache run`, or use `tailcache run --resync`",
-                        pid_path.display()
-                    );
-                    return ExitCode::from(1);
-                }
-            };
-            match std::process::Command::new("kill").arg("-HUP").arg(pid.to_string()).status() {
-                Ok(s) if s.success() => {
-                    out!("asked tailcache (pid {pid}) for a full resync");
-                    ExitCode::SUCCESS
-                }
-                _ => {
-                    err!("error: cannot signal pid {pid} from {}: is tailcache running?", pid_path.display());
-                    ExitCode::from(1)
-                }
-            }
+            resync(cfg)
         }
         Command::Get { config, key } => {
             let cfg = try_load!(config);
@@ -220,34 +205,352 @@ pub fn main() -> ExitCode {
         }
         Command::Status { config } => {
             let cfg = try_load!(config);
-            if cfg.state.path == ":memory:" {
-                err!("error: state.path is \":memory:\": there is no state to inspect");
+            status(&cfg)
+        }
+    }
+}
+
+/// Where the CLI reaches the daemon's admin endpoint: the configured
+/// address, with a wildcard replaced by loopback. `None`: disabled.
+fn admin_target(cfg: &Config) -> Option<SocketAddr> {
+    let mut a = cfg.admin.addr().ok().flatten()?;
+    if a.ip().is_unspecified() {
+        a.set_ip(if a.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() });
+    }
+    Some(a)
+}
+
+/// One request to the running daemon; `Err` when none answers.
+fn ask_daemon(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    rt.block_on(async {
+        // Connecting is quick or refused on loopback; the answer may take as
+        // long as the resync does.
+        match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(_probe)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+        }
+        crate::admin::request(addr, method, path).await
+    })
+}
+
+fn resync(cfg: Config) -> ExitCode {
+    let rt = runtime();
+    let target = admin_target(&cfg);
+    if let Some(addr) = target {
+        match ask_daemon(&rt, addr, "POST", "/resync") {
+            Ok((200, body)) => {
+                match serde_json::from_str::<serde_json::Value>(&body) {
+                    Ok(v) => out!("{}", render_resync(&v)),
+                    Err(_) => out!("{}", body.trim_end()),
+                }
+                return ExitCode::SUCCESS;
+            }
+            Ok((202, _)) => {
+                out!("the daemon at {addr} took the resync request (no [memcached]: no report to wait for)");
+                return ExitCode::SUCCESS;
+            }
+            Ok((code, body)) => {
+                err!("error: the daemon at {addr} answered {code}: {}", body.trim_end());
                 return ExitCode::from(1);
             }
-            let conn =
-                match crate::replica::open_connection(std::path::Path::new(&cfg.state.path), &cfg.mysql.table_refs()) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        err!("error: {e}");
-                        return ExitCode::from(1);
-                    }
-                };
-            match crate::replica::read_checkpoint(&conn) {
-                Ok(Some((cp, consistent))) => {
-                    out!("position: {cp}\nconsistent: {consistent}");
-                    ExitCode::SUCCESS
+            Err(e) => err!("no daemon reachable at {addr} ({e}): resyncing here, once"),
+        }
+    } else {
+        err!("admin endpoint disabled (admin.listen = \"\"): resyncing here, once");
+    }
+    one_shot_resync(cfg, rt)
+}
+
+/// `tailcache run --resync` until the first consistent publish, then exit.
+fn one_shot_resync(cfg: Config, rt: tokio::runtime::Runtime) -> ExitCode {
+    use std::io::IsTerminal as _;
+    let terminal = std::io::stderr().is_terminal();
+    // Warnings and errors only (RUST_LOG overrides); the progress bar, on a
+    // terminal, tells the rest.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(terminal).with_writer(std::io::stderr).try_init();
+    let status = std::sync::Arc::new(crate::status::Status::new());
+    let publishing = cfg.memcached.is_some();
+    let opts = crate::daemon::RunOptions { resync: true, once: true, status: Some(status.clone()) };
+    let started = Instant::now();
+    let result = rt.block_on(async {
+        let progress = terminal.then(|| {
+            let status = status.clone();
+            tokio::spawn(async move {
+                let bar = SpinnerGuard(indicatif::ProgressBar::new_spinner());
+                bar.0.enable_steady_tick(Duration::from_millis(120));
+                loop {
+                    bar.0.set_message(progress_message(&status.snapshot()));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Ok(None) => {
-                    out!("no replica yet (no snapshot taken)");
-                    ExitCode::SUCCESS
+            })
+        });
+        let r = crate::daemon::run(cfg, opts).await;
+        if let Some(p) = progress {
+            p.abort();
+            let _ = p.await;
+        }
+        r
+    });
+    if let Err(e) = result {
+        err!("error: {e}");
+        return ExitCode::from(1);
+    }
+    let view = status.snapshot();
+    match &view.last_resync {
+        Some(r) if publishing => match serde_json::to_value(r) {
+            Ok(v) => out!("{}", render_resync(&v)),
+            Err(e) => out!("resync done ({e})"),
+        },
+        _ if view.consistent => out!(
+            "replica re-snapshotted at {} in {:.1} s (nothing published: no [memcached])",
+            view.position.as_deref().unwrap_or("?"),
+            started.elapsed().as_secs_f64()
+        ),
+        _ => {
+            err!("error: stopped before the resync finished");
+            return ExitCode::from(1);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Clears the spinner however its task ends (finished or aborted).
+struct SpinnerGuard(indicatif::ProgressBar);
+
+impl Drop for SpinnerGuard {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+fn progress_message(s: &crate::status::StatusView) -> String {
+    match (&s.snapshot, s.consistent, s.source_error.as_deref()) {
+        (Some(p), _, _) => match p.estimated_rows {
+            Some(n) => format!("snapshot of {}: {} of ~{n} rows", p.table, p.rows_copied),
+            None => format!("snapshot of {}: {} rows", p.table, p.rows_copied),
+        },
+        (None, _, Some(e)) => format!("waiting for the server: {e}"),
+        (None, true, _) => "publishing every view".to_owned(),
+        (None, false, _) => "connecting, preflight, snapshot".to_owned(),
+    }
+}
+
+/// A resync report (JSON of [`crate::status::ResyncReport`]) for people.
+fn render_resync(v: &serde_json::Value) -> String {
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let counts = |v: &serde_json::Value| {
+        format!(
+            "checked {}, missing {}, differed {}, deleted {}, unchanged {}",
+            n(v, "checked"),
+            n(v, "missing"),
+            n(v, "differed"),
+            n(v, "deleted"),
+            n(v, "unchanged")
+        )
+    };
+    let mut out = format!(
+        "resync #{} done (trigger {}, {} ms): {}",
+        n(v, "seq"),
+        v.get("trigger").and_then(|t| t.as_str()).unwrap_or("?"),
+        n(v, "duration_ms"),
+        counts(v)
+    );
+    if let Some(views) = v.get("views").and_then(|x| x.as_object()) {
+        for (name, c) in views {
+            out.push_str(&format!("\n  view {name}: {}", counts(c)));
+        }
+    }
+    out
+}
+
+fn status(cfg: &Config) -> ExitCode {
+    let rt = runtime();
+    match admin_target(cfg) {
+        Some(addr) => match ask_daemon(&rt, addr, "GET", "/status") {
+            Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(v) => {
+                    out!("{}", render_status(&v));
+                    return ExitCode::SUCCESS;
                 }
                 Err(e) => {
-                    err!("error: {e}");
-                    ExitCode::from(1)
+                    err!("error: the daemon at {addr} sent a status that is not JSON: {e}");
+                    return ExitCode::from(1);
                 }
+            },
+            Ok((code, body)) => {
+                err!("error: the daemon at {addr} answered {code}: {}", body.trim_end());
+                return ExitCode::from(1);
+            }
+            Err(e) => out!("no daemon reachable at {addr} ({e})"),
+        },
+        None => out!("admin endpoint disabled (admin.listen = \"\"): cannot ask a running daemon"),
+    }
+    stored_status(cfg)
+}
+
+/// The checkpoint in the state file, opened read-only: never creates or
+/// changes a file.
+fn stored_status(cfg: &Config) -> ExitCode {
+    if cfg.state.path == ":memory:" {
+        out!("state.path is \":memory:\": nothing is stored between runs");
+        return ExitCode::SUCCESS;
+    }
+    let path = std::path::Path::new(&cfg.state.path);
+    if !path.exists() {
+        out!("state file {} does not exist (no snapshot taken yet)", path.display());
+        return ExitCode::SUCCESS;
+    }
+    // A read-only connection still creates the -wal/-shm files of a WAL
+    // database. Without a -wal file the database file holds everything:
+    // open it immutable (no lock, no side file). With one (a process died
+    // before its last checkpoint) its transactions only show through the
+    // shared index, which must already exist.
+    let side = |ext: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(ext);
+        std::path::PathBuf::from(p).exists()
+    };
+    let (wal, shm) = (side("-wal"), side("-shm"));
+    use rusqlite::OpenFlags;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    let opened = if wal && shm {
+        rusqlite::Connection::open_with_flags(path, flags)
+    } else {
+        if wal {
+            out!("note: {}-wal exists without its -shm index; its last transactions are not shown", path.display());
+        }
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        let uri = format!("file:{}?immutable=1", uri_escape(&abs.to_string_lossy()));
+        rusqlite::Connection::open_with_flags(uri, flags)
+    };
+    let conn = match opened {
+        Ok(c) => c,
+        Err(e) => {
+            err!("error: cannot open {} read-only: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    match crate::replica::read_checkpoint(&conn) {
+        Ok(Some((cp, consistent))) => {
+            out!("stored checkpoint ({}):\nposition: {cp}\nconsistent: {consistent}", path.display());
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            out!("state file {}: no snapshot taken yet", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            err!("error: {}: {e}", path.display());
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Percent-escapes what a SQLite URI path cannot hold as is.
+fn uri_escape(p: &str) -> String {
+    let mut out = String::with_capacity(p.len());
+    for b in p.bytes() {
+        match b {
+            b'?' | b'#' | b'%' | b' ' | 0..=0x1f | 0x7f..=0xff => out.push_str(&format!("%{b:02X}")),
+            _ => out.push(b as char),
+        }
+    }
+    out
+}
+
+/// `GET /status` for people.
+fn render_status(v: &serde_json::Value) -> String {
+    use serde_json::Value as J;
+    let s = |k: &str| v.get(k).and_then(J::as_str);
+    let f = |v: &J, k: &str| v.get(k).and_then(J::as_f64);
+    let now = crate::status::unix_now();
+    let ago = |t: f64| format!("{:.1} s ago", (now - t).max(0.0));
+    let mut out = String::new();
+    let mut line = |l: String| {
+        out.push_str(&l);
+        out.push('\n');
+    };
+    let pid = v.get("pid").and_then(J::as_u64).map(|p| format!("pid {p}")).unwrap_or_default();
+    let not_ready: Vec<&str> =
+        v.get("not_ready").and_then(J::as_array).map(|a| a.iter().filter_map(J::as_str).collect()).unwrap_or_default();
+    if not_ready.is_empty() {
+        line(format!("daemon: {pid}, ready"));
+    } else {
+        line(format!("daemon: {pid}, NOT ready:"));
+        for r in not_ready {
+            line(format!("  - {r}"));
+        }
+    }
+    let consistent = v.get("consistent").and_then(J::as_bool).unwrap_or(false);
+    let gtid = s("gtid").map(|g| format!(" (gtid {g})")).unwrap_or_default();
+    line(format!(
+        "position: {}{gtid}, {}",
+        s("position").unwrap_or("none yet"),
+        if consistent { "consistent" } else { "NOT consistent yet" }
+    ));
+    let connected = v.get("source_connected").and_then(J::as_bool).unwrap_or(false);
+    let lag = f(v, "lag_seconds").map(|l| format!(", lag {l:.1} s")).unwrap_or_default();
+    match s("source_error") {
+        Some(e) => {
+            line(format!("source: {}{lag}; last error: {e}", if connected { "streaming" } else { "disconnected" }))
+        }
+        None => line(format!("source: {}{lag}", if connected { "streaming" } else { "disconnected" })),
+    }
+    match v.get("last_publish").filter(|p| !p.is_null()) {
+        Some(p) => line(format!(
+            "last publish: {} at {}, latency {:.1} ms",
+            f(p, "at_unix").map(ago).unwrap_or_default(),
+            p.get("position").and_then(J::as_str).unwrap_or("?"),
+            f(p, "latency_ms").unwrap_or(0.0)
+        )),
+        None => line("last publish: none yet".into()),
+    }
+    if let Some(e) = s("publish_error") {
+        line(format!("publish error: {e}"));
+    }
+    match v.get("last_resync").filter(|r| !r.is_null()) {
+        Some(r) => line(format!(
+            "last resync: {}; {}",
+            f(r, "finished_at_unix").map(ago).unwrap_or_default(),
+            render_resync(r).replace('\n', "\n  ")
+        )),
+        None => line("last resync: none since start".into()),
+    }
+    if let Some(views) = v.get("views").and_then(J::as_object).filter(|m| !m.is_empty()) {
+        line("views:".into());
+        for (name, vs) in views {
+            let keys = vs.get("keys").and_then(J::as_u64).unwrap_or(0);
+            match vs.get("last_error").and_then(J::as_str) {
+                Some(e) => line(format!("  {name}: {keys} keys, FAILING: {e}")),
+                None => line(format!("  {name}: {keys} keys")),
             }
         }
     }
+    if let Some(mc) = v.get("memcached").and_then(J::as_object).filter(|m| !m.is_empty()) {
+        let list: Vec<String> = mc
+            .iter()
+            .map(|(server, up)| format!("{server} {}", if up.as_bool() == Some(true) { "up" } else { "DOWN" }))
+            .collect();
+        line(format!("memcached: {}", list.join(", ")));
+    }
+    if let Some(p) = v.get("snapshot").filter(|p| !p.is_null()) {
+        let rows = p.get("rows_copied").and_then(J::as_u64).unwrap_or(0);
+        let est = p.get("estimated_rows").and_then(J::as_u64).map(|e| format!(" of ~{e}")).unwrap_or_default();
+        line(format!(
+            "snapshot in progress: {} ({rows}{est} rows copied)",
+            p.get("table").and_then(J::as_str).unwrap_or("?")
+        ));
+    }
+    out.trim_end().to_owned()
 }
 
 /// A cached value as JSON text, whatever the codec (BLOBs as byte arrays).

@@ -23,6 +23,8 @@ pub struct Config {
     pub views: Vec<ViewConfig>,
     #[serde(default)]
     pub resync: ResyncConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 #[derive(Clone, Deserialize)]
@@ -235,6 +237,57 @@ pub struct ResyncConfig {
 impl Default for ResyncConfig {
     fn default() -> Self {
         Self { interval_secs: default_resync_interval() }
+    }
+}
+
+/// `[admin]`: the HTTP endpoint for health, readiness, status, metrics and
+/// resync requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `IP:PORT` to listen on; `""` disables the endpoint. Loopback by
+    /// default: the endpoint has no authentication, so listening on another
+    /// address (even `0.0.0.0`) must be written out.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: default_admin_listen() }
+    }
+}
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9187";
+
+fn default_admin_listen() -> String {
+    DEFAULT_ADMIN_LISTEN.to_owned()
+}
+
+impl AdminConfig {
+    /// The address to listen on; `None` when disabled. `localhost:PORT` is
+    /// 127.0.0.1.
+    pub fn addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigProblem> {
+        let l = self.listen.trim();
+        if l.is_empty() {
+            return Ok(None);
+        }
+        let bad = |why: &str| {
+            ConfigProblem {
+            key: "admin.listen".into(),
+            found: format!("{:?}{why}", self.listen),
+            expected: "IP:PORT such as \"127.0.0.1:9187\" (the default) or \"[::1]:9187\", \"0.0.0.0:9187\" to listen on every interface, or \"\" to disable the endpoint".into(),
+        }
+        };
+        let parsed = match l.strip_prefix("localhost:") {
+            Some(port) => port.parse::<u16>().map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p))).ok(),
+            None => l.parse::<std::net::SocketAddr>().ok(),
+        };
+        match parsed {
+            None => Err(bad("")),
+            Some(a) if a.port() == 0 => Err(bad(" (port 0)")),
+            Some(a) => Ok(Some(a)),
+        }
     }
 }
 
@@ -713,6 +766,12 @@ impl Config {
                 _ => {}
             }
         }
+        if let Err(problem) = self.admin.addr() {
+            p.push(problem);
+        }
+        let mut push = |key: String, found: String, expected: &str| {
+            p.push(ConfigProblem { key, found, expected: expected.into() })
+        };
         if self.resync.interval_secs > 0 && self.resync.interval_secs < 10 {
             push(
                 "resync.interval_secs".into(),
@@ -827,6 +886,26 @@ path = ":memory:"
         assert_eq!(parse_duration_secs("250ms"), Some(0.25));
         assert_eq!(parse_duration_secs("2"), Some(2.0));
         assert_eq!(parse_duration_secs("2h"), None);
+    }
+
+    #[test]
+    fn admin_listen() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN);
+        assert!(c.admin.addr().unwrap().unwrap().ip().is_loopback());
+        let with = |l: &str| Config::from_toml(&format!("{MINIMAL}\n[admin]\nlisten = {l:?}\n")).unwrap();
+        assert_eq!(with("").admin.addr().unwrap(), None);
+        assert!(with("").validate().is_empty());
+        assert_eq!(with("localhost:9300").admin.addr().unwrap().unwrap().to_string(), "127.0.0.1:9300");
+        assert_eq!(with("[::1]:9300").admin.addr().unwrap().unwrap().to_string(), "[::1]:9300");
+        // Written out explicitly: allowed.
+        assert!(with("0.0.0.0:9187").validate().is_empty());
+        for bad in ["9187", "127.0.0.1", "127.0.0.1:0", "example.com:9187", "127.0.0.1:99999"] {
+            let p = with(bad).validate();
+            assert!(p.iter().any(|p| p.key == "admin.listen" && p.found.contains(bad)), "{bad}: {p:?}");
+        }
+        let e = Config::from_toml(&format!("{MINIMAL}\n[admin]\nport = 1\n")).unwrap_err();
+        assert!(e.contains("port"), "{e}");
     }
 
     trait UnwrapProblems {

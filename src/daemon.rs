@@ -1,5 +1,6 @@
 //! `tailcache run`: preflight, then the replicator and the publisher, until
-//! SIGTERM/SIGINT; SIGHUP forces a full resync.
+//! SIGTERM/SIGINT; SIGHUP (or `POST /resync` on the admin endpoint) forces a
+//! full resync. One daemon per state file ([`crate::instance`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -51,7 +52,8 @@ impl Drop for StatePath {
     }
 }
 
-/// The pid file `tailcache resync` signals.
+/// The pid file: information only (nothing signals it); the instance lock
+/// next to the state file is what keeps a second daemon out.
 pub fn pid_file(cfg: &Config) -> PathBuf {
     if cfg.state.path == ":memory:" {
         std::env::temp_dir().join(format!("tailcache-{}.pid", cfg.mysql.server_id))
@@ -82,14 +84,26 @@ impl Drop for PidFile {
 pub struct RunOptions {
     /// Take a fresh snapshot at start instead of resuming.
     pub resync: bool,
+    /// One-shot (`tailcache resync` without a running daemon): no admin
+    /// endpoint; stop once the first resync is published (its report is in
+    /// `status`), or, without `[memcached]`, once the replica is consistent.
+    pub once: bool,
+    /// Use this status (to watch progress from outside) instead of a new one.
+    pub status: Option<Arc<crate::status::Status>>,
 }
 
 pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let cfg = Arc::new(cfg);
     // Handlers first: SIGHUP's default action kills the process, and
-    // `tailcache resync` may signal as soon as the pid file exists.
+    // `systemctl reload` may send one as soon as we run.
     let mut signals = Signals::install()?;
-    let status = Arc::new(crate::status::Status::new());
+    let state = StatePath::resolve(&cfg)?;
+    // Before preflight, which ends leftover binlog dumps of our server_id:
+    // a second daemon must not touch the first one's.
+    let _lock = crate::instance::InstanceLock::acquire(&state.path)?;
+    let _pid = PidFile::create(&pid_file(&cfg))?;
+    let admin = if opts.once { None } else { crate::admin::bind(&cfg.admin).await? };
+    let status = opts.status.clone().unwrap_or_else(|| Arc::new(crate::status::Status::new()));
     // A server that is down at start is transient like a lost link: wait
     // for it (readiness says why); only configuration, privileges and
     // server settings are fatal.
@@ -111,8 +125,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
             _ = signals.int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()) }
         }
     }
-    let state = StatePath::resolve(&cfg)?;
-    let _pid = PidFile::create(&pid_file(&cfg))?;
+    status.update(|s| s.source_error = None);
     // Create the state schema once, before the replicator and the publisher
     // open the file concurrently (their opens then never write).
     {
@@ -121,6 +134,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (control_tx, control_rx) = mpsc::unbounded_channel::<Control>();
+    let health = crate::admin::Health::new();
     let (notice_tx, notice_rx) = mpsc::unbounded_channel::<CommitNotice>();
 
     let publisher =
@@ -128,12 +142,26 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let notify = Box::new(move |n: CommitNotice| {
         let _ = notice_tx.send(n);
     });
-    let replicator =
-        spawn_replicator(cfg.clone(), state.path.clone(), opts.resync, notify, control_rx, shutdown_rx, status.clone())
-            .map_err(|e| Error::Fatal(format!("cannot start the replicator thread: {e}")))?;
+    let replicator = spawn_replicator(
+        cfg.clone(),
+        state.path.clone(),
+        opts.resync,
+        notify,
+        control_rx,
+        shutdown_rx.clone(),
+        status.clone(),
+    )
+    .map_err(|e| Error::Fatal(format!("cannot start the replicator thread: {e}")))?;
 
+    if let Some(listener) = admin {
+        let publishing = publisher.is_some();
+        let (status, control, health, shutdown) = (status.clone(), control_tx.clone(), health.clone(), shutdown_rx);
+        crate::admin::spawn(listener, crate::admin::AdminState { status, control, health, publishing, shutdown });
+    }
+    let once = opts.once.then(|| (status.clone(), publisher.is_some()));
     let mut notifier = crate::notify::Notifier::new(status.clone(), &cfg); // systemd (src/notify.rs)
-    let outcome = wait_for_exit(signals, &control_tx, &replicator.thread, publisher.as_ref(), &mut notifier).await;
+    let outcome =
+        wait_for_exit(signals, &control_tx, &replicator.thread, publisher.as_ref(), &health, once, &mut notifier).await;
     notifier.stopping(); // systemd STOPPING=1 (src/notify.rs)
     let _ = shutdown_tx.send(true);
     let rep = tokio::task::spawn_blocking(move || replicator.thread.join()).await;
@@ -174,12 +202,16 @@ impl Signals {
     }
 }
 
-/// Waits for a signal or for a worker to stop on its own (an error).
+/// Waits for a signal or for a worker to stop on its own (an error); in
+/// one-shot mode (`once`: the status and whether there is a publisher)
+/// also for the first published resync.
 async fn wait_for_exit(
     signals: Signals,
     control: &mpsc::UnboundedSender<Control>,
     replicator: &std::thread::JoinHandle<Result<()>>,
     publisher: Option<&std::thread::JoinHandle<Result<()>>>,
+    health: &crate::admin::Health,
+    once: Option<(Arc<crate::status::Status>, bool)>,
     notifier: &mut crate::notify::Notifier,
 ) -> Result<()> {
     let Signals { mut term, mut int, mut hup } = signals;
@@ -196,7 +228,14 @@ async fn wait_for_exit(
                 let finished = replicator.is_finished() || publisher.is_some_and(|p| p.is_finished());
                 notifier.tick(!finished); // systemd READY/STATUS/WATCHDOG (src/notify.rs)
                 if finished {
+                    health.set(false);
                     return Ok(());
+                }
+                if let Some((status, publishing)) = &once {
+                    let s = status.snapshot();
+                    if (*publishing && s.last_resync.is_some()) || (!*publishing && s.consistent) {
+                        return Ok(());
+                    }
                 }
             }
         }

@@ -6,11 +6,13 @@
 //! the same transaction) → `views` (SQL over the replica, msgpack) → `sink`
 //! (memcached).
 
+pub mod admin;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod instance;
 pub mod metrics;
 pub mod notify;
 pub mod position;

@@ -224,7 +224,7 @@ impl Sink {
         let mut first = None;
         for r in results {
             if let Err(e) = r {
-                crate::metrics::SINK_ERRORS.inc();
+                crate::metrics::memcached_error(e.server());
                 if first.is_none() {
                     first = Some(e);
                 } else {

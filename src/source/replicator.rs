@@ -250,6 +250,7 @@ impl<'c> Replicator<'c> {
                     failures += 1;
                     let delay = backoff(failures);
                     if e.recovery() == Recovery::Transient {
+                        crate::metrics::reconnect();
                         tracing::warn!(error = %e, attempt = failures, retry_in_ms = delay.as_millis() as u64, "binlog link lost; reconnecting");
                     }
                     let mut sd = self.shutdown.clone();
@@ -381,6 +382,7 @@ impl<'c> Replicator<'c> {
         self.publish_position(&cp);
         self.schedule_resync();
         tracing::info!(position = %cp, elapsed_ms = started.elapsed().as_millis() as u64, "replica replaced by snapshot");
+        crate::metrics::snapshot_taken(reason);
         (self.notify)(CommitNotice {
             touched: self.tables.iter().map(TableRef::sqlite_name).collect(),
             checkpoint: cp,
@@ -728,6 +730,7 @@ impl<'c> Replicator<'c> {
         b.started.get_or_insert_with(Instant::now);
         b.in_txn = false;
         b.txn_explicit = false;
+        crate::metrics::transaction_applied();
     }
 
     /// Commits the batch and its checkpoint, then tells the publisher.
@@ -1096,6 +1099,7 @@ impl<'c> Replicator<'c> {
             }
         }
         self.batch.rows += n;
+        crate::metrics::rows_applied(&self.tables[idx], n);
         if !staging {
             self.batch.txn_touched[idx] = true;
         }

@@ -129,6 +129,8 @@ struct Pending {
     /// Something new arrived since the last attempt that found the replica
     /// inconsistent (or a full republish is due).
     ready: bool,
+    /// Why a snapshot replaced the replica (the resync being published).
+    trigger: Option<String>,
 }
 
 impl Pending {
@@ -137,6 +139,7 @@ impl Pending {
         self.full |= c.full;
         self.resync |= c.full || c.schema_changed;
         self.checkpoint = Some(c.checkpoint);
+        self.trigger = c.trigger.or(self.trigger.take());
         self.arrived = Some(self.arrived.map_or(c.arrived, |a| a.min(c.arrived)));
         self.ready = true;
     }
@@ -341,11 +344,7 @@ async fn run(
         }
         match w.publish(&pending).await {
             Ok(Outcome::Done) => {
-                // systemd READY=1 / STATUS= (src/notify.rs): a publish of a consistent replica succeeded.
-                status.update(|s| {
-                    s.published_consistent = true;
-                    s.publish_error = None;
-                });
+                interim_status_published(&status, &w, &pending);
                 pending.clear();
                 backoff.reset();
                 last_publish = Some(Instant::now());
@@ -355,9 +354,11 @@ async fn run(
                 pending.ready = false;
             }
             Err(Failure::Sink(e)) => {
-                metrics::SINK_ERRORS.inc();
-                let message = e.to_string();
-                status.update(|s| s.publish_error = Some(message)); // systemd STATUS= (src/notify.rs)
+                metrics::publish_failed();
+                status.update(|s| {
+                    s.publish_error = Some(e.to_string());
+                    s.memcached.insert(e.server().to_owned(), false);
+                });
                 let delay = backoff.step();
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "memcached write failed; will republish everything");
                 pending.force_full();
@@ -372,6 +373,34 @@ async fn run(
             }
             Err(Failure::Fatal(e)) => return Err(e),
         }
+    }
+}
+
+/// Interim (wt-admin), until the resync/publisher rewrite reports for
+/// itself: marks a publish done in the shared status, and a publish that
+/// followed a snapshot as a finished resync (without drift figures).
+fn interim_status_published(status: &crate::status::Status, w: &Worker, pending: &Pending) {
+    let position = crate::replica::read_checkpoint(&w.conn).ok().flatten().map(|(cp, _)| cp.to_string());
+    let latency_ms = pending.arrived.map(|a| a.elapsed().as_secs_f64() * 1000.0).unwrap_or(0.0);
+    let at_unix = crate::status::unix_now();
+    status.update(|s| {
+        s.published_consistent = true;
+        s.publish_error = None;
+        for server in &w.mc.servers {
+            s.memcached.insert(server.clone(), true);
+        }
+        s.last_publish =
+            Some(crate::status::PublishInfo { at_unix, position: position.unwrap_or_default(), latency_ms });
+    });
+    if let Some(t) = &pending.trigger {
+        status.resync_finished(crate::status::ResyncReport {
+            seq: 0,
+            trigger: metrics::snapshot_reason(t).to_owned(),
+            total: Default::default(),
+            views: Default::default(),
+            duration_ms: pending.arrived.map(|a| a.elapsed().as_millis() as u64).unwrap_or(0),
+            finished_at_unix: at_unix,
+        });
     }
 }
 
@@ -450,10 +479,12 @@ impl Worker {
         let now = SystemTime::now();
         let mut computed = Vec::with_capacity(indices.len());
         for i in indices {
+            let t0 = Instant::now();
             match viewset.compute(&self.conn, i, now, &mut self.scratch) {
                 Ok(c) => {
+                    metrics::view_computed(&c.view, t0.elapsed());
                     for r in &c.rejected {
-                        metrics::ENTRIES_REJECTED.inc();
+                        metrics::entry_rejected(r);
                         tracing::error!(view = %c.view, "{r}");
                     }
                     if c.duplicate_keys > 0 {
@@ -480,15 +511,15 @@ impl Worker {
         metrics::PUBLISHES.inc();
         let latency_us = pending.arrived.map(|a| acked.saturating_duration_since(a).as_micros() as u64);
         if let Some(l) = latency_us {
-            metrics::PUBLISH_LATENCY.observe(l);
+            metrics::publish_latency(Duration::from_micros(l));
         }
         // The replica state actually published (at or after the latest
         // Committed's checkpoint).
         let position = &checkpoint;
         let mut any = false;
         for c in &counts {
-            metrics::KEYS_SET.add(c.set as u64);
-            metrics::KEYS_DELETED.add(c.deleted as u64);
+            metrics::keys_set(&c.view, c.set as u64);
+            metrics::keys_deleted(&c.view, c.deleted as u64);
             if c.set > 0 || c.deleted > 0 {
                 any = true;
                 tracing::info!(

@@ -196,7 +196,7 @@ fn test_dir_in(parent: &Path, kind: &str) -> TempDir {
         .unwrap_or_else(|e| panic!("cannot create temp dir for {kind} in {}: {e}", parent.display()))
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local_addr").port()
 }
@@ -1224,6 +1224,8 @@ impl Daemon {
         Self::start_args(config_toml, &[])
     }
 
+    /// Without an `[admin]` section the config gets one on a free port
+    /// (the default 127.0.0.1:9187 would clash between parallel tests).
     pub fn start_args(config_toml: &str, extra_args: &[&str]) -> Daemon {
         Self::start_with_env(config_toml, extra_args, &[])
     }
@@ -1233,6 +1235,11 @@ impl Daemon {
     pub fn start_with_env(config_toml: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let dir = test_dir("daemon");
         let config_path = dir.path().join("tailcache.toml");
+        let config_toml = if config_toml.contains("[admin]") {
+            config_toml.to_owned()
+        } else {
+            format!("{config_toml}\n[admin]\nlisten = \"127.0.0.1:{}\"\n", free_port())
+        };
         fs::write(&config_path, config_toml).expect("write daemon config");
         let log_path = dir.path().join("daemon.log");
         let log = fs::File::create(&log_path).expect("create daemon.log");

@@ -1,4 +1,5 @@
 //! One integration-test binary so the MariaDB harness starts once per run.
+mod admin;
 mod check;
 mod decode_fixtures;
 mod events;

@@ -431,7 +431,7 @@ async fn resync_command_repairs_a_tampered_key() {
     let out = harness::run_tailcache(&["resync", "--config", daemon.config_path().to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_for(&mc, "r:app:1", "the resync to repair the key", &daemon, |v| name_is(v, "test0")).await;
-    assert!(daemon.log().contains("SIGHUP"), "{}", daemon.log());
+    assert!(daemon.log().contains("admin: full resync requested"), "{}", daemon.log());
 }
 
 #[tokio::test(flavor = "multi_thread")]

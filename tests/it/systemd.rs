@@ -209,7 +209,10 @@ async fn without_memcached_ready_when_consistent_and_foreign_watchdog_pid_ignore
     sock.wait_for("READY=1", Duration::from_secs(30), &daemon, |_| {}, |l| l == "READY=1");
     let out = harness::run_tailcache(&["status", "--config", daemon.config_path().to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("consistent: true"), "READY=1 before the replica was consistent: {text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("position:") && l.ends_with(", consistent")),
+        "READY=1 before the replica was consistent: {text}"
+    );
     sock.drain_for(Duration::from_millis(1500));
     assert_eq!(sock.count("WATCHDOG=1"), 0, "pinged a watchdog meant for another pid: {:#?}", sock.texts());
     let statuses: Vec<&str> = sock.texts().into_iter().filter_map(|l| l.strip_prefix("STATUS=")).collect();

@@ -25,10 +25,11 @@
 //! restarted, and ops may have been half applied). The publisher answers
 //! `true` with a full republish.
 
+pub mod error;
 pub mod router;
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -36,13 +37,19 @@ use memcache::exp::{AsyncMetaClient, Delete, Get, MutationStatus, Op as McOp, Op
 use tokio::sync::OnceCell;
 
 use crate::config::MemcachedConfig;
+pub use error::{ErrorClass, classify};
 pub use router::{AllServers, Placement};
 
 /// At most this many ops per round trip to one server.
 pub const MAX_BATCH_OPS: usize = 500;
+/// At most this many reads (`mg`) per round trip to one server.
+pub const MAX_READ_OPS: usize = 2000;
 /// At most about this many key+value bytes per round trip to one server (a
 /// single larger op still goes alone).
 pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Read-back batches in flight at once on one server (each on its own
+/// pooled connection).
+pub const READ_CONCURRENCY: usize = 4;
 /// The sentinel key, after `key_prefix`.
 pub const EPOCH_KEY_SUFFIX: &str = "_tailcache:epoch";
 
@@ -92,7 +99,8 @@ impl Op {
     }
 }
 
-/// What failed, on which server.
+/// What failed, on which server. Per-entry refusals are not errors (see
+/// [`Applied::rejected`]); every `SinkError` fails the exchange.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("memcached {server}: cannot resolve address: {source}")]
@@ -109,8 +117,8 @@ pub enum SinkError {
         #[source]
         source: memcache::exp::Error,
     },
-    #[error("memcached {server}: {verb} of key {key:?} was not applied ({status:?})")]
-    NotApplied { server: String, verb: &'static str, key: String, status: MutationStatus },
+    #[error("memcached {server}: {verb} of key {key:?} was refused: {reason}")]
+    Refused { server: String, verb: &'static str, key: String, reason: String },
     #[error("memcached {server}: batch of {ops} ops refused before sending: {source}")]
     Batch {
         server: String,
@@ -128,16 +136,62 @@ impl SinkError {
         match self {
             SinkError::Resolve { server, .. }
             | SinkError::Op { server, .. }
-            | SinkError::NotApplied { server, .. }
+            | SinkError::Refused { server, .. }
             | SinkError::Batch { server, .. }
             | SinkError::Unexpected { server, .. } => server,
         }
     }
+
+    /// Whether retrying the exchange can help.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SinkError::Resolve { .. } | SinkError::Unexpected { .. } => ErrorClass::Retriable,
+            SinkError::Op { source, .. } | SinkError::Batch { source, .. } => classify(source),
+            SinkError::Refused { .. } => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// One entry a server refused for good (see [`ErrorClass::Permanent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub server: String,
+    pub verb: &'static str,
+    pub key: Vec<u8>,
+    /// The server's words, e.g. `SERVER_ERROR object too large for cache`.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "memcached {} refused the {} of key {:?}: {}", self.server, self.verb, lossy(&self.key), self.reason)
+    }
+}
+
+/// The outcome of [`Sink::apply`] when no exchange failed.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// Ops refused for good by some server; all the others were applied.
+    pub rejected: Vec<Rejection>,
+}
+
+/// What the servers that should hold a key hold, compared with what they
+/// should; see [`Sink::read_back`]. Ordered: the worst server wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Held {
+    /// Every server holds the expected bytes and flags.
+    Same,
+    /// Some server does not hold the key (and none holds other bytes).
+    Missing,
+    /// Some server holds other bytes or flags.
+    Differs,
 }
 
 struct Server {
     addr: String,
     client: OnceCell<AsyncMetaClient>,
+    /// 0 unknown, 1 answered last time, 2 failed last time.
+    health: AtomicU8,
 }
 
 /// The memcached writer; see the module docs.
@@ -166,7 +220,11 @@ impl Sink {
     pub fn with_placement(mc: &MemcachedConfig, placement: Box<dyn Placement>) -> Sink {
         let timeout = Duration::from_millis(mc.timeout_ms.max(1));
         Sink {
-            servers: mc.servers.iter().map(|a| Server { addr: a.clone(), client: OnceCell::new() }).collect(),
+            servers: mc
+                .servers
+                .iter()
+                .map(|a| Server { addr: a.clone(), client: OnceCell::new(), health: AtomicU8::new(0) })
+                .collect(),
             addrs: mc.servers.clone(),
             placement,
             timeout,
@@ -185,6 +243,29 @@ impl Sink {
         &self.addrs
     }
 
+    /// Each server that was talked to, and whether its last exchange
+    /// succeeded (a refused entry is an answer: the server is up).
+    pub fn health(&self) -> Vec<(String, bool)> {
+        self.servers
+            .iter()
+            .filter_map(|s| match s.health.load(Ordering::Relaxed) {
+                1 => Some((s.addr.clone(), true)),
+                2 => Some((s.addr.clone(), false)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn mark<T>(&self, i: usize, r: &Result<T, SinkError>) {
+        let up = match r {
+            Ok(_) => true,
+            Err(e) => e.class() == ErrorClass::Permanent,
+        };
+        if let Some(s) = self.servers.get(i) {
+            s.health.store(if up { 1 } else { 2 }, Ordering::Relaxed);
+        }
+    }
+
     async fn client(&self, i: usize) -> Result<&AsyncMetaClient, SinkError> {
         let s = &self.servers[i];
         s.client
@@ -192,7 +273,7 @@ impl Sink {
                 AsyncMetaClient::builder()
                     .io_timeout(Some(self.timeout))
                     .connect_timeout(Some(self.timeout))
-                    .max_idle(4)
+                    .max_idle(READ_CONCURRENCY)
                     .connect_multiple_async([s.addr.as_str()])
                     .await
             })
@@ -200,35 +281,57 @@ impl Sink {
             .map_err(|source| SinkError::Resolve { server: s.addr.clone(), source })
     }
 
+    /// Each item in the lists of the servers its key is placed on.
+    fn per_server<'a, T: Copy>(&self, items: impl Iterator<Item = (&'a [u8], T)>) -> Vec<Vec<T>> {
+        let mut per_server: Vec<Vec<T>> = (0..self.servers.len()).map(|_| Vec::new()).collect();
+        let mut placed = Vec::with_capacity(self.servers.len());
+        for (key, item) in items {
+            placed.clear();
+            self.placement.place(key, &self.addrs, &mut placed);
+            for &i in &placed {
+                if let Some(list) = per_server.get_mut(i) {
+                    list.push(item);
+                }
+            }
+        }
+        per_server
+    }
+
     /// Applies `ops` on the servers that hold each key (all of them for
     /// now). Every server is attempted even when another fails; the first
     /// error is returned (the others are logged). A delete of a missing key
     /// is success. Ops on one server are sent in order, so a set and a
     /// later delete of the same key in one call end deleted.
-    pub async fn apply(&self, ops: &[Op]) -> Result<(), SinkError> {
+    ///
+    /// An op a server refuses for good ([`ErrorClass::Permanent`], e.g.
+    /// `SERVER_ERROR object too large for cache`) does not stop the others:
+    /// it is listed in [`Applied::rejected`] and the rest of its batch is
+    /// sent again. Only a [`ErrorClass::Retriable`] failure is an error.
+    pub async fn apply(&self, ops: &[Op]) -> Result<Applied, SinkError> {
         if ops.is_empty() {
-            return Ok(());
+            return Ok(Applied::default());
         }
-        let mut per_server: Vec<Vec<&Op>> = vec![Vec::new(); self.servers.len()];
-        let mut placed = Vec::with_capacity(self.servers.len());
-        for op in ops {
-            placed.clear();
-            self.placement.place(op.key(), &self.addrs, &mut placed);
-            for &i in &placed {
-                if let Some(list) = per_server.get_mut(i) {
-                    list.push(op);
-                }
+        let per_server: Vec<Vec<&Op>> = self.per_server(ops.iter().map(|op| (op.key(), op)));
+        let results = join_all(per_server.iter().enumerate().map(|(i, list)| async move {
+            let r = self.apply_on(i, list).await;
+            if !list.is_empty() {
+                self.mark(i, &r);
             }
-        }
-        let results = join_all(per_server.iter().enumerate().map(|(i, list)| self.apply_on(i, list))).await;
+            r
+        }))
+        .await;
         let mut first = None;
+        let mut applied = Applied::default();
         for r in results {
-            if let Err(e) = r {
-                crate::metrics::SINK_ERRORS.inc();
-                if first.is_none() {
-                    first = Some(e);
-                } else {
-                    tracing::warn!(error = %e, "memcached write failed");
+            match r {
+                Ok(mut rejected) => applied.rejected.append(&mut rejected),
+                Err(e) => {
+                    crate::metrics::SINK_ERRORS.inc();
+                    if first.is_none() {
+                        first = Some(e);
+                    } else {
+                        tracing::warn!(error = %e, "memcached write failed");
+                    }
                 }
             }
         }
@@ -237,19 +340,20 @@ impl Sink {
                 self.lost.store(true, Ordering::SeqCst);
                 Err(e)
             }
-            None => Ok(()),
+            None => Ok(applied),
         }
     }
 
-    async fn apply_on(&self, i: usize, ops: &[&Op]) -> Result<(), SinkError> {
+    async fn apply_on(&self, i: usize, ops: &[&Op]) -> Result<Vec<Rejection>, SinkError> {
+        let mut rejected = Vec::new();
         if ops.is_empty() {
-            return Ok(());
+            return Ok(rejected);
         }
         let client = self.client(i).await?;
         let server = &self.servers[i].addr;
         let mut start = 0;
         let mut batch: Vec<McOp> = Vec::with_capacity(ops.len().min(MAX_BATCH_OPS));
-        while start < ops.len() {
+        'chunks: while start < ops.len() {
             let mut end = start;
             let mut bytes = 0;
             while end < ops.len()
@@ -262,17 +366,217 @@ impl Sink {
             let chunk = &ops[start..end];
             batch.clear();
             batch.extend(chunk.iter().map(|op| op.to_memcache()));
-            let results = client.run_batch(batch.drain(..)).await.map_err(|source| SinkError::Batch {
-                server: server.clone(),
-                ops: chunk.len(),
-                source,
-            })?;
-            for (op, r) in chunk.iter().zip(results) {
-                check_result(server, op, r)?;
+            let results = match client.run_batch(batch.drain(..)).await {
+                Ok(r) => r,
+                Err(source) if classify(&source) == ErrorClass::Permanent => {
+                    // The client library refused one of the ops before
+                    // sending anything: find it by sending them one by one.
+                    for op in chunk {
+                        let r = client.run(op.to_memcache()).await;
+                        self.outcome(server, op, r, &mut rejected)?;
+                    }
+                    start = end;
+                    continue;
+                }
+                Err(source) => return Err(SinkError::Batch { server: server.clone(), ops: chunk.len(), source }),
+            };
+            for (k, (op, r)) in chunk.iter().zip(results).enumerate() {
+                let failed = r.is_err();
+                self.outcome(server, op, r, &mut rejected)?;
+                if failed {
+                    // A refusal is an error line without the batch's opaque
+                    // token: the client stops reading there, so the answers
+                    // to the ops after it are unknown. Send those again
+                    // (sets and deletes are idempotent, order is kept).
+                    start += k + 1;
+                    continue 'chunks;
+                }
             }
             start = end;
         }
-        Ok(())
+        Ok(rejected)
+    }
+
+    /// Sorts one op's result into success, a rejection (pushed) or an
+    /// error.
+    fn outcome(
+        &self,
+        server: &str,
+        op: &Op,
+        r: Result<OpResult, memcache::exp::Error>,
+        rejected: &mut Vec<Rejection>,
+    ) -> Result<(), SinkError> {
+        let verb = op.verb();
+        let reject = |reason: String, rejected: &mut Vec<Rejection>| {
+            rejected.push(Rejection { server: server.to_owned(), verb, key: op.key().to_vec(), reason });
+            Ok(())
+        };
+        match r {
+            Err(source) => match classify(&source) {
+                ErrorClass::Permanent => reject(error::reason(&source), rejected),
+                ErrorClass::Retriable => {
+                    Err(SinkError::Op { server: server.to_owned(), verb, key: lossy(op.key()), source })
+                }
+            },
+            Ok(r) => {
+                let Some(m) = r.as_mutation() else {
+                    return Err(SinkError::Unexpected { server: server.to_owned(), verb, key: lossy(op.key()) });
+                };
+                match (op, m.status) {
+                    (_, MutationStatus::Applied) | (Op::Delete { .. }, MutationStatus::NotFound) => Ok(()),
+                    (_, status) => match error::classify_status(status) {
+                        ErrorClass::Permanent => reject(format!("not applied ({status:?})"), rejected),
+                        ErrorClass::Retriable => Err(SinkError::Refused {
+                            server: server.to_owned(),
+                            verb,
+                            key: lossy(op.key()),
+                            reason: format!("{status:?}"),
+                        }),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Reads back what the servers hold for each key (on every server the
+    /// key is placed on) with pipelined `mg <key> v f` batches, and compares
+    /// it through `same(index, value, flags)`. `expected_len[i]` bounds the
+    /// bytes a batch may bring back. With `touch`, each hit's TTL is reset
+    /// to that exptime in the same request (`T` flag), so an identical
+    /// entry need not be rewritten to stay alive. Batches of up to
+    /// [`MAX_READ_OPS`] keys, [`READ_CONCURRENCY`] in flight per server,
+    /// all servers at once.
+    pub async fn read_back<F>(
+        &self,
+        keys: &[&[u8]],
+        expected_len: &[usize],
+        touch: Option<u32>,
+        same: F,
+    ) -> Result<Vec<Held>, SinkError>
+    where
+        F: Fn(usize, &[u8], u32) -> bool,
+    {
+        let mut held = vec![Held::Same; keys.len()];
+        if keys.is_empty() {
+            return Ok(held);
+        }
+        let per_server: Vec<Vec<usize>> = self.per_server(keys.iter().enumerate().map(|(i, k)| (*k, i)));
+        let same = &same;
+        let results = join_all(per_server.iter().enumerate().map(|(i, list)| async move {
+            let r = self.read_on(i, list, keys, expected_len, touch, same).await;
+            if !list.is_empty() {
+                self.mark(i, &r);
+            }
+            r
+        }))
+        .await;
+        for r in results {
+            match r {
+                Ok(found) => {
+                    for (i, h) in found {
+                        held[i] = held[i].max(h);
+                    }
+                }
+                Err(e) => {
+                    crate::metrics::SINK_ERRORS.inc();
+                    self.lost.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    async fn read_on<F>(
+        &self,
+        i: usize,
+        list: &[usize],
+        keys: &[&[u8]],
+        expected_len: &[usize],
+        touch: Option<u32>,
+        same: &F,
+    ) -> Result<Vec<(usize, Held)>, SinkError>
+    where
+        F: Fn(usize, &[u8], u32) -> bool,
+    {
+        if list.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.client(i).await?;
+        let server = &self.servers[i].addr;
+        // Split into chunks up front, then run them READ_CONCURRENCY at a
+        // time.
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        while start < list.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < list.len() && end - start < MAX_READ_OPS {
+                let b = keys[list[end]].len() + expected_len.get(list[end]).copied().unwrap_or(0);
+                if end > start && bytes + b > MAX_BATCH_BYTES {
+                    break;
+                }
+                bytes += b;
+                end += 1;
+            }
+            chunks.push(&list[start..end]);
+            start = end;
+        }
+        let get = |k: &[u8]| {
+            let g = Get::new(k);
+            match touch {
+                Some(t) if t > 0 => g.touch(Ttl::secs(t)),
+                _ => g,
+            }
+        };
+        let mut out = Vec::with_capacity(list.len());
+        for group in chunks.chunks(READ_CONCURRENCY) {
+            let runs = join_all(group.iter().map(|chunk| async move {
+                let mut found = Vec::with_capacity(chunk.len());
+                let mut rest: &[usize] = chunk;
+                while !rest.is_empty() {
+                    let results = client
+                        .run_many(rest.iter().map(|&k| get(keys[k])))
+                        .await
+                        .map_err(|source| SinkError::Batch { server: server.clone(), ops: rest.len(), source })?;
+                    let mut next: &[usize] = &[];
+                    for (n, (&k, r)) in rest.iter().zip(results).enumerate() {
+                        match r {
+                            Ok(g) => {
+                                let h = match (g.hit(), g.value.as_deref()) {
+                                    (true, Some(v)) if same(k, v, g.client_flags.unwrap_or(0)) => Held::Same,
+                                    (true, _) => Held::Differs,
+                                    (false, _) => Held::Missing,
+                                };
+                                found.push((k, h));
+                            }
+                            Err(source) if classify(&source) == ErrorClass::Permanent => {
+                                // The server refused to read it: rewrite it,
+                                // and read the rest of the batch again.
+                                found.push((k, Held::Differs));
+                                next = &rest[n + 1..];
+                                break;
+                            }
+                            Err(source) => {
+                                return Err(SinkError::Op {
+                                    server: server.clone(),
+                                    verb: "get",
+                                    key: lossy(keys[k]),
+                                    source,
+                                });
+                            }
+                        }
+                    }
+                    rest = next;
+                }
+                Ok(found)
+            }))
+            .await;
+            for r in runs {
+                out.extend(r?);
+            }
+        }
+        Ok(out)
     }
 
     /// The value and client flags of `key` on the first server.
@@ -284,14 +588,19 @@ impl Sink {
         let Some(s) = self.servers.get(i) else {
             return Ok(None);
         };
-        let client = self.client(i).await?;
-        let r = client.run(Get::new(key)).await.map_err(|source| SinkError::Op {
-            server: s.addr.clone(),
-            verb: "get",
-            key: lossy(key),
-            source,
-        })?;
-        Ok(if r.hit() { r.value.map(|v| (v, r.client_flags.unwrap_or(0))) } else { None })
+        let r = async {
+            let client = self.client(i).await?;
+            let r = client.run(Get::new(key)).await.map_err(|source| SinkError::Op {
+                server: s.addr.clone(),
+                verb: "get",
+                key: lossy(key),
+                source,
+            })?;
+            Ok(if r.hit() { r.value.map(|v| (v, r.client_flags.unwrap_or(0))) } else { None })
+        }
+        .await;
+        self.mark(i, &r);
+        r
     }
 
     /// Tells the sink which token the sentinel should hold (read from the
@@ -316,11 +625,14 @@ impl Sink {
         let op = Op::Set { key: self.epoch_key.clone(), value: token.clone(), flags: 0, exptime: 0 };
         // Clear first: a failure inside apply sets it again.
         self.lost.store(false, Ordering::SeqCst);
-        self.apply(std::slice::from_ref(&op)).await?;
+        let applied = self.apply(std::slice::from_ref(&op)).await?;
+        if let Some(r) = applied.rejected.into_iter().next() {
+            self.lost.store(true, Ordering::SeqCst);
+            return Err(SinkError::Refused { server: r.server, verb: r.verb, key: lossy(&r.key), reason: r.reason });
+        }
         self.set_expected_epoch(Some(token.clone()));
         Ok(token)
     }
-
     /// Whether memcached may no longer hold what was published: the
     /// sentinel is missing or different on some server, no token is known
     /// yet, or an exchange failed since the last [`mark_epoch`](Self::mark_epoch).
@@ -354,18 +666,6 @@ impl Sink {
             }
         }
         false
-    }
-}
-
-fn check_result(server: &str, op: &Op, r: Result<OpResult, memcache::exp::Error>) -> Result<(), SinkError> {
-    let verb = op.verb();
-    let r = r.map_err(|source| SinkError::Op { server: server.to_owned(), verb, key: lossy(op.key()), source })?;
-    let Some(m) = r.as_mutation() else {
-        return Err(SinkError::Unexpected { server: server.to_owned(), verb, key: lossy(op.key()) });
-    };
-    match (op, m.status) {
-        (_, MutationStatus::Applied) | (Op::Delete { .. }, MutationStatus::NotFound) => Ok(()),
-        (_, status) => Err(SinkError::NotApplied { server: server.to_owned(), verb, key: lossy(op.key()), status }),
     }
 }
 

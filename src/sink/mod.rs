@@ -53,6 +53,38 @@ pub const READ_CONCURRENCY: usize = 4;
 /// The sentinel key, after `key_prefix`.
 pub const EPOCH_KEY_SUFFIX: &str = "_tailcache:epoch";
 
+/// Relative exptimes above this many seconds (30 days) are read by
+/// memcached as absolute unix times; the sink sends `now + exptime` then.
+pub const MAX_RELATIVE_EXPTIME: u32 = 30 * 24 * 60 * 60;
+
+/// Why `memcached.exptime` (seconds from the write, 0 = never expires)
+/// cannot be sent, if it cannot: above 30 days the sink sends the absolute
+/// time `now + exptime`, which memcached parses as a signed 32-bit unix
+/// time, so it must not pass 2038-01-19 (`i32::MAX`). A value meant as an
+/// absolute unix time (memcached's own convention) lands there too: it is
+/// either beyond that limit or, read as an absolute time, in the past.
+pub fn exptime_problem(exptime: u32, now_unix: u64) -> Option<String> {
+    if exptime <= MAX_RELATIVE_EXPTIME {
+        return None;
+    }
+    let at = now_unix.saturating_add(u64::from(exptime));
+    if at <= i32::MAX as u64 {
+        return None;
+    }
+    let hint = if u64::from(exptime) <= now_unix {
+        format!(
+            "; as an absolute unix time (memcached's convention above 30 days) it would be in the past, {} s ago",
+            now_unix - u64::from(exptime)
+        )
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "{exptime} s from now is unix time {at}, beyond {} (2038-01-19), the latest memcached accepts{hint}",
+        i32::MAX
+    ))
+}
+
 /// One change to the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -683,6 +715,20 @@ mod tests {
             coalesce_ms: 2,
             timeout_ms: 200,
         }
+    }
+
+    #[test]
+    fn exptime_limits() {
+        let now = 1_780_000_000;
+        assert_eq!(exptime_problem(0, now), None);
+        assert_eq!(exptime_problem(MAX_RELATIVE_EXPTIME, now), None);
+        assert_eq!(exptime_problem(365 * 86400, now), None);
+        let e = exptime_problem(4_000_000_000, now).unwrap();
+        assert!(e.contains("2147483647") && !e.contains("past"), "{e}");
+        let e = exptime_problem(1_700_000_000, now).unwrap();
+        assert!(e.contains("in the past"), "{e}");
+        assert!(exptime_problem(i32::MAX as u32 - now as u32 + 1, now).is_some());
+        assert!(exptime_problem(i32::MAX as u32 - now as u32, now).is_none());
     }
 
     #[test]

@@ -113,7 +113,8 @@ impl Plan {
 #[derive(Debug)]
 pub struct Resync {
     views: Vec<String>,
-    entries: Vec<(usize, Entry)>,
+    /// (view index, entry, already recorded with this hash)
+    entries: Vec<(usize, Entry, bool)>,
     stale: Vec<(usize, Vec<u8>)>,
     codec: Codec,
     exptime: u32,
@@ -147,12 +148,16 @@ pub fn same_value(codec: Codec, expected: &[u8], flags: u32, found: &[u8], found
 impl Resync {
     /// Keys to read back: the entries' keys, then the stale keys.
     pub fn keys(&self) -> Vec<&[u8]> {
-        self.entries.iter().map(|(_, e)| e.key.as_bytes()).chain(self.stale.iter().map(|(_, k)| k.as_slice())).collect()
+        self.entries
+            .iter()
+            .map(|(_, e, _)| e.key.as_bytes())
+            .chain(self.stale.iter().map(|(_, k)| k.as_slice()))
+            .collect()
     }
 
     /// The value size each key of [`keys`](Self::keys) should hold.
     pub fn expected_len(&self) -> Vec<usize> {
-        self.entries.iter().map(|(_, e)| e.value.len()).chain(self.stale.iter().map(|_| 0)).collect()
+        self.entries.iter().map(|(_, e, _)| e.value.len()).chain(self.stale.iter().map(|_| 0)).collect()
     }
 
     /// Whether `value`/`flags` read back for key `i` of
@@ -160,7 +165,7 @@ impl Resync {
     /// checked for presence).
     pub fn same(&self, i: usize, value: &[u8], flags: u32) -> bool {
         match self.entries.get(i) {
-            Some((_, e)) => same_value(self.codec, &e.value, e.flags, value, flags),
+            Some((_, e, _)) => same_value(self.codec, &e.value, e.flags, value, flags),
             None => true,
         }
     }
@@ -173,15 +178,15 @@ impl Resync {
     /// Turns what memcached holds (`held`, one per [`keys`](Self::keys))
     /// into the ops and bookkeeping: a set for each missing or different
     /// entry, a delete for each stale key still present, and a record of
-    /// every entry (identical ones included) and the removal of every stale
-    /// key. Also returns the per-view counts of the report.
+    /// every entry not recorded with its hash yet (identical ones
+    /// included) and the removal of every stale key. Also returns the per-view counts of the report.
     pub fn plan(self, held: &[Held]) -> (Plan, BTreeMap<String, ResyncCounts>) {
         let mut plan = Plan::default();
         let mut counts: Vec<ResyncCounts> = vec![ResyncCounts::default(); self.views.len()];
         let mut view_counts: Vec<ViewCounts> =
             self.views.iter().map(|v| ViewCounts { view: v.clone(), ..Default::default() }).collect();
         let n = self.entries.len();
-        for (i, (v, e)) in self.entries.into_iter().enumerate() {
+        for (i, (v, e, recorded)) in self.entries.into_iter().enumerate() {
             let c = &mut counts[v];
             c.checked += 1;
             let h = held.get(i).copied().unwrap_or(Held::Missing);
@@ -196,7 +201,9 @@ impl Resync {
                 view_counts[v].set += 1;
                 view_counts[v].drift += 1;
             }
-            plan.changes.push(Change::Put { view: self.views[v].clone(), key, hash: e.hash });
+            if !recorded {
+                plan.changes.push(Change::Put { view: self.views[v].clone(), key, hash: e.hash });
+            }
         }
         for (j, (v, key)) in self.stale.into_iter().enumerate() {
             if held.get(n + j).copied().unwrap_or(Held::Same) != Held::Missing {
@@ -338,7 +345,10 @@ impl Published {
             let mut gone: Vec<&Vec<u8>> = published.keys().filter(|k| !present.contains(k.as_slice())).collect();
             gone.sort();
             r.stale.extend(gone.into_iter().map(|k| (v, k.clone())));
-            r.entries.extend(c.entries.into_iter().map(|e| (v, e)));
+            r.entries.extend(c.entries.into_iter().map(|e| {
+                let recorded = published.get(e.key.as_bytes()) == Some(&e.hash);
+                (v, e, recorded)
+            }));
         }
         for view in self.orphan_views(viewset) {
             let v = r.views.len();

@@ -201,7 +201,9 @@ impl Resync {
                 view_counts[v].set += 1;
                 view_counts[v].drift += 1;
             }
-            if !recorded {
+            // Rewritten entries are recorded even when their hash is, so a
+            // refusal of the rewrite (Plan::reject) can unrecord them.
+            if !recorded || h != Held::Same {
                 plan.changes.push(Change::Put { view: self.views[v].clone(), key, hash: e.hash });
             }
         }
@@ -408,5 +410,81 @@ impl Published {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::views::encode::{dogpile_metadata, mp};
+
+    fn entry(key: &str, value: &[u8], hash: u8) -> Entry {
+        Entry { key: key.into(), value: value.to_vec(), flags: 0, hash: [hash; 16] }
+    }
+
+    #[test]
+    fn dogpile_values_compare_without_their_creation_time() {
+        let wrap = |payload: &[u8], ct: f64| {
+            let mut b = Vec::new();
+            mp::array_len(&mut b, 2);
+            b.extend_from_slice(payload);
+            dogpile_metadata(&mut b, ct);
+            b
+        };
+        let (a, b) = (wrap(b"\xa3abc", 1.0), wrap(b"\xa3abc", 2.5));
+        assert_ne!(a, b);
+        assert!(same_value(Codec::Dogpile, &a, 0, &b, 0));
+        assert!(!same_value(Codec::Msgpack, &a, 0, &b, 0));
+        assert!(!same_value(Codec::Dogpile, &a, 0, &wrap(b"\xa3abd", 1.0), 0));
+        assert!(!same_value(Codec::Dogpile, &a, 0, &b, 1), "flags differ");
+        assert!(!same_value(Codec::Dogpile, &a, 0, &a[..a.len() - 1], 0));
+        assert!(same_value(Codec::Json, b"{}", 0, b"{}", 0));
+    }
+
+    #[test]
+    fn resync_plan_counts_and_ops() {
+        let mut p = Published::default();
+        let put = |p: &mut Published, k: &str, h: u8| {
+            p.views.entry("v".into()).or_default().insert(k.as_bytes().to_vec(), [h; 16]);
+        };
+        put(&mut p, "k1", 1);
+        put(&mut p, "k2", 2);
+        put(&mut p, "gone", 3);
+        put(&mut p, "gone2", 4);
+        let computed = ComputedView {
+            view: "v".into(),
+            entries: vec![entry("k1", b"a", 1), entry("k2", b"b", 2), entry("k3", b"c", 3)],
+            ..Default::default()
+        };
+        let mut r = Resync { views: vec![], entries: vec![], stale: vec![], codec: Codec::Msgpack, exptime: 0 };
+        // what Published::resync does, without a ViewSet
+        r.views.push("v".into());
+        for e in computed.entries {
+            let recorded = p.keys("v").unwrap().get(e.key.as_bytes()) == Some(&e.hash);
+            r.entries.push((0, e, recorded));
+        }
+        r.stale = vec![(0, b"gone".to_vec()), (0, b"gone2".to_vec())];
+        assert_eq!(r.keys(), vec![&b"k1"[..], b"k2", b"k3", b"gone", b"gone2"]);
+        assert!(r.same(0, b"a", 0) && !r.same(0, b"x", 0) && r.same(4, b"whatever", 9));
+        // k1 identical, k2 differs, k3 missing, gone present, gone2 absent
+        let (mut plan, counts) = r.plan(&[Held::Same, Held::Differs, Held::Missing, Held::Same, Held::Missing]);
+        assert_eq!(counts["v"], ResyncCounts { checked: 3, missing: 1, differed: 1, deleted: 1, unchanged: 1 });
+        assert_eq!(
+            plan.ops.iter().map(|o| (o.key().to_vec(), matches!(o, Op::Set { .. }))).collect::<Vec<_>>(),
+            vec![(b"k2".to_vec(), true), (b"k3".to_vec(), true), (b"gone".to_vec(), false)]
+        );
+        // k1 is recorded with its hash already: no change; k2 rewritten
+        assert_eq!(plan.changes.len(), 4, "{:?}", plan.changes);
+        assert_eq!(plan.counts[0].drift, 3);
+        // memcached refuses k3: it is unrecorded and returned for deletion
+        let refused = plan.reject(&[Rejection {
+            server: "s".into(),
+            verb: "set",
+            key: b"k3".to_vec(),
+            reason: "SERVER_ERROR object too large for cache".into(),
+        }]);
+        assert_eq!(refused, vec![("v".to_owned(), b"k3".to_vec())]);
+        assert!(plan.changes.contains(&Change::Remove { view: "v".into(), key: b"k3".to_vec() }));
+        assert_eq!(plan.counts[0].set, 1);
     }
 }

@@ -7,6 +7,24 @@
 //! `memcached.timeout_ms`. Which servers hold a key is a [`Placement`];
 //! today every key goes to every server ([`AllServers`]).
 //!
+//! [`Sink::read_back`] is the other direction, for a full resync: pipelined
+//! `mg <key> v f` batches (up to [`MAX_READ_OPS`] keys or about
+//! [`MAX_BATCH_BYTES`] of expected values each, [`READ_CONCURRENCY`] in
+//! flight per server, all servers at once) on every server a key is placed
+//! on, compared by the caller and folded into one [`Held`] per key.
+//!
+//! # Errors
+//!
+//! Every failure is classified ([`ErrorClass`], see [`error`]): a
+//! retriable one (connection, timeout, garbled answer) fails the exchange
+//! with a [`SinkError`] and marks the state as possibly lost; a permanent
+//! one is about a single entry (`SERVER_ERROR object too large for cache`,
+//! ...): that op is listed in [`Applied::rejected`] and every other op is
+//! still applied. memcached answers a refused meta command with a bare
+//! error line, without the batch's opaque token, so the ops after it in
+//! the same batch are sent again (sets and deletes are idempotent).
+//! [`Sink::health`] tells whether each server answered its last exchange.
+//!
 //! Connections are made lazily (a server that is down at start-up is an
 //! error on the first write, not at construction) and pooled by
 //! `memcache::exp::AsyncMetaClient`, one client per configured server.

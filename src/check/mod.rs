@@ -8,9 +8,9 @@
 //! Nothing here panics on a server answer and nothing prints the password:
 //! every text is scrubbed of it before it leaves this module.
 //!
-//! One file per concern: [`binlog`] (version, TLS, binlog settings,
-//! server_id), [`privileges`] (grants and the `SHOW GRANTS` parser),
-//! [`tables`] (the watched tables), [`memcached`] (each server, its item
+//! One file per concern: `binlog` (version, TLS, binlog settings,
+//! server_id), `privileges` (grants and the `SHOW GRANTS` parser),
+//! `tables` (the watched tables), [`memcached`] (each server, its item
 //! size limit, `memcached.exptime`) and [`state`] (the state file's
 //! directory).
 

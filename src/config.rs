@@ -705,6 +705,14 @@ impl Config {
                     "the server's item size limit in bytes (memcached -I), 1048576 by default",
                 );
             }
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            if let Some(why) = crate::sink::exptime_problem(mc.exptime, now) {
+                push(
+                    "memcached.exptime".into(),
+                    why,
+                    "seconds from each write: 0 (never expires) up to the time left until 2038-01-19",
+                );
+            }
             if mc.coalesce_ms > 1000 {
                 push("memcached.coalesce_ms".into(), mc.coalesce_ms.to_string(), "a few milliseconds (0..=1000)");
             }

@@ -416,6 +416,15 @@ pub fn entry_rejected(e: &crate::views::EntryError) {
     METRICS.entries_rejected.get_or_create(&[("view", view.clone()), ("reason", reason.to_owned())]).inc();
 }
 
+/// An entry memcached refused (e.g. larger than its item size limit):
+/// counted as rejected with reason `memcached_refused`.
+pub fn entry_refused(view: &str) {
+    METRICS
+        .entries_rejected
+        .get_or_create(&[("view", view.to_owned()), ("reason", "memcached_refused".to_owned())])
+        .inc();
+}
+
 /// A publish round failed (it is retried).
 pub fn publish_failed() {
     METRICS.publish_failures.inc();

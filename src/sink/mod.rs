@@ -7,6 +7,24 @@
 //! `memcached.timeout_ms`. Which servers hold a key is a [`Placement`];
 //! today every key goes to every server ([`AllServers`]).
 //!
+//! [`Sink::read_back`] is the other direction, for a full resync: pipelined
+//! `mg <key> v f` batches (up to [`MAX_READ_OPS`] keys or about
+//! [`MAX_BATCH_BYTES`] of expected values each, [`READ_CONCURRENCY`] in
+//! flight per server, all servers at once) on every server a key is placed
+//! on, compared by the caller and folded into one [`Held`] per key.
+//!
+//! # Errors
+//!
+//! Every failure is classified ([`ErrorClass`], see [`error`]): a
+//! retriable one (connection, timeout, garbled answer) fails the exchange
+//! with a [`SinkError`] and marks the state as possibly lost; a permanent
+//! one is about a single entry (`SERVER_ERROR object too large for cache`,
+//! ...): that op is listed in [`Applied::rejected`] and every other op is
+//! still applied. memcached answers a refused meta command with a bare
+//! error line, without the batch's opaque token, so the ops after it in
+//! the same batch are sent again (sets and deletes are idempotent).
+//! [`Sink::health`] tells whether each server answered its last exchange.
+//!
 //! Connections are made lazily (a server that is down at start-up is an
 //! error on the first write, not at construction) and pooled by
 //! `memcache::exp::AsyncMetaClient`, one client per configured server.
@@ -25,10 +43,11 @@
 //! restarted, and ops may have been half applied). The publisher answers
 //! `true` with a full republish.
 
+pub mod error;
 pub mod router;
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -36,15 +55,53 @@ use memcache::exp::{AsyncMetaClient, Delete, Get, MutationStatus, Op as McOp, Op
 use tokio::sync::OnceCell;
 
 use crate::config::MemcachedConfig;
+pub use error::{ErrorClass, classify};
 pub use router::{AllServers, Placement};
 
 /// At most this many ops per round trip to one server.
 pub const MAX_BATCH_OPS: usize = 500;
+/// At most this many reads (`mg`) per round trip to one server.
+pub const MAX_READ_OPS: usize = 2000;
 /// At most about this many key+value bytes per round trip to one server (a
 /// single larger op still goes alone).
 pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Read-back batches in flight at once on one server (each on its own
+/// pooled connection).
+pub const READ_CONCURRENCY: usize = 4;
 /// The sentinel key, after `key_prefix`.
 pub const EPOCH_KEY_SUFFIX: &str = "_tailcache:epoch";
+
+/// Relative exptimes above this many seconds (30 days) are read by
+/// memcached as absolute unix times; the sink sends `now + exptime` then.
+pub const MAX_RELATIVE_EXPTIME: u32 = 30 * 24 * 60 * 60;
+
+/// Why `memcached.exptime` (seconds from the write, 0 = never expires)
+/// cannot be sent, if it cannot: above 30 days the sink sends the absolute
+/// time `now + exptime`, which memcached parses as a signed 32-bit unix
+/// time, so it must not pass 2038-01-19 (`i32::MAX`). A value meant as an
+/// absolute unix time (memcached's own convention) lands there too: it is
+/// either beyond that limit or, read as an absolute time, in the past.
+pub fn exptime_problem(exptime: u32, now_unix: u64) -> Option<String> {
+    if exptime <= MAX_RELATIVE_EXPTIME {
+        return None;
+    }
+    let at = now_unix.saturating_add(u64::from(exptime));
+    if at <= i32::MAX as u64 {
+        return None;
+    }
+    let hint = if u64::from(exptime) <= now_unix {
+        format!(
+            "; as an absolute unix time (memcached's convention above 30 days) it would be in the past, {} s ago",
+            now_unix - u64::from(exptime)
+        )
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "{exptime} s from now is unix time {at}, beyond {} (2038-01-19), the latest memcached accepts{hint}",
+        i32::MAX
+    ))
+}
 
 /// One change to the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +149,8 @@ impl Op {
     }
 }
 
-/// What failed, on which server.
+/// What failed, on which server. Per-entry refusals are not errors (see
+/// [`Applied::rejected`]); every `SinkError` fails the exchange.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("memcached {server}: cannot resolve address: {source}")]
@@ -109,8 +167,8 @@ pub enum SinkError {
         #[source]
         source: memcache::exp::Error,
     },
-    #[error("memcached {server}: {verb} of key {key:?} was not applied ({status:?})")]
-    NotApplied { server: String, verb: &'static str, key: String, status: MutationStatus },
+    #[error("memcached {server}: {verb} of key {key:?} was refused: {reason}")]
+    Refused { server: String, verb: &'static str, key: String, reason: String },
     #[error("memcached {server}: batch of {ops} ops refused before sending: {source}")]
     Batch {
         server: String,
@@ -128,16 +186,62 @@ impl SinkError {
         match self {
             SinkError::Resolve { server, .. }
             | SinkError::Op { server, .. }
-            | SinkError::NotApplied { server, .. }
+            | SinkError::Refused { server, .. }
             | SinkError::Batch { server, .. }
             | SinkError::Unexpected { server, .. } => server,
         }
     }
+
+    /// Whether retrying the exchange can help.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SinkError::Resolve { .. } | SinkError::Unexpected { .. } => ErrorClass::Retriable,
+            SinkError::Op { source, .. } | SinkError::Batch { source, .. } => classify(source),
+            SinkError::Refused { .. } => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// One entry a server refused for good (see [`ErrorClass::Permanent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub server: String,
+    pub verb: &'static str,
+    pub key: Vec<u8>,
+    /// The server's words, e.g. `SERVER_ERROR object too large for cache`.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "memcached {} refused the {} of key {:?}: {}", self.server, self.verb, lossy(&self.key), self.reason)
+    }
+}
+
+/// The outcome of [`Sink::apply`] when no exchange failed.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// Ops refused for good by some server; all the others were applied.
+    pub rejected: Vec<Rejection>,
+}
+
+/// What the servers that should hold a key hold, compared with what they
+/// should; see [`Sink::read_back`]. Ordered: the worst server wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Held {
+    /// Every server holds the expected bytes and flags.
+    Same,
+    /// Some server does not hold the key (and none holds other bytes).
+    Missing,
+    /// Some server holds other bytes or flags.
+    Differs,
 }
 
 struct Server {
     addr: String,
     client: OnceCell<AsyncMetaClient>,
+    /// 0 unknown, 1 answered last time, 2 failed last time.
+    health: AtomicU8,
 }
 
 /// The memcached writer; see the module docs.
@@ -166,7 +270,11 @@ impl Sink {
     pub fn with_placement(mc: &MemcachedConfig, placement: Box<dyn Placement>) -> Sink {
         let timeout = Duration::from_millis(mc.timeout_ms.max(1));
         Sink {
-            servers: mc.servers.iter().map(|a| Server { addr: a.clone(), client: OnceCell::new() }).collect(),
+            servers: mc
+                .servers
+                .iter()
+                .map(|a| Server { addr: a.clone(), client: OnceCell::new(), health: AtomicU8::new(0) })
+                .collect(),
             addrs: mc.servers.clone(),
             placement,
             timeout,
@@ -185,6 +293,29 @@ impl Sink {
         &self.addrs
     }
 
+    /// Each server that was talked to, and whether its last exchange
+    /// succeeded (a refused entry is an answer: the server is up).
+    pub fn health(&self) -> Vec<(String, bool)> {
+        self.servers
+            .iter()
+            .filter_map(|s| match s.health.load(Ordering::Relaxed) {
+                1 => Some((s.addr.clone(), true)),
+                2 => Some((s.addr.clone(), false)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn mark<T>(&self, i: usize, r: &Result<T, SinkError>) {
+        let up = match r {
+            Ok(_) => true,
+            Err(e) => e.class() == ErrorClass::Permanent,
+        };
+        if let Some(s) = self.servers.get(i) {
+            s.health.store(if up { 1 } else { 2 }, Ordering::Relaxed);
+        }
+    }
+
     async fn client(&self, i: usize) -> Result<&AsyncMetaClient, SinkError> {
         let s = &self.servers[i];
         s.client
@@ -192,7 +323,7 @@ impl Sink {
                 AsyncMetaClient::builder()
                     .io_timeout(Some(self.timeout))
                     .connect_timeout(Some(self.timeout))
-                    .max_idle(4)
+                    .max_idle(READ_CONCURRENCY)
                     .connect_multiple_async([s.addr.as_str()])
                     .await
             })
@@ -200,35 +331,57 @@ impl Sink {
             .map_err(|source| SinkError::Resolve { server: s.addr.clone(), source })
     }
 
+    /// Each item in the lists of the servers its key is placed on.
+    fn per_server<'a, T: Copy>(&self, items: impl Iterator<Item = (&'a [u8], T)>) -> Vec<Vec<T>> {
+        let mut per_server: Vec<Vec<T>> = (0..self.servers.len()).map(|_| Vec::new()).collect();
+        let mut placed = Vec::with_capacity(self.servers.len());
+        for (key, item) in items {
+            placed.clear();
+            self.placement.place(key, &self.addrs, &mut placed);
+            for &i in &placed {
+                if let Some(list) = per_server.get_mut(i) {
+                    list.push(item);
+                }
+            }
+        }
+        per_server
+    }
+
     /// Applies `ops` on the servers that hold each key (all of them for
     /// now). Every server is attempted even when another fails; the first
     /// error is returned (the others are logged). A delete of a missing key
     /// is success. Ops on one server are sent in order, so a set and a
     /// later delete of the same key in one call end deleted.
-    pub async fn apply(&self, ops: &[Op]) -> Result<(), SinkError> {
+    ///
+    /// An op a server refuses for good ([`ErrorClass::Permanent`], e.g.
+    /// `SERVER_ERROR object too large for cache`) does not stop the others:
+    /// it is listed in [`Applied::rejected`] and the rest of its batch is
+    /// sent again. Only a [`ErrorClass::Retriable`] failure is an error.
+    pub async fn apply(&self, ops: &[Op]) -> Result<Applied, SinkError> {
         if ops.is_empty() {
-            return Ok(());
+            return Ok(Applied::default());
         }
-        let mut per_server: Vec<Vec<&Op>> = vec![Vec::new(); self.servers.len()];
-        let mut placed = Vec::with_capacity(self.servers.len());
-        for op in ops {
-            placed.clear();
-            self.placement.place(op.key(), &self.addrs, &mut placed);
-            for &i in &placed {
-                if let Some(list) = per_server.get_mut(i) {
-                    list.push(op);
-                }
+        let per_server: Vec<Vec<&Op>> = self.per_server(ops.iter().map(|op| (op.key(), op)));
+        let results = join_all(per_server.iter().enumerate().map(|(i, list)| async move {
+            let r = self.apply_on(i, list).await;
+            if !list.is_empty() {
+                self.mark(i, &r);
             }
-        }
-        let results = join_all(per_server.iter().enumerate().map(|(i, list)| self.apply_on(i, list))).await;
+            r
+        }))
+        .await;
         let mut first = None;
+        let mut applied = Applied::default();
         for r in results {
-            if let Err(e) = r {
-                crate::metrics::memcached_error(e.server());
-                if first.is_none() {
-                    first = Some(e);
-                } else {
-                    tracing::warn!(error = %e, "memcached write failed");
+            match r {
+                Ok(mut rejected) => applied.rejected.append(&mut rejected),
+                Err(e) => {
+                    crate::metrics::memcached_error(e.server());
+                    if first.is_none() {
+                        first = Some(e);
+                    } else {
+                        tracing::warn!(error = %e, "memcached write failed");
+                    }
                 }
             }
         }
@@ -237,19 +390,20 @@ impl Sink {
                 self.lost.store(true, Ordering::SeqCst);
                 Err(e)
             }
-            None => Ok(()),
+            None => Ok(applied),
         }
     }
 
-    async fn apply_on(&self, i: usize, ops: &[&Op]) -> Result<(), SinkError> {
+    async fn apply_on(&self, i: usize, ops: &[&Op]) -> Result<Vec<Rejection>, SinkError> {
+        let mut rejected = Vec::new();
         if ops.is_empty() {
-            return Ok(());
+            return Ok(rejected);
         }
         let client = self.client(i).await?;
         let server = &self.servers[i].addr;
         let mut start = 0;
         let mut batch: Vec<McOp> = Vec::with_capacity(ops.len().min(MAX_BATCH_OPS));
-        while start < ops.len() {
+        'chunks: while start < ops.len() {
             let mut end = start;
             let mut bytes = 0;
             while end < ops.len()
@@ -262,17 +416,217 @@ impl Sink {
             let chunk = &ops[start..end];
             batch.clear();
             batch.extend(chunk.iter().map(|op| op.to_memcache()));
-            let results = client.run_batch(batch.drain(..)).await.map_err(|source| SinkError::Batch {
-                server: server.clone(),
-                ops: chunk.len(),
-                source,
-            })?;
-            for (op, r) in chunk.iter().zip(results) {
-                check_result(server, op, r)?;
+            let results = match client.run_batch(batch.drain(..)).await {
+                Ok(r) => r,
+                Err(source) if classify(&source) == ErrorClass::Permanent => {
+                    // The client library refused one of the ops before
+                    // sending anything: find it by sending them one by one.
+                    for op in chunk {
+                        let r = client.run(op.to_memcache()).await;
+                        self.outcome(server, op, r, &mut rejected)?;
+                    }
+                    start = end;
+                    continue;
+                }
+                Err(source) => return Err(SinkError::Batch { server: server.clone(), ops: chunk.len(), source }),
+            };
+            for (k, (op, r)) in chunk.iter().zip(results).enumerate() {
+                let failed = r.is_err();
+                self.outcome(server, op, r, &mut rejected)?;
+                if failed {
+                    // A refusal is an error line without the batch's opaque
+                    // token: the client stops reading there, so the answers
+                    // to the ops after it are unknown. Send those again
+                    // (sets and deletes are idempotent, order is kept).
+                    start += k + 1;
+                    continue 'chunks;
+                }
             }
             start = end;
         }
-        Ok(())
+        Ok(rejected)
+    }
+
+    /// Sorts one op's result into success, a rejection (pushed) or an
+    /// error.
+    fn outcome(
+        &self,
+        server: &str,
+        op: &Op,
+        r: Result<OpResult, memcache::exp::Error>,
+        rejected: &mut Vec<Rejection>,
+    ) -> Result<(), SinkError> {
+        let verb = op.verb();
+        let reject = |reason: String, rejected: &mut Vec<Rejection>| {
+            rejected.push(Rejection { server: server.to_owned(), verb, key: op.key().to_vec(), reason });
+            Ok(())
+        };
+        match r {
+            Err(source) => match classify(&source) {
+                ErrorClass::Permanent => reject(error::reason(&source), rejected),
+                ErrorClass::Retriable => {
+                    Err(SinkError::Op { server: server.to_owned(), verb, key: lossy(op.key()), source })
+                }
+            },
+            Ok(r) => {
+                let Some(m) = r.as_mutation() else {
+                    return Err(SinkError::Unexpected { server: server.to_owned(), verb, key: lossy(op.key()) });
+                };
+                match (op, m.status) {
+                    (_, MutationStatus::Applied) | (Op::Delete { .. }, MutationStatus::NotFound) => Ok(()),
+                    (_, status) => match error::classify_status(status) {
+                        ErrorClass::Permanent => reject(format!("not applied ({status:?})"), rejected),
+                        ErrorClass::Retriable => Err(SinkError::Refused {
+                            server: server.to_owned(),
+                            verb,
+                            key: lossy(op.key()),
+                            reason: format!("{status:?}"),
+                        }),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Reads back what the servers hold for each key (on every server the
+    /// key is placed on) with pipelined `mg <key> v f` batches, and compares
+    /// it through `same(index, value, flags)`. `expected_len[i]` bounds the
+    /// bytes a batch may bring back. With `touch`, each hit's TTL is reset
+    /// to that exptime in the same request (`T` flag), so an identical
+    /// entry need not be rewritten to stay alive. Batches of up to
+    /// [`MAX_READ_OPS`] keys, [`READ_CONCURRENCY`] in flight per server,
+    /// all servers at once.
+    pub async fn read_back<F>(
+        &self,
+        keys: &[&[u8]],
+        expected_len: &[usize],
+        touch: Option<u32>,
+        same: F,
+    ) -> Result<Vec<Held>, SinkError>
+    where
+        F: Fn(usize, &[u8], u32) -> bool,
+    {
+        let mut held = vec![Held::Same; keys.len()];
+        if keys.is_empty() {
+            return Ok(held);
+        }
+        let per_server: Vec<Vec<usize>> = self.per_server(keys.iter().enumerate().map(|(i, k)| (*k, i)));
+        let same = &same;
+        let results = join_all(per_server.iter().enumerate().map(|(i, list)| async move {
+            let r = self.read_on(i, list, keys, expected_len, touch, same).await;
+            if !list.is_empty() {
+                self.mark(i, &r);
+            }
+            r
+        }))
+        .await;
+        for r in results {
+            match r {
+                Ok(found) => {
+                    for (i, h) in found {
+                        held[i] = held[i].max(h);
+                    }
+                }
+                Err(e) => {
+                    crate::metrics::memcached_error(e.server());
+                    self.lost.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    async fn read_on<F>(
+        &self,
+        i: usize,
+        list: &[usize],
+        keys: &[&[u8]],
+        expected_len: &[usize],
+        touch: Option<u32>,
+        same: &F,
+    ) -> Result<Vec<(usize, Held)>, SinkError>
+    where
+        F: Fn(usize, &[u8], u32) -> bool,
+    {
+        if list.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.client(i).await?;
+        let server = &self.servers[i].addr;
+        // Split into chunks up front, then run them READ_CONCURRENCY at a
+        // time.
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        while start < list.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < list.len() && end - start < MAX_READ_OPS {
+                let b = keys[list[end]].len() + expected_len.get(list[end]).copied().unwrap_or(0);
+                if end > start && bytes + b > MAX_BATCH_BYTES {
+                    break;
+                }
+                bytes += b;
+                end += 1;
+            }
+            chunks.push(&list[start..end]);
+            start = end;
+        }
+        let get = |k: &[u8]| {
+            let g = Get::new(k);
+            match touch {
+                Some(t) if t > 0 => g.touch(Ttl::secs(t)),
+                _ => g,
+            }
+        };
+        let mut out = Vec::with_capacity(list.len());
+        for group in chunks.chunks(READ_CONCURRENCY) {
+            let runs = join_all(group.iter().map(|chunk| async move {
+                let mut found = Vec::with_capacity(chunk.len());
+                let mut rest: &[usize] = chunk;
+                while !rest.is_empty() {
+                    let results = client
+                        .run_many(rest.iter().map(|&k| get(keys[k])))
+                        .await
+                        .map_err(|source| SinkError::Batch { server: server.clone(), ops: rest.len(), source })?;
+                    let mut next: &[usize] = &[];
+                    for (n, (&k, r)) in rest.iter().zip(results).enumerate() {
+                        match r {
+                            Ok(g) => {
+                                let h = match (g.hit(), g.value.as_deref()) {
+                                    (true, Some(v)) if same(k, v, g.client_flags.unwrap_or(0)) => Held::Same,
+                                    (true, _) => Held::Differs,
+                                    (false, _) => Held::Missing,
+                                };
+                                found.push((k, h));
+                            }
+                            Err(source) if classify(&source) == ErrorClass::Permanent => {
+                                // The server refused to read it: rewrite it,
+                                // and read the rest of the batch again.
+                                found.push((k, Held::Differs));
+                                next = &rest[n + 1..];
+                                break;
+                            }
+                            Err(source) => {
+                                return Err(SinkError::Op {
+                                    server: server.clone(),
+                                    verb: "get",
+                                    key: lossy(keys[k]),
+                                    source,
+                                });
+                            }
+                        }
+                    }
+                    rest = next;
+                }
+                Ok(found)
+            }))
+            .await;
+            for r in runs {
+                out.extend(r?);
+            }
+        }
+        Ok(out)
     }
 
     /// The value and client flags of `key` on the first server.
@@ -284,14 +638,19 @@ impl Sink {
         let Some(s) = self.servers.get(i) else {
             return Ok(None);
         };
-        let client = self.client(i).await?;
-        let r = client.run(Get::new(key)).await.map_err(|source| SinkError::Op {
-            server: s.addr.clone(),
-            verb: "get",
-            key: lossy(key),
-            source,
-        })?;
-        Ok(if r.hit() { r.value.map(|v| (v, r.client_flags.unwrap_or(0))) } else { None })
+        let r = async {
+            let client = self.client(i).await?;
+            let r = client.run(Get::new(key)).await.map_err(|source| SinkError::Op {
+                server: s.addr.clone(),
+                verb: "get",
+                key: lossy(key),
+                source,
+            })?;
+            Ok(if r.hit() { r.value.map(|v| (v, r.client_flags.unwrap_or(0))) } else { None })
+        }
+        .await;
+        self.mark(i, &r);
+        r
     }
 
     /// Tells the sink which token the sentinel should hold (read from the
@@ -316,11 +675,14 @@ impl Sink {
         let op = Op::Set { key: self.epoch_key.clone(), value: token.clone(), flags: 0, exptime: 0 };
         // Clear first: a failure inside apply sets it again.
         self.lost.store(false, Ordering::SeqCst);
-        self.apply(std::slice::from_ref(&op)).await?;
+        let applied = self.apply(std::slice::from_ref(&op)).await?;
+        if let Some(r) = applied.rejected.into_iter().next() {
+            self.lost.store(true, Ordering::SeqCst);
+            return Err(SinkError::Refused { server: r.server, verb: r.verb, key: lossy(&r.key), reason: r.reason });
+        }
         self.set_expected_epoch(Some(token.clone()));
         Ok(token)
     }
-
     /// Whether memcached may no longer hold what was published: the
     /// sentinel is missing or different on some server, no token is known
     /// yet, or an exchange failed since the last [`mark_epoch`](Self::mark_epoch).
@@ -357,18 +719,6 @@ impl Sink {
     }
 }
 
-fn check_result(server: &str, op: &Op, r: Result<OpResult, memcache::exp::Error>) -> Result<(), SinkError> {
-    let verb = op.verb();
-    let r = r.map_err(|source| SinkError::Op { server: server.to_owned(), verb, key: lossy(op.key()), source })?;
-    let Some(m) = r.as_mutation() else {
-        return Err(SinkError::Unexpected { server: server.to_owned(), verb, key: lossy(op.key()) });
-    };
-    match (op, m.status) {
-        (_, MutationStatus::Applied) | (Op::Delete { .. }, MutationStatus::NotFound) => Ok(()),
-        (_, status) => Err(SinkError::NotApplied { server: server.to_owned(), verb, key: lossy(op.key()), status }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +733,20 @@ mod tests {
             coalesce_ms: 2,
             timeout_ms: 200,
         }
+    }
+
+    #[test]
+    fn exptime_limits() {
+        let now = 1_780_000_000;
+        assert_eq!(exptime_problem(0, now), None);
+        assert_eq!(exptime_problem(MAX_RELATIVE_EXPTIME, now), None);
+        assert_eq!(exptime_problem(365 * 86400, now), None);
+        let e = exptime_problem(4_000_000_000, now).unwrap();
+        assert!(e.contains("2147483647") && !e.contains("past"), "{e}");
+        let e = exptime_problem(1_700_000_000, now).unwrap();
+        assert!(e.contains("in the past"), "{e}");
+        assert!(exptime_problem(i32::MAX as u32 - now as u32 + 1, now).is_some());
+        assert!(exptime_problem(i32::MAX as u32 - now as u32, now).is_none());
     }
 
     #[test]

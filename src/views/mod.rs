@@ -327,7 +327,14 @@ fn compile_view(conn: &Connection, v: &ViewConfig, watched: &[TableRef]) -> Resu
     let (columns, readonly) = match prepared {
         Ok(x) => x,
         Err(e) => {
-            return Err(vec![format!("query does not compile against the replica: {e}")]);
+            let text = e.to_string();
+            if let Some(table) = text.strip_prefix("no such table: ") {
+                // The replica holds only the watched tables.
+                return Err(vec![format!(
+                    "query reads table {table:?}, which is not in mysql.tables (the replica holds only the watched tables); add it to mysql.tables or change the query"
+                )]);
+            }
+            return Err(vec![format!("query does not compile against the replica: {text}")]);
         }
     };
     problems.extend(access.problems);

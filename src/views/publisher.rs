@@ -16,11 +16,27 @@
 //!   transaction, after checking the replica is consistent
 //!   (`replica::read_checkpoint`); if it is not, nothing is published until
 //!   the next message.
-//! * **Failures.** A failed memcached exchange is retried with capped,
-//!   jittered exponential backoff (50 ms → 5 s); the retry is a *full*
-//!   republish (every view recomputed, every entry set regardless of the
-//!   stored hashes, plus deletes), since a server that failed may have
-//!   restarted or applied only part of a batch.
+//! * **Failures.** A failed memcached exchange ([`ErrorClass::Retriable`](crate::sink::ErrorClass::Retriable):
+//!   connection, timeout, garbled answer) is retried with capped, jittered
+//!   exponential backoff (50 ms → 5 s); the retry is a *full resync* (see
+//!   below), since a server that failed may have restarted or applied only
+//!   part of a batch. An entry a server refuses for good
+//!   ([`ErrorClass::Permanent`](crate::sink::ErrorClass::Permanent), e.g. `SERVER_ERROR object too large for
+//!   cache`) is rejected alone: logged (at most [`REJECT_LOG_BURST`] lines a
+//!   minute), counted in `tailcache_entries_rejected_total`, not recorded as
+//!   published and deleted from memcached rather than left stale; every
+//!   other entry and view is published and recorded.
+//! * **Full resync** (a [`Committed`] with `full`, a lost memcached, a
+//!   retry, the exptime refresh): every view is recomputed, then what
+//!   memcached holds for every key the views produce, and for every key
+//!   published before that they no longer produce, is read back with
+//!   pipelined `mg` batches on every server the key is placed on. Only
+//!   what is missing or differs (bytes or flags) is written, stale keys
+//!   still present are deleted, and the counts (checked, missing, differed,
+//!   deleted, unchanged, per view) are logged on one line and stored as a
+//!   [`ResyncReport`] in the shared [`Status`]. It runs in the same loop as
+//!   every publish, from one consistent replica state, so it never
+//!   overwrites a newer value with an older one.
 //! * **Restart/flush detection.** [`Sink::lost_state`] is checked at most
 //!   once a second (also when idle), and a lost state triggers a full
 //!   republish. A full republish first writes a new sentinel token, and the
@@ -28,8 +44,14 @@
 //!   acknowledged, so a restart of memcached (or of tailcache) at any point
 //!   still ends in a full republish.
 //! * **Expiring entries.** With `memcached.exptime > 0`, unchanged entries
-//!   would expire and never be rewritten; a full republish is done every
-//!   `exptime / 2` seconds (at least 1 s) to refresh them.
+//!   would expire and never be rewritten; a full resync is done every
+//!   `exptime / 2` seconds (at least 1 s), whose read-back resets the TTL
+//!   of identical entries (`mg … T<exptime>`) and rewrites the others.
+//! * **Status.** After each round the publisher updates the shared
+//!   [`Status`]: per view its published key count and last error, each
+//!   memcached server up or down, the last publish (time, position,
+//!   latency), the publish error while rounds fail, and
+//!   `published_consistent` once a consistent replica was published.
 //! * **Start-up.** The views are compiled (lazily, at the first publish, so
 //!   the replica's tables exist); when the replica is already consistent,
 //!   every view is recomputed and whatever differs from
@@ -52,12 +74,17 @@ use crate::config::{Config, MemcachedConfig};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::position::Checkpoint;
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Op, Rejection, Sink, SinkError};
+use crate::status::{PublishInfo, ResyncCounts, ResyncReport, Status, ViewStatus, unix_now};
 
 /// How often memcached is checked for a restart or flush.
 pub const LOST_STATE_CHECK: Duration = Duration::from_secs(1);
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// At most this many refused-entry log lines per [`REJECT_LOG_WINDOW`]; the
+/// rest are counted and summed up in the next line.
+pub const REJECT_LOG_BURST: u32 = 10;
+pub const REJECT_LOG_WINDOW: Duration = Duration::from_secs(60);
 
 /// A transaction the applier committed to the replica: the replicator's
 /// notice, consumed as is.
@@ -108,7 +135,15 @@ pub fn spawn_publisher(
 }
 
 /// Logs each view left out because it does not compile.
-fn report_broken(vs: &ViewSet) {
+fn report_broken(vs: &ViewSet, status: &crate::status::Status) {
+    status.update(|s| {
+        for v in vs.views() {
+            s.views.entry(v.name().to_owned()).or_default().last_error = None;
+        }
+        for (view, why, _) in vs.broken() {
+            s.views.entry(view.clone()).or_default().last_error = Some(format!("does not compile: {why}"));
+        }
+    });
     for (view, why, on_error) in vs.broken() {
         crate::metrics::VIEW_ERRORS.inc();
         tracing::error!(view = %view, on_error = ?on_error, problem = %why, "view does not compile; skipped until the next schema change");
@@ -129,22 +164,32 @@ struct Pending {
     /// Something new arrived since the last attempt that found the replica
     /// inconsistent (or a full republish is due).
     ready: bool,
-    /// Why a snapshot replaced the replica (the resync being published).
-    trigger: Option<String>,
+    /// Why a full resync is due, for its report (merged requests all
+    /// listed, once each).
+    triggers: Vec<String>,
 }
 
 impl Pending {
     fn add(&mut self, c: Committed) {
+        if c.full {
+            self.trigger(c.trigger.as_deref().unwrap_or("snapshot"));
+        }
         self.touched.extend(c.touched);
         self.full |= c.full;
         self.resync |= c.full || c.schema_changed;
         self.checkpoint = Some(c.checkpoint);
-        self.trigger = c.trigger.or(self.trigger.take());
         self.arrived = Some(self.arrived.map_or(c.arrived, |a| a.min(c.arrived)));
         self.ready = true;
     }
 
-    fn force_full(&mut self) {
+    fn trigger(&mut self, why: &str) {
+        if !self.triggers.iter().any(|t| t == why) {
+            self.triggers.push(why.to_owned());
+        }
+    }
+
+    fn force_full(&mut self, why: &str) {
+        self.trigger(why);
         self.full = true;
         self.all = true;
         self.ready = true;
@@ -196,7 +241,37 @@ impl From<SinkError> for Failure {
     }
 }
 
+/// Logs at most [`REJECT_LOG_BURST`] lines per [`REJECT_LOG_WINDOW`].
+struct RateLimit {
+    window: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn new() -> Self {
+        RateLimit { window: None, logged: 0, suppressed: 0 }
+    }
+
+    /// `Some(suppressed since the last line)` when a line may be logged.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self.window.is_none_or(|w| now.duration_since(w) >= REJECT_LOG_WINDOW) {
+            self.window = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < REJECT_LOG_BURST {
+            self.logged += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
 struct Worker {
+    status: Arc<Status>,
+    reject_log: RateLimit,
     cfg: Arc<Config>,
     mc: MemcachedConfig,
     conn: Connection,
@@ -295,7 +370,18 @@ async fn run(
     if matches!(crate::replica::read_checkpoint(&conn)?, Some((_, true))) {
         pending.ready = true;
     }
-    let mut w = Worker { cfg, mc, conn, viewset: None, published, sink, scratch: Scratch::default(), last_full: None };
+    let mut w = Worker {
+        status,
+        reject_log: RateLimit::new(),
+        cfg,
+        mc,
+        conn,
+        viewset: None,
+        published,
+        sink,
+        scratch: Scratch::default(),
+        last_full: None,
+    };
     let coalesce = Duration::from_millis(w.mc.coalesce_ms);
     let mut closed = false;
     let mut last_publish: Option<Instant> = None;
@@ -318,9 +404,7 @@ async fn run(
             }
             if !pending.ready && w.viewset.is_some() && last_check.is_none_or(|t| t.elapsed() >= LOST_STATE_CHECK) {
                 last_check = Some(Instant::now());
-                if w.refresh_due() || w.sink.lost_state().await {
-                    pending.force_full();
-                }
+                w.check_state(&mut pending).await;
             }
             continue;
         }
@@ -338,30 +422,32 @@ async fn run(
         }
         if !pending.full && last_check.is_none_or(|t| t.elapsed() >= LOST_STATE_CHECK) {
             last_check = Some(Instant::now());
-            if w.refresh_due() || w.sink.lost_state().await {
-                pending.force_full();
-            }
+            w.check_state(&mut pending).await;
         }
-        match w.publish(&pending).await {
+        let result = w.publish(&pending).await;
+        w.sync_health();
+        match result {
             Ok(Outcome::Done) => {
-                interim_status_published(&status, &w, &pending);
                 pending.clear();
                 backoff.reset();
                 last_publish = Some(Instant::now());
+                w.status.update(|s| {
+                    s.publish_error = None;
+                    s.published_consistent = true;
+                });
             }
             Ok(Outcome::NotConsistent) => {
                 tracing::debug!("replica not consistent yet; waiting for the applier");
                 pending.ready = false;
+                w.status.update(|s| s.published_consistent = false);
             }
             Err(Failure::Sink(e)) => {
                 metrics::publish_failed();
-                status.update(|s| {
-                    s.publish_error = Some(e.to_string());
-                    s.memcached.insert(e.server().to_owned(), false);
-                });
                 let delay = backoff.step();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "memcached write failed; will republish everything");
-                pending.force_full();
+                let class = e.class();
+                tracing::warn!(error = %e, ?class, retry_in_ms = delay.as_millis() as u64, "memcached exchange failed; will resync everything");
+                w.status.update(|s| s.publish_error = Some(e.to_string()));
+                pending.force_full("retry");
                 if closed && delay >= BACKOFF_MAX {
                     // The applier is gone and memcached stays down: give up.
                     return Ok(());
@@ -371,7 +457,10 @@ async fn run(
                     return Ok(());
                 }
             }
-            Err(Failure::Fatal(e)) => return Err(e),
+            Err(Failure::Fatal(e)) => {
+                w.status.update(|s| s.publish_error = Some(e.to_string()));
+                return Err(e);
+            }
         }
     }
 }
@@ -379,32 +468,49 @@ async fn run(
 /// Interim (wt-admin), until the resync/publisher rewrite reports for
 /// itself: marks a publish done in the shared status, and a publish that
 /// followed a snapshot as a finished resync (without drift figures).
-fn interim_status_published(status: &crate::status::Status, w: &Worker, pending: &Pending) {
-    let position = crate::replica::read_checkpoint(&w.conn).ok().flatten().map(|(cp, _)| cp.to_string());
-    let latency_ms = pending.arrived.map(|a| a.elapsed().as_secs_f64() * 1000.0).unwrap_or(0.0);
-    let at_unix = crate::status::unix_now();
-    status.update(|s| {
-        s.published_consistent = true;
-        s.publish_error = None;
-        for server in &w.mc.servers {
-            s.memcached.insert(server.clone(), true);
-        }
-        s.last_publish =
-            Some(crate::status::PublishInfo { at_unix, position: position.unwrap_or_default(), latency_ms });
-    });
-    if let Some(t) = &pending.trigger {
-        status.resync_finished(crate::status::ResyncReport {
-            seq: 0,
-            trigger: metrics::snapshot_reason(t).to_owned(),
-            total: Default::default(),
-            views: Default::default(),
-            duration_ms: pending.arrived.map(|a| a.elapsed().as_millis() as u64).unwrap_or(0),
-            finished_at_unix: at_unix,
-        });
-    }
-}
-
 impl Worker {
+    /// Checks memcached for a restart or flush, and whether the exptime
+    /// refresh is due; either makes the next publish a full resync.
+    async fn check_state(&mut self, pending: &mut Pending) {
+        if self.refresh_due() {
+            pending.force_full("exptime_refresh");
+        } else if self.sink.lost_state().await {
+            pending.force_full("memcached_lost");
+        }
+        self.sync_health();
+    }
+
+    /// Copies each server's last answer into the shared status.
+    fn sync_health(&self) {
+        let health = self.sink.health();
+        if !health.is_empty() {
+            self.status.update(|s| {
+                for (server, up) in health {
+                    s.memcached.insert(server, up);
+                }
+            });
+        }
+    }
+
+    /// Logs refused entries (rate-limited) and counts them.
+    fn log_rejections(&mut self, rejected: &[Rejection], views: &[(String, Vec<u8>)]) {
+        let now = Instant::now();
+        for r in rejected {
+            let view = views.iter().find(|(_, k)| *k == r.key).map(|(v, _)| v.as_str()).unwrap_or("");
+            metrics::entry_refused(view);
+            if let Some(suppressed) = self.reject_log.allow(now) {
+                tracing::error!(
+                    view,
+                    server = %r.server,
+                    key = %String::from_utf8_lossy(&r.key),
+                    reason = %r.reason,
+                    suppressed,
+                    "memcached refused the entry; it is not published (the rest is)"
+                );
+            }
+        }
+    }
+
     /// With an exptime, a full republish refreshes entries before they
     /// expire.
     fn refresh_due(&self) -> bool {
@@ -417,7 +523,7 @@ impl Worker {
         if self.viewset.is_none() {
             let refs = self.cfg.mysql.table_refs();
             let vs = ViewSet::compile_lenient(&self.conn, &self.cfg.views, &self.mc, &refs);
-            report_broken(&vs);
+            report_broken(&vs, &self.status);
             self.viewset = Some(vs);
         }
         match &self.viewset {
@@ -443,7 +549,7 @@ impl Worker {
             // `compute` compares with the new tables.
             self.conn.flush_prepared_statement_cache();
             let vs = ViewSet::compile_lenient(&self.conn, &self.cfg.views, &self.mc, &refs);
-            report_broken(&vs);
+            report_broken(&vs, &self.status);
             self.viewset = Some(vs);
         }
         self.viewset()?;
@@ -456,6 +562,7 @@ impl Worker {
     }
 
     async fn publish_with(&mut self, viewset: &ViewSet, pending: &Pending) -> std::result::Result<Outcome, Failure> {
+        let started = Instant::now();
         let full = pending.full;
         let indices: Vec<usize> =
             if full || pending.all { (0..viewset.views().len()).collect() } else { viewset.affected(&pending.touched) };
@@ -478,6 +585,7 @@ impl Worker {
         };
         let now = SystemTime::now();
         let mut computed = Vec::with_capacity(indices.len());
+        let mut view_errors: Vec<(String, Option<String>)> = Vec::new();
         for i in indices {
             let t0 = Instant::now();
             match viewset.compute(&self.conn, i, now, &mut self.scratch) {
@@ -490,18 +598,43 @@ impl Worker {
                     if c.duplicate_keys > 0 {
                         tracing::warn!(view = %c.view, duplicates = c.duplicate_keys, "rows rendered the same key; the later row won");
                     }
+                    view_errors.push((c.view.clone(), None));
                     computed.push(c);
                 }
                 Err(e) => {
                     metrics::VIEW_ERRORS.inc();
-                    tracing::error!(view = %viewset.views()[i].name(), error = %e, "view not published");
+                    let name = viewset.views()[i].name();
+                    tracing::error!(view = %name, error = %e, "view not published");
+                    view_errors.push((name.to_owned(), Some(e.to_string())));
                 }
             }
         }
         tx.commit().map_err(sql("end read"))?;
 
-        let Plan { ops, changes, counts } = self.published.diff(computed, viewset, full);
-        self.sink.apply(&ops).await?;
+        let (mut plan, resync) = if full {
+            // Read back what memcached holds for every key concerned and
+            // write only what differs.
+            let r = self.published.resync(computed, viewset);
+            let keys = r.keys();
+            let lens = r.expected_len();
+            let touch = (r.exptime() > 0).then_some(r.exptime());
+            let held = self.sink.read_back(&keys, &lens, touch, |i, v, f| r.same(i, v, f)).await?;
+            drop(keys);
+            let (plan, counts) = r.plan(&held);
+            (plan, Some(counts))
+        } else {
+            (self.published.diff(computed, viewset, false), None)
+        };
+        let applied = self.sink.apply(&plan.ops).await?;
+        let refused = plan.reject(&applied.rejected);
+        if !applied.rejected.is_empty() {
+            self.log_rejections(&applied.rejected, &refused);
+            // Do not leave the previous value of a refused set behind.
+            let deletes: Vec<Op> = refused.iter().map(|(_, k)| Op::Delete { key: k.clone() }).collect();
+            let more = self.sink.apply(&deletes).await?;
+            self.log_rejections(&more.rejected, &refused);
+        }
+        let Plan { changes, counts, .. } = plan;
         let acked = Instant::now();
         self.published.record(&self.conn, &changes, epoch.as_deref())?;
         if full {
@@ -537,6 +670,47 @@ impl Worker {
         if !any {
             tracing::debug!(position = %position, latency_us = latency_us.unwrap_or(0), "views unchanged");
         }
+        let published = &self.published;
+        self.status.update(|s| {
+            s.last_publish = Some(PublishInfo {
+                at_unix: unix_now(),
+                position: position.to_string(),
+                latency_ms: latency_us.unwrap_or(0) as f64 / 1000.0,
+            });
+            for (view, error) in view_errors {
+                let keys = published.keys(&view).map_or(0, |k| k.len() as u64);
+                s.views.insert(view, ViewStatus { keys, last_error: error });
+            }
+            // Views no longer configured, once their keys are gone.
+            s.views.retain(|name, _| viewset.views().iter().any(|v| v.name() == name));
+        });
+        if let Some(views) = resync {
+            let mut total = ResyncCounts::default();
+            for c in views.values() {
+                total.add(c);
+            }
+            let trigger = if pending.triggers.is_empty() { "full".to_owned() } else { pending.triggers.join(",") };
+            let duration_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(
+                trigger = %trigger,
+                checked = total.checked,
+                missing = total.missing,
+                differed = total.differed,
+                deleted = total.deleted,
+                unchanged = total.unchanged,
+                duration_ms,
+                position = %position,
+                "resync finished"
+            );
+            self.status.resync_finished(ResyncReport {
+                seq: 0,
+                trigger,
+                total,
+                views,
+                duration_ms,
+                finished_at_unix: unix_now(),
+            });
+        }
         Ok(Outcome::Done)
     }
 }
@@ -569,9 +743,25 @@ mod tests {
         assert_eq!(p.arrived, Some(t0));
         p.add(c(&[], 30, t0 + Duration::from_secs(1), true));
         assert!(p.full && p.resync);
+        assert_eq!(p.triggers, ["snapshot"]);
+        p.force_full("memcached_lost");
+        p.force_full("memcached_lost");
+        assert_eq!(p.triggers, ["snapshot", "memcached_lost"]);
         assert_eq!(p.arrived, Some(t0));
         p.clear();
-        assert!(!p.ready && p.touched.is_empty() && p.arrived.is_none());
+        assert!(!p.ready && p.touched.is_empty() && p.arrived.is_none() && p.triggers.is_empty());
+    }
+
+    #[test]
+    fn rejection_log_is_rate_limited() {
+        let mut r = RateLimit::new();
+        let t0 = Instant::now();
+        for _ in 0..REJECT_LOG_BURST {
+            assert_eq!(r.allow(t0), Some(0));
+        }
+        assert_eq!(r.allow(t0), None);
+        assert_eq!(r.allow(t0 + Duration::from_secs(1)), None);
+        assert_eq!(r.allow(t0 + REJECT_LOG_WINDOW), Some(2));
     }
 
     #[test]

@@ -292,3 +292,91 @@ async fn binary_check_exit_codes() {
     assert!(all.contains(&format!("FAIL table {}.nosuch", db.name)), "{all}");
     assert!(!all.contains(&db.password));
 }
+
+fn with_memcached(db: &TestDb, state: &str, memcached: &str, views: &str) -> String {
+    format!(
+        "[mysql]\nurl = {:?}\nserver_id = {}\ntables = [\"feature\"]\nconnect_timeout_secs = 20\n\
+         [state]\npath = {state:?}\n[memcached]\n{memcached}\n{views}",
+        db.url, db.server_id
+    )
+}
+
+/// memcached: reachable with its version, item_size_max against
+/// memcached.max_item_size, memcached.exptime, and the state directory.
+#[tokio::test(flavor = "multi_thread")]
+async fn memcached_exptime_item_size_and_state_dir() {
+    let db = harness::server().create_db("check memcached").await;
+    root_exec(&db, &["CREATE TABLE feature (id INT PRIMARY KEY)".into()]).await;
+    let small = harness::Memcached::start_with(&["-I", "1m"]);
+    let big = harness::Memcached::start_with(&["-I", "4m"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state.db");
+    let state = state.to_str().unwrap();
+
+    // all fine
+    let text = with_memcached(&db, state, &format!("servers = [\"{}\"]\nmax_item_size = 2097152", big.addr()), "");
+    let report = run_checks(&Config::from_toml(&text).unwrap()).await;
+    let out = report.render();
+    assert!(report.ok(), "{out}");
+    assert!(line(&out, &format!("memcached {}", big.addr())).starts_with("ok   "), "{out}");
+    assert!(line(&out, &format!("memcached {}", big.addr())).contains("item_size_max = 4194304"), "{out}");
+    assert!(line(&out, "memcached.exptime").starts_with("ok   "), "{out}");
+    assert!(line(&out, "state.path").starts_with("ok   "), "{out}");
+
+    // memcached -I 1m with max_item_size = 2 MB, an exptime that does not
+    // fit, a server that is down, a state directory that does not exist
+    let down = {
+        let mut m = harness::Memcached::start();
+        let a = m.addr();
+        m.stop();
+        a
+    };
+    let missing = dir.path().join("nope/state.db");
+    let text = with_memcached(
+        &db,
+        missing.to_str().unwrap(),
+        &format!("servers = [\"{}\", \"{down}\"]\nmax_item_size = 2097152\nexptime = 4000000000", small.addr()),
+        "",
+    );
+    let report = run_checks(&Config::from_toml(&text).unwrap()).await;
+    let out = report.render();
+    let l = line(&out, &format!("memcached {}", small.addr()));
+    assert!(l.starts_with("FAIL ") && l.contains("item_size_max = 1048576"), "{out}");
+    assert!(l.contains("memcached.max_item_size = 2097152") && l.contains("-I 2m"), "{out}");
+    let l = line(&out, &format!("memcached {down}"));
+    assert!(l.starts_with("FAIL ") && l.contains("cannot connect"), "{out}");
+    let l = line(&out, "config memcached.exptime");
+    assert!(l.starts_with("FAIL ") && l.contains("4000000000") && l.contains("2147483647"), "{out}");
+    let l = line(&out, "state.path");
+    assert!(l.starts_with("FAIL ") && l.contains("does not exist"), "{out}");
+    assert_eq!(report.problems().count(), 4, "{out}");
+    // the MySQL checks still ran
+    assert_eq!(line(&out, "binlog_format"), "ok   binlog_format: ROW");
+}
+
+/// A view reading a table that is not watched names mysql.tables.
+#[tokio::test(flavor = "multi_thread")]
+async fn binary_check_names_mysql_tables_for_an_unwatched_view_table() {
+    let db = harness::server().create_db("check views").await;
+    root_exec(
+        &db,
+        &["CREATE TABLE feature (id INT PRIMARY KEY)".into(), "CREATE TABLE other (id INT PRIMARY KEY)".into()],
+    )
+    .await;
+    let m = harness::Memcached::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = with_memcached(
+        &db,
+        ":memory:",
+        &format!("servers = [\"{}\"]", m.addr()),
+        "[[views]]\nname = \"o\"\nkey = \"o:{id}\"\nquery = \"SELECT id FROM other\"\n",
+    );
+    let path = dir.path().join("views.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = harness::run_tailcache(&["check", "--config", path.to_str().unwrap()]);
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("FAIL views"), "{all}");
+    assert!(all.contains("\"other\"") && all.contains("not in mysql.tables"), "{all}");
+    assert!(!all.contains("no such table"), "{all}");
+}

@@ -7,6 +7,7 @@ mod harness;
 mod harness_selftest;
 mod replica;
 mod restart;
+mod resync;
 mod sink;
 mod snapshot;
 mod systemd;

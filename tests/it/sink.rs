@@ -116,9 +116,22 @@ async fn values_within_the_documented_size_limit_are_stored() {
     let fits = vec![b'v'; cfg.max_item_size - key.len() - ITEM_OVERHEAD];
     sink.apply(&[set(&key, &fits, 5, 0)]).await.unwrap();
     assert_eq!(m.get_raw(&key).map(|v| v.0.len()), Some(fits.len()));
-    // a value of the whole limit is refused by the server: the overhead is real
-    let e = sink.apply(&[set("t:whole", &vec![b'v'; cfg.max_item_size], 0, 0)]).await.unwrap_err();
-    assert!(e.to_string().contains(&m.addr()) && e.to_string().contains("t:whole"), "{e}");
+    // a value of the whole limit is refused by the server (the overhead is
+    // real): that entry alone is rejected, naming the server, the key and
+    // the server's reason; the ops around it in the same batch are applied
+    let ops =
+        [set("t:before", b"1", 0, 0), set("t:whole", &vec![b'v'; cfg.max_item_size], 0, 0), set("t:after", b"2", 0, 0)];
+    let applied = sink.apply(&ops).await.unwrap();
+    assert_eq!(applied.rejected.len(), 1, "{:?}", applied.rejected);
+    let r = &applied.rejected[0];
+    assert_eq!((r.server.as_str(), r.key.as_slice()), (m.addr().as_str(), &b"t:whole"[..]));
+    assert!(r.reason.contains("SERVER_ERROR") && r.reason.contains("too large"), "{}", r.reason);
+    assert!(r.to_string().contains(&m.addr()) && r.to_string().contains("t:whole"), "{r}");
+    assert_eq!(m.get_raw("t:before"), Some((b"1".to_vec(), 0)));
+    assert_eq!(m.get_raw("t:after"), Some((b"2".to_vec(), 0)));
+    assert_eq!(m.get_raw("t:whole"), None);
+    assert!(!sink.lost_state().await || sink.expected_epoch().is_none(), "a refused entry is not a lost state");
+    assert_eq!(sink.health(), vec![(m.addr(), true)]);
 }
 
 #[tokio::test]

@@ -681,8 +681,15 @@ impl Worker {
                 let keys = published.keys(&view).map_or(0, |k| k.len() as u64);
                 s.views.insert(view, ViewStatus { keys, last_error: error });
             }
+            // Views that do not compile stay listed with their error.
+            for (view, why, _) in viewset.broken() {
+                let keys = published.keys(view).map_or(0, |k| k.len() as u64);
+                s.views.insert(view.clone(), ViewStatus { keys, last_error: Some(format!("does not compile: {why}")) });
+            }
             // Views no longer configured, once their keys are gone.
-            s.views.retain(|name, _| viewset.views().iter().any(|v| v.name() == name));
+            s.views.retain(|name, _| {
+                viewset.views().iter().any(|v| v.name() == name) || viewset.broken().iter().any(|(b, _, _)| b == name)
+            });
         });
         if let Some(views) = resync {
             let mut total = ResyncCounts::default();

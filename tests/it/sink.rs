@@ -303,19 +303,32 @@ async fn publisher_publishes_repairs_and_survives_memcached_outages() {
 }
 
 #[tokio::test]
-async fn publisher_refuses_views_that_do_not_compile() {
+async fn publisher_reports_and_skips_views_that_do_not_compile() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.db");
     let m = Memcached::start();
-    let cfg =
-        publisher_config(&state, &m, "[[views]]\nname = \"bad\"\nkey = \"b:{id}\"\nquery = \"SELECT id FROM nope\"\n");
+    let views = format!("{VIEWS}\n[[views]]\nname = \"bad\"\nkey = \"b:{{id}}\"\nquery = \"SELECT id FROM nope\"\n");
+    let cfg = publisher_config(&state, &m, &views);
     let _conn = replica(&state, &cfg);
-    let (_tx, rx) = mpsc::unbounded_channel();
-    let (_stop_tx, stop_rx) = watch::channel(false);
-    let handle = spawn_publisher(cfg, state, rx, stop_rx, Default::default());
-    let r = tokio::task::spawn_blocking(move || handle.join()).await.unwrap().unwrap();
-    let e = r.unwrap_err().to_string();
-    assert!(e.contains("view \"bad\"") && e.contains("nope"), "{e}");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let status = Arc::new(tailcache::status::Status::new());
+    let handle = spawn_publisher(cfg, state, rx, stop_rx, status.clone());
+    tx.send(committed(10)).unwrap();
+    // The good views are published; the bad one is reported, not fatal.
+    wait_until("the good view to be published", Duration::from_secs(20), || async { m.get_raw("t:app:1").map(|_| ()) })
+        .await;
+    let s = status.snapshot();
+    let e = s.views.get("bad").and_then(|v| v.last_error.clone()).unwrap_or_default();
+    assert!(
+        e.contains("nope") && e.contains("mysql.tables"),
+        "the view's error names the table and the setting: {e:?}"
+    );
+    assert!(s.not_ready().iter().any(|r| r.contains("view bad")), "readiness names the view: {:?}", s.not_ready());
+    assert!(m.get_raw("t:b:1").is_none());
+    stop_tx.send(true).unwrap();
+    let r = tokio::task::spawn_blocking(move || handle.join()).await.unwrap();
+    assert!(matches!(r, Ok(Ok(()))), "{r:?}");
 }
 
 #[tokio::test]

@@ -95,6 +95,9 @@ fn init_logging(json: bool) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
+        // Its default reports a failed write with eprintln!, which panics
+        // when stderr is a closed pipe (`tailcache run 2>&1 | head -1`).
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     if json {
         b.json().init();

@@ -205,6 +205,10 @@ impl<'c> Replicator<'c> {
             }
             let began = Instant::now();
             let outcome = self.session().await;
+            if stop_requested(&self.shutdown) {
+                self.abort_batch();
+                return Ok(());
+            }
             // Only a session that ran healthily for a while resets the
             // backoff; one that fails at once keeps growing it.
             if began.elapsed() >= HEALTHY_SESSION {
@@ -266,7 +270,11 @@ impl<'c> Replicator<'c> {
     /// One connection's worth of work: maybe snapshot, then stream until an
     /// error, a resync request or shutdown.
     async fn session(&mut self) -> Result<SessionEnd> {
-        let mut conn = connect(&self.cfg.mysql).await?;
+        // Every long await of a session (connect, snapshot) gives way to
+        // shutdown: SIGTERM ends the process within seconds whatever is in
+        // progress; an interrupted snapshot's SQLite transaction is rolled
+        // back, leaving the previous replica.
+        let mut conn = stoppable(&self.shutdown, connect(&self.cfg.mysql)).await?;
         let info = server_info(&mut conn).await?;
         if self.info.as_ref().is_some_and(|i| i.identity() != info.identity()) {
             self.need_snapshot = Some(format!("the server changed identity to {}", info.identity()));
@@ -276,18 +284,20 @@ impl<'c> Replicator<'c> {
         if let Some(reason) = self.need_snapshot.take() {
             tracing::info!(reason = %reason, "taking a snapshot");
             let _ = conn.disconnect().await;
-            if let Err(e) = self.full_snapshot(&info, &reason).await {
+            let sd = self.shutdown.clone();
+            if let Err(e) = stoppable(&sd, self.full_snapshot(&info, &reason)).await {
                 // Not taken: ask again next time, whatever the error.
                 self.need_snapshot = Some(reason);
                 return Err(e);
             }
-            conn = connect(&self.cfg.mysql).await?;
+            conn = stoppable(&self.shutdown, connect(&self.cfg.mysql)).await?;
         } else if !self.resnapshot_tables.is_empty() {
             let Some(cp) = self.checkpoint.clone() else {
                 return Err(Error::NeedsResync { reason: "no checkpoint".into(), table: None, position: None });
             };
+            let sd = self.shutdown.clone();
             for i in self.resnapshot_tables.clone() {
-                self.resnapshot_table(i).await?;
+                stoppable(&sd, self.resnapshot_table(i)).await?;
             }
             self.batch.pending = Some(cp);
             self.flush()?;
@@ -326,7 +336,21 @@ impl<'c> Replicator<'c> {
         if self.need_snapshot.is_none() {
             for (i, t) in self.tables.clone().iter().enumerate() {
                 match crate::source::catalog::load_table_schema(conn, t).await? {
-                    Some(s) => self.set_schema(i, s)?,
+                    Some(s) => {
+                        // The table changed shape while we were stopped:
+                        // the replica's copy cannot take its rows. Copy it
+                        // afresh before streaming (rows up to then are in
+                        // the copy); the other tables resume.
+                        if let Err(e) = self.applier.set_schema(i, &s) {
+                            tracing::info!(table = %t, reason = %e, "the table's shape differs from the replica's copy: re-snapshotting it");
+                            self.applier.forget_schema(i);
+                            if !self.resnapshot_tables.contains(&i) {
+                                self.resnapshot_tables.push(i);
+                            }
+                        }
+                        self.schemas[i] = Some(s);
+                        self.codecs.retain(|tid, _| self.table_ids.get(tid) != Some(&Some(i)));
+                    }
                     None => {
                         self.need_snapshot = Some(format!("table {t} is missing"));
                         break;
@@ -1139,6 +1163,22 @@ pub fn widen_position(start: u64, log_pos: u32) -> u64 {
 
 fn malformed(what: &str, e: std::io::Error, at: BinlogPosition) -> Error {
     Error::Decode { table: "-".into(), position: at, message: format!("cannot parse {what} event: {e}") }
+}
+
+/// Runs `fut` unless shutdown is requested first (then a transient
+/// "shutting down" error; the caller's loop sees the request and stops).
+async fn stoppable<T>(
+    shutdown: &watch::Receiver<bool>,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let mut sd = shutdown.clone();
+    if *sd.borrow() {
+        return Err(Error::Transient("shutting down".into()));
+    }
+    tokio::select! {
+        r = fut => r,
+        _ = sd.wait_for(|stop| *stop) => Err(Error::Transient("shutting down".into())),
+    }
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {

@@ -269,6 +269,9 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
+/// How often a long table copy logs its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
 async fn copy_table(conn: &mut Conn, schema: &TableSchema, sqlite: &Connection) -> Result<u64> {
     let started = Instant::now();
     recreate_table(sqlite, schema)?;
@@ -279,8 +282,19 @@ async fn copy_table(conn: &mut Conn, schema: &TableSchema, sqlite: &Connection) 
         crate::replica::tables::qualified(schema),
         (1..=cols.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
     );
+    // InnoDB's row estimate, for the progress lines of a long copy.
+    let estimate: Option<u64> = conn
+        .exec_first(
+            "SELECT TABLE_ROWS FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+            (schema.table.schema.as_str(), schema.table.name.as_str()),
+        )
+        .await
+        .ok()
+        .flatten()
+        .flatten();
     let mut result =
         conn.exec_iter(select.as_str(), ()).await.map_err(|e| Error::mysql(format!("snapshot {}", schema.table), e))?;
+    let mut last_progress = Instant::now();
     let mut stmt = sqlite
         .prepare_cached(&insert)
         .map_err(|e| Error::sqlite(format!("prepare insert into {}", schema.table), e))?;
@@ -299,6 +313,10 @@ async fn copy_table(conn: &mut Conn, schema: &TableSchema, sqlite: &Connection) 
         }
         stmt.raw_execute().map_err(|e| Error::sqlite(format!("snapshot insert into {}", schema.table), e))?;
         n += 1;
+        if n % 4096 == 0 && last_progress.elapsed() >= PROGRESS_EVERY {
+            last_progress = Instant::now();
+            tracing::info!(table = %schema.table, rows_copied = n, estimated_rows = ?estimate, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot in progress");
+        }
     }
     tracing::info!(table = %schema.table, rows = n, elapsed_ms = started.elapsed().as_millis() as u64, "table copied");
     Ok(n)

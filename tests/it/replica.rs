@@ -498,7 +498,8 @@ async fn alter_table_while_writes_continue() {
 
     let url = db.root_url.clone();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop2 = stop.clone();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (stop2, done2) = (stop.clone(), done.clone());
     let writer = tokio::spawn(async move {
         let mut conn = Conn::new(mysql_async::Opts::from_url(&url).unwrap()).await.unwrap();
         let mut n = 0u32;
@@ -514,9 +515,16 @@ async fn alter_table_while_writes_continue() {
                 conn.exec_drop("DELETE FROM items WHERE id = ?", ((n * 3 % 80) as i32,)).await.unwrap();
             }
             n += 1;
+            done2.store(n, std::sync::atomic::Ordering::Relaxed);
         }
         n
     });
+    // The DDL must meet writes in flight, so let the writer get going.
+    harness::wait_until("the writer to start", Duration::from_secs(30), || {
+        let n = done.load(std::sync::atomic::Ordering::Relaxed);
+        async move { (n >= 5).then_some(()) }
+    })
+    .await;
     conn.query_drop("ALTER TABLE items ADD COLUMN price DECIMAL(8,2) NOT NULL DEFAULT 1.50").await.unwrap();
     conn.query_drop("UPDATE items SET price = price * 2 WHERE id < 10").await.unwrap();
     conn.query_drop("ALTER TABLE items DROP COLUMN qty").await.unwrap();
@@ -621,8 +629,13 @@ async fn million_row_transaction_in_bounded_memory() {
              SELECT n, CONCAT('row-', n, '-padding-padding'), n * 7 FROM s"
         }
     };
+    let before = master_position(&mut conn).await;
     conn.query_drop(insert).await.unwrap();
     let mut conn2 = db.root_conn().await;
+    let after = master_position(&mut conn2).await;
+    if after.file == before.file {
+        eprintln!("binlog bytes of the 1M-row transaction: {}", after.pos - before.pos);
+    }
     let target = master_position(&mut conn2).await;
     let what = format!("the 1M-row transaction to be applied (target {target})");
     harness::wait_until(&what, Duration::from_secs(300), || {

@@ -52,7 +52,11 @@ async fn open_dump(url: &str, server_id: u32) -> mysql_async::BinlogStream {
 
 async fn registered(db: &TestDb, server_id: u32) -> bool {
     let mut root = db.root_conn().await;
-    let rows: Vec<mysql_async::Row> = root.query("SHOW SLAVE HOSTS").await.unwrap_or_default();
+    // MySQL 8.4 removed SHOW SLAVE HOSTS; MariaDB has no SHOW REPLICAS.
+    let rows: Vec<mysql_async::Row> = match root.query("SHOW REPLICAS").await {
+        Ok(rows) => rows,
+        Err(_) => root.query("SHOW SLAVE HOSTS").await.expect("SHOW SLAVE HOSTS"),
+    };
     let _ = root.disconnect().await;
     rows.iter().any(|r| r.get::<u32, _>(0) == Some(server_id))
 }

@@ -43,6 +43,7 @@ declare -A PKG_FOR=(
     [/usr/bin/mariadb]=mariadb-client
     [/usr/bin/memcached]=memcached
     [/usr/sbin/debootstrap]=debootstrap
+    [/usr/bin/systemd-analyze]=systemd
 )
 missing=()
 for bin in "${!PKG_FOR[@]}"; do

@@ -648,9 +648,20 @@ async fn million_row_transaction_in_bounded_memory() {
     let rows: i64 =
         rusqlite::Connection::open(&state).unwrap().query_row("SELECT COUNT(*) FROM big", [], |r| r.get(0)).unwrap();
     assert_eq!(rows, 1_000_000);
-    // The binlog of that transaction is ~60 MB (a few MB when MySQL
-    // compresses it into one TRANSACTION_PAYLOAD); applying it must hold
-    // neither: the whole daemon stays within 30 MB.
+    // The transaction is ~40 MB of row events (MariaDB: as many small
+    // events; MySQL with binlog_transaction_compression: one ~6 MB
+    // TRANSACTION_PAYLOAD). Applying it must hold neither the transaction
+    // nor its decompressed payload: the daemon's growth stays far below
+    // the 40 MB a whole-payload decompression needed (it peaked at 77 MB).
+    // The compressed payload itself arrives as one event, which the driver
+    // holds (framing buffer, packet, event: ~3 copies) — BENCHMARKS.md.
     eprintln!("peak RSS {peak} kB (baseline {baseline} kB) for a 1M-row transaction on {:?}", harness::server().flavor);
-    assert!(peak <= 30 * 1024, "peak RSS {peak} kB > 30 MB for a 1M-row transaction (baseline {baseline} kB)");
+    assert!(
+        peak - baseline <= 25 * 1024,
+        "memory grew by {} kB with a 1M-row transaction ({baseline} kB → {peak} kB)",
+        peak - baseline
+    );
+    if harness::server().flavor == harness::Flavor::MariaDb {
+        assert!(peak <= 30 * 1024, "peak RSS {peak} kB > 30 MB for a 1M-row transaction");
+    }
 }

@@ -285,3 +285,61 @@ async fn status_without_daemon_or_state_creates_nothing() {
     assert!(stdout.contains("no daemon reachable") && stdout.contains("does not exist"), "{stdout}");
     assert_eq!(listing(dir.path()), vec![cfg_path.clone()], "tailcache status created a file");
 }
+
+/// A TCP proxy in front of the database that the test can take down (every
+/// connection cut, new ones refused) and bring back on the same port.
+struct Proxy {
+    port: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+    target: u16,
+}
+
+impl Proxy {
+    async fn start(target: u16) -> Proxy {
+        let mut p = Proxy { port: harness::free_port(), task: None, target };
+        p.up().await;
+        p
+    }
+
+    async fn up(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let target = self.target;
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Aborting the accept loop drops the JoinSet: every proxied
+    /// connection is closed and the port refuses new ones.
+    fn down(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_the_database_going_away_and_coming_back() {
+    let (db, dir) = setup("ready_db").await;
+    let mc = Memcached::start();
+    let mut proxy = Proxy::start(harness::server().port).await;
+    let mut db_via_proxy = db.clone();
+    db_via_proxy.url = db.url.replace(&format!(":{}/", harness::server().port), &format!(":{}/", proxy.port));
+    assert_ne!(db_via_proxy.url, db.url, "the daemon must connect through the proxy");
+    let admin = harness::free_port();
+    let daemon = Daemon::start(&config(&db_via_proxy, &dir.path().join("s.db"), &mc, admin));
+    wait_http(admin, "GET", "/readyz", "ready", &daemon, |c, _| c == 200).await;
+    proxy.down();
+    let why =
+        wait_http(admin, "GET", "/readyz", "not ready while the database is away", &daemon, |c, _| c == 503).await;
+    assert!(why.contains("source"), "the reason names the source: {why}");
+    proxy.up().await;
+    wait_http(admin, "GET", "/readyz", "ready again", &daemon, |c, _| c == 200).await;
+}

@@ -651,17 +651,15 @@ async fn million_row_transaction_in_bounded_memory() {
     // The transaction is ~40 MB of row events (MariaDB: as many small
     // events; MySQL with binlog_transaction_compression: one ~6 MB
     // TRANSACTION_PAYLOAD). Applying it must hold neither the transaction
-    // nor its decompressed payload: the daemon's growth stays far below
-    // the 40 MB a whole-payload decompression needed (it peaked at 77 MB).
-    // The compressed payload itself arrives as one event, which the driver
-    // holds (framing buffer, packet, event: ~3 copies) — BENCHMARKS.md.
+    // nor its decompressed payload (whole-payload decompression peaked at
+    // 77 MB). The compressed event itself arrives as one packet: the
+    // driver holds it twice at most (packet, event). The release build
+    // stays within 30 MB either way (BENCHMARKS.md); this debug build
+    // idles ~10 MB higher, so the bound here is on the growth.
     eprintln!("peak RSS {peak} kB (baseline {baseline} kB) for a 1M-row transaction on {:?}", harness::server().flavor);
     assert!(
-        peak - baseline <= 25 * 1024,
+        peak - baseline <= 18 * 1024,
         "memory grew by {} kB with a 1M-row transaction ({baseline} kB → {peak} kB)",
         peak - baseline
     );
-    if harness::server().flavor == harness::Flavor::MariaDb {
-        assert!(peak <= 30 * 1024, "peak RSS {peak} kB > 30 MB for a 1M-row transaction");
-    }
 }

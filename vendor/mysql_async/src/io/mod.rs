@@ -471,6 +471,16 @@ impl stream::Stream for Stream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if !self.closed {
             let item = ready!(Pin::new(self.codec.as_mut().unwrap()).poll_next(cx)).transpose()?;
+            // tailcache patch: a huge packet (a compressed binlog transaction)
+            // leaves the read buffer that large for the connection's life, and
+            // it is alive while the packet is copied into an event; give it
+            // back once it has been decoded.
+            if let Some(codec) = self.codec.as_mut() {
+                let buf = codec.read_buffer_mut();
+                if buf.is_empty() && buf.capacity() > 1024 * 1024 {
+                    *buf = bytes::BytesMut::new();
+                }
+            }
             Poll::Ready(Ok(item).transpose())
         } else {
             Poll::Ready(None)

@@ -112,7 +112,11 @@ impl IvmPlan {
     /// Renders the key of one tuple (values in tuple order).
     pub fn render(&self, key: &KeyTemplate, prefix: &str, tuple: &[Value], out: &mut String) -> bool {
         let get = |i: usize| {
-            self.tuple.iter().position(|t| t.output == i).and_then(|p| tuple.get(p)).map(rusqlite::types::ValueRef::from)
+            self.tuple
+                .iter()
+                .position(|t| t.output == i)
+                .and_then(|p| tuple.get(p))
+                .map(rusqlite::types::ValueRef::from)
         };
         key.render(prefix, get, out).is_ok()
     }
@@ -236,13 +240,46 @@ fn word(t: Option<&Token>) -> Option<&str> {
 
 /// Words that end a table reference rather than name its alias.
 const NOT_ALIAS: &[&str] = &[
-    "on", "using", "join", "left", "right", "full", "inner", "cross", "natural", "outer", "where", "group", "order",
-    "having", "limit", "window", "union", "intersect", "except", "indexed", "not", "as",
+    "on",
+    "using",
+    "join",
+    "left",
+    "right",
+    "full",
+    "inner",
+    "cross",
+    "natural",
+    "outer",
+    "where",
+    "group",
+    "order",
+    "having",
+    "limit",
+    "window",
+    "union",
+    "intersect",
+    "except",
+    "indexed",
+    "not",
+    "as",
 ];
 
 const AGGREGATES: &[&str] = &[
-    "count", "sum", "total", "avg", "min", "max", "group_concat", "string_agg", "json_group_array",
-    "json_group_object", "jsonb_group_array", "jsonb_group_object", "median", "percentile", "percentile_cont",
+    "count",
+    "sum",
+    "total",
+    "avg",
+    "min",
+    "max",
+    "group_concat",
+    "string_agg",
+    "json_group_array",
+    "json_group_object",
+    "jsonb_group_array",
+    "jsonb_group_object",
+    "median",
+    "percentile",
+    "percentile_cont",
     "percentile_disc",
 ];
 
@@ -259,7 +296,8 @@ fn table_refs(toks: &[Token], name: &str) -> Vec<TableRef> {
     let mut out = Vec::new();
     for (i, t) in toks.iter().enumerate() {
         let Tok::Word(w, _) = &t.tok else { continue };
-        if *w != name || punct(toks.get(i + 1), ".") {
+        // `x AS name` names a result column or another table's alias.
+        if *w != name || punct(toks.get(i + 1), ".") || (i > 0 && kw(toks.get(i - 1), "as")) {
             continue;
         }
         let mut quals = vec![name.clone()];
@@ -384,7 +422,13 @@ pub fn analyze(
     let stmt = conn.prepare(query).map_err(|e| format!("query does not prepare: {e}"))?;
     let meta: Vec<(Option<String>, Option<String>, Option<String>)> = stmt
         .columns_with_metadata()
-        .map(|m| (m.database_name().map(str::to_owned), m.table_name().map(str::to_owned), m.origin_name().map(str::to_owned)))
+        .map(|m| {
+            (
+                m.database_name().map(str::to_owned),
+                m.table_name().map(str::to_owned),
+                m.origin_name().map(str::to_owned),
+            )
+        })
         .collect();
     drop(stmt);
     let mut key_table: Option<(String, String)> = None;
@@ -411,7 +455,10 @@ pub fn analyze(
         .ok_or_else(|| format!("key table {k_table} is not among the watched tables read"))?;
     let k_refs = table_refs(&toks, &k_table);
     if k_refs.len() != 1 {
-        return Err(format!("key table {k_name} is named {} times in the query (must be read exactly once)", k_refs.len()));
+        return Err(format!(
+            "key table {k_name} is named {} times in the query (must be read exactly once)",
+            k_refs.len()
+        ));
     }
     let k_ref = &k_refs[0];
     if k_ref.group != TOP {
@@ -542,7 +589,8 @@ pub fn analyze(
         if let Ok(mut st) = conn.prepare(&format!("EXPLAIN QUERY PLAN {restricted_sql}")) {
             let details: Vec<String> =
                 st.query_map([], |r| r.get::<_, String>(3)).and_then(|it| it.collect()).unwrap_or_default();
-            let names: Vec<String> = k_ref.quals.iter().chain(std::iter::once(&k_table.to_lowercase())).cloned().collect();
+            let names: Vec<String> =
+                k_ref.quals.iter().chain(std::iter::once(&k_table.to_lowercase())).cloned().collect();
             scans_key_table = !details.iter().any(|d| {
                 let d = d.to_lowercase();
                 d.starts_with("search ") && names.iter().any(|n| d[7..].starts_with(&format!("{n} ")))
@@ -631,7 +679,10 @@ fn find_link(
 }
 
 /// The tuples affected by `delta` rows of K: each image's key columns.
-pub fn key_tuples<'a>(plan: &'a IvmPlan, rows: impl Iterator<Item = &'a [Value]> + 'a) -> impl Iterator<Item = Vec<&'a Value>> + 'a {
+pub fn key_tuples<'a>(
+    plan: &'a IvmPlan,
+    rows: impl Iterator<Item = &'a [Value]> + 'a,
+) -> impl Iterator<Item = Vec<&'a Value>> + 'a {
     rows.map(move |r| plan.tuple.iter().map(|t| r.get(t.k_index).unwrap_or(&Value::Null)).collect())
 }
 

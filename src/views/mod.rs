@@ -926,3 +926,6 @@ fn dedup_later_wins(entries: &mut Vec<Entry>) -> usize {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod ivm_tests;

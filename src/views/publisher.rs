@@ -70,11 +70,11 @@ use tokio::sync::{mpsc, watch};
 
 use super::published::{Plan, Published, read_epoch};
 use super::{ChangeSet, ComputedView, Scratch, ViewError, ViewSet};
-use crate::replica::action::CHANGE_CAP;
 use crate::config::{Config, MemcachedConfig};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::position::Checkpoint;
+use crate::replica::action::CHANGE_CAP;
 use crate::sink::{Op, Rejection, Sink, SinkError};
 use crate::status::{PublishInfo, ResyncCounts, ResyncReport, Status, ViewStatus, unix_now};
 
@@ -619,8 +619,14 @@ impl Worker {
                 && !self.needs_full.contains(name)
                 && viewset.can_increment(i, &pending.touched, &pending.changes);
             let result = if incremental {
-                match viewset.compute_incremental(&self.conn, i, &pending.touched, &pending.changes, now, &mut self.scratch)
-                {
+                match viewset.compute_incremental(
+                    &self.conn,
+                    i,
+                    &pending.touched,
+                    &pending.changes,
+                    now,
+                    &mut self.scratch,
+                ) {
                     Ok(Some(c)) => Ok(c),
                     Ok(None) => viewset.compute(&self.conn, i, now, &mut self.scratch),
                     Err(e) => Err(e),

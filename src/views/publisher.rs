@@ -732,7 +732,10 @@ impl Worker {
                 s.views.insert(view, ViewStatus { keys, last_error: error });
             }
             // Views no longer configured, once their keys are gone.
-            s.views.retain(|name, _| viewset.views().iter().any(|v| v.name() == name));
+            // (Views that do not compile keep their reported problem.)
+            s.views.retain(|name, _| {
+                viewset.views().iter().any(|v| v.name() == name) || viewset.broken().iter().any(|(n, ..)| n == name)
+            });
         });
         if let Some(views) = resync {
             let mut total = ResyncCounts::default();

@@ -158,14 +158,17 @@ pub fn main() -> ExitCode {
             let views_ok = if report.ok() && !cfg.views.is_empty() {
                 let problems = rt.block_on(async {
                     let mut conn = crate::source::conn::connect(&cfg.mysql).await?;
-                    crate::daemon::validate_views(&cfg, &mut conn).await
+                    crate::daemon::check_views(&cfg, &mut conn).await
                 });
                 match problems {
-                    Ok(p) if p.is_empty() => {
+                    Ok((p, maintenance)) if p.is_empty() => {
                         out!("ok   views: {} view(s) compile against the watched tables", cfg.views.len());
+                        for m in maintenance {
+                            out!("ok   view {m}");
+                        }
                         true
                     }
-                    Ok(p) => {
+                    Ok((p, _)) => {
                         out!("FAIL views: {} problem(s)\n{}", p.len(), p.join("\n"));
                         false
                     }

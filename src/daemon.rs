@@ -287,6 +287,8 @@ fn start_publisher(
         full: false,
         schema_changed: false,
         trigger: None,
+        // Unknown changes: every view is recomputed in full.
+        changes: Default::default(),
     });
     Ok(Some(spawn_publisher(cfg, state, rx, shutdown, status)))
 }
@@ -295,7 +297,13 @@ fn start_publisher(
 /// in-memory replica built from information_schema), so a view that cannot
 /// run is reported before anything starts.
 pub async fn validate_views(cfg: &Config, conn: &mut mysql_async::Conn) -> Result<Vec<String>> {
-    let Some(mc) = &cfg.memcached else { return Ok(Vec::new()) };
+    Ok(check_views(cfg, conn).await?.0)
+}
+
+/// [`validate_views`], plus one line per compiled view saying how it is
+/// maintained (incremental, or full recompute and why).
+pub async fn check_views(cfg: &Config, conn: &mut mysql_async::Conn) -> Result<(Vec<String>, Vec<String>)> {
+    let Some(mc) = &cfg.memcached else { return Ok((Vec::new(), Vec::new())) };
     let tables = cfg.mysql.table_refs();
     let sqlite = rusqlite::Connection::open_in_memory().map_err(|e| Error::sqlite("open in-memory replica", e))?;
     let mut schemas: Vec<&str> = tables.iter().filter(|t| t.qualified).map(|t| t.schema.as_str()).collect();
@@ -307,11 +315,11 @@ pub async fn validate_views(cfg: &Config, conn: &mut mysql_async::Conn) -> Resul
     for t in &tables {
         match crate::source::catalog::load_table_schema(conn, t).await? {
             Some(schema) => crate::replica::tables::recreate_table(&sqlite, &schema)?,
-            None => return Ok(vec![format!("mysql.tables: table {t} does not exist")]),
+            None => return Ok((vec![format!("mysql.tables: table {t} does not exist")], Vec::new())),
         }
     }
     match ViewSet::compile(&sqlite, &cfg.views, mc, &tables) {
-        Ok(_) => Ok(Vec::new()),
-        Err(problems) => Ok(problems.iter().map(|p| format!("  - {p}")).collect()),
+        Ok(vs) => Ok((Vec::new(), vs.views().iter().map(|v| format!("{}: {}", v.name(), v.maintenance())).collect())),
+        Err(problems) => Ok((problems.iter().map(|p| format!("  - {p}")).collect(), Vec::new())),
     }
 }

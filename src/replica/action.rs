@@ -2,7 +2,7 @@
 //! knows nothing about binlog events, so the source (decoding, ordering,
 //! positions) and the applier (SQLite) can change independently.
 
-use rusqlite::types::ValueRef;
+use rusqlite::types::{Value, ValueRef};
 
 use std::time::Instant;
 
@@ -70,4 +70,80 @@ pub struct CommitNotice {
     /// taken (`periodic resync`, `SIGHUP / tailcache resync`, `admin`, …),
     /// for the resync report.
     pub trigger: Option<String>,
+    /// The before and after images of the changed rows, for incremental
+    /// view maintenance. A touched table missing from it (too many rows, a
+    /// TRUNCATE, a re-snapshot) means "unknown": the views reading it are
+    /// recomputed in full.
+    pub changes: ChangeSet,
+}
+
+/// At most this many row images are kept per batch of transactions; past
+/// it the table's changes are "unknown" (its views are recomputed in full,
+/// which at that size costs about as much as the incremental path).
+pub const CHANGE_CAP: usize = 20_000;
+
+/// Row images of one table's changed rows, in the replica's column order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TableDelta {
+    /// `TableRef::sqlite_name()`.
+    pub table: String,
+    pub columns: usize,
+    /// Before and after images alike, flattened (`columns` values each).
+    pub values: Vec<Value>,
+}
+
+impl TableDelta {
+    pub fn rows(&self) -> impl Iterator<Item = &[Value]> {
+        self.values.chunks(self.columns.max(1))
+    }
+    pub fn len(&self) -> usize {
+        self.values.len() / self.columns.max(1)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+/// The changed rows of a batch, per table whose changes are known exactly.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChangeSet {
+    pub tables: Vec<TableDelta>,
+}
+
+impl ChangeSet {
+    pub fn get(&self, table: &str) -> Option<&TableDelta> {
+        self.tables.iter().find(|t| t.table == table)
+    }
+
+    /// Total row images held.
+    pub fn len(&self) -> usize {
+        self.tables.iter().map(TableDelta::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tables.iter().all(TableDelta::is_empty)
+    }
+
+    /// Adds `other`'s images of the tables both know; returns the tables
+    /// whose images cannot be merged (a different column count: the table
+    /// changed shape in between), which are dropped.
+    pub fn merge(&mut self, other: ChangeSet) -> Vec<String> {
+        let mut lost = Vec::new();
+        for t in other.tables {
+            match self.tables.iter_mut().find(|x| x.table == t.table) {
+                Some(x) if x.columns == t.columns => x.values.extend(t.values),
+                Some(_) => lost.push(t.table),
+                None => self.tables.push(t),
+            }
+        }
+        for t in &lost {
+            self.forget(t);
+        }
+        lost
+    }
+
+    /// Drops `table` (its changes are unknown from now on).
+    pub fn forget(&mut self, table: &str) {
+        self.tables.retain(|t| t.table != table);
+    }
 }

@@ -8,7 +8,7 @@ use rusqlite::{Connection, Statement, params};
 
 use crate::config::TableRef;
 use crate::error::{Error, Result};
-use crate::replica::action::{Action, RowChange, Xid};
+use crate::replica::action::{Action, CHANGE_CAP, ChangeSet, RowChange, TableDelta, Xid};
 use crate::replica::tables::{qualified, quote_ident, write_checkpoint};
 use crate::schema::TableSchema;
 
@@ -135,6 +135,20 @@ pub struct Applier<'c> {
     staged_seq: i64,
     scratch: Vec<u8>,
     scratch2: Vec<u8>,
+    /// Row images of the open batch, per table (see [`Capture`]).
+    capture: Vec<Capture>,
+    captured: usize,
+}
+
+/// The changed rows of one table in the open batch, for incremental view
+/// maintenance: `Exact` holds every before and after image; `Unknown`
+/// means too many rows (past [`CHANGE_CAP`]), a TRUNCATE or a re-snapshot.
+#[derive(Debug, Default)]
+enum Capture {
+    #[default]
+    Untouched,
+    Exact(Vec<Value>),
+    Unknown,
 }
 
 impl<'c> Applier<'c> {
@@ -150,7 +164,62 @@ impl<'c> Applier<'c> {
             staged_seq: 0,
             scratch: Vec::new(),
             scratch2: Vec::new(),
+            capture: (0..n).map(|_| Capture::Untouched).collect(),
+            captured: 0,
         })
+    }
+
+    /// Records the images of one applied row change.
+    fn capture(&mut self, table: usize, change: &RowChange<'_>) {
+        let Some(c) = self.capture.get_mut(table) else { return };
+        if matches!(c, Capture::Unknown) {
+            return;
+        }
+        let images = match change {
+            RowChange::Insert(_) | RowChange::Delete(_) => 1,
+            RowChange::Update { .. } => 2,
+        };
+        if self.captured + images > CHANGE_CAP {
+            *c = Capture::Unknown;
+            return;
+        }
+        self.captured += images;
+        if matches!(c, Capture::Untouched) {
+            *c = Capture::Exact(Vec::new());
+        }
+        let Capture::Exact(v) = c else { return };
+        let ok = match change {
+            RowChange::Insert(r) | RowChange::Delete(r) => own_row(r, v),
+            RowChange::Update { before, after } => own_row(before, v) && own_row(after, v),
+        };
+        if !ok {
+            // Text that is not UTF-8 has no owned `Value`: unknown.
+            *c = Capture::Unknown;
+        }
+    }
+
+    /// Marks the table's changes in this batch as unknown (TRUNCATE,
+    /// re-snapshot): the views reading it are recomputed in full.
+    pub fn changes_unknown(&mut self, table: usize) {
+        if let Some(c) = self.capture.get_mut(table) {
+            *c = Capture::Unknown;
+        }
+    }
+
+    /// The row images captured since the last call (tables whose changes
+    /// are known exactly), and resets the capture.
+    pub fn take_changes(&mut self) -> ChangeSet {
+        let mut out = ChangeSet::default();
+        for (i, c) in self.capture.iter_mut().enumerate() {
+            if let Capture::Exact(values) = std::mem::take(c) {
+                let columns = self.stmts[i].as_ref().map_or(0, |s| s.columns);
+                if columns > 0 {
+                    out.tables.push(TableDelta { table: self.tables[i].sqlite_name(), columns, values });
+                }
+            }
+        }
+        self.captured = 0;
+        out
     }
 
     /// The connection, for the snapshot's bulk copy (inside [`begin`]).
@@ -171,6 +240,7 @@ impl<'c> Applier<'c> {
     /// replica table was (re)created.
     pub fn set_schema(&mut self, idx: usize, schema: &TableSchema) -> Result<()> {
         self.stmts[idx] = None;
+        self.changes_unknown(idx);
         self.stmts[idx] = Some(TableStatements::prepare(self.conn, schema)?);
         Ok(())
     }
@@ -178,6 +248,7 @@ impl<'c> Applier<'c> {
     /// Drops the table's statements before its replica table is replaced.
     pub fn forget_schema(&mut self, idx: usize) {
         self.stmts[idx] = None;
+        self.changes_unknown(idx);
     }
 
     pub fn begin(&mut self) -> Result<()> {
@@ -194,6 +265,7 @@ impl<'c> Applier<'c> {
             self.open = false;
         }
         self.staging = None;
+        self.take_changes();
     }
 
     fn exec(&self, sql: &str) -> Result<()> {
@@ -218,11 +290,13 @@ impl<'c> Applier<'c> {
                     return Ok(Touched::None);
                 }
                 self.statements(table)?.apply(&change).map_err(|e| Error::sqlite("apply row", e))?;
+                self.capture(table, &change);
                 Ok(Touched::One(table))
             }
             Action::Truncate { table } => {
                 self.begin()?;
                 self.statements(table)?.truncate.raw_execute().map_err(|e| Error::sqlite("truncate", e))?;
+                self.changes_unknown(table);
                 Ok(Touched::One(table))
             }
             Action::XaStart { xid } => {
@@ -313,6 +387,7 @@ impl<'c> Applier<'c> {
                 _ => return Err(Error::Transient(format!("corrupt XA staging row for xid {xid}"))),
             };
             self.statements(idx)?.apply(&change).map_err(|e| Error::sqlite("apply XA row", e))?;
+            self.capture(idx, &change);
             touched[idx] = true;
         }
         self.conn
@@ -321,6 +396,23 @@ impl<'c> Applier<'c> {
         tracing::info!(xid = %xid, rows = rows.len(), "XA COMMIT: staged rows applied");
         Ok(Touched::Many(touched))
     }
+}
+
+/// Appends an owned copy of `row`; false when a text is not UTF-8.
+fn own_row(row: &[ValueRef<'_>], out: &mut Vec<Value>) -> bool {
+    for v in row {
+        out.push(match *v {
+            ValueRef::Null => Value::Null,
+            ValueRef::Integer(i) => Value::Integer(i),
+            ValueRef::Real(f) => Value::Real(f),
+            ValueRef::Text(t) => match std::str::from_utf8(t) {
+                Ok(t) => Value::Text(t.to_owned()),
+                Err(_) => return false,
+            },
+            ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+        });
+    }
+    true
 }
 
 /// (table, operation, before image, after image) as staged.

@@ -414,6 +414,10 @@ impl<'c> Replicator<'c> {
             full: true,
             schema_changed: true,
             trigger: Some(reason.to_owned()),
+            changes: {
+                self.applier.take_changes();
+                Default::default()
+            },
         });
         Ok(())
     }
@@ -790,6 +794,7 @@ impl<'c> Replicator<'c> {
             tracing::debug!(position = %cp, rows, tables = ?touched, "applied");
             let touched =
                 if became_consistent { self.tables.iter().map(TableRef::sqlite_name).collect() } else { touched };
+            let changes = self.applier.take_changes();
             (self.notify)(CommitNotice {
                 touched,
                 checkpoint: cp,
@@ -797,6 +802,7 @@ impl<'c> Replicator<'c> {
                 full: false,
                 schema_changed,
                 trigger: None,
+                changes,
             });
         }
         Ok(())

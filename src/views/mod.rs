@@ -71,6 +71,7 @@
 //! not rewritten.
 
 pub mod encode;
+pub mod incremental;
 pub mod published;
 pub mod publisher;
 pub mod template;
@@ -86,6 +87,7 @@ use rusqlite::types::ValueRef;
 
 use crate::config::{Codec, MemcachedConfig, Shape, TableRef, ViewConfig};
 use crate::replica::INTERNAL_PREFIX;
+pub use crate::replica::action::ChangeSet;
 use encode::{ValueError, mp};
 pub use publisher::{Committed, compute_all, spawn_publisher};
 use template::{KeyError, KeyTemplate};
@@ -204,6 +206,10 @@ pub struct ComputedView {
     /// Rows whose key an earlier row of the same view also rendered (row
     /// shape; the later row won).
     pub duplicate_keys: usize,
+    /// `Some`: an incremental result, covering only these keys (entries
+    /// among them are the view's; published keys among them that are not
+    /// entries left the view). `None`: the whole view.
+    pub scope: Option<HashSet<String>>,
 }
 
 /// One compiled view.
@@ -220,9 +226,24 @@ pub struct CompiledView {
     map_key: Option<usize>,
     value_column: Option<usize>,
     reads: Vec<String>,
+    /// How the view is maintained incrementally, or why it is not.
+    ivm: Result<incremental::IvmPlan, String>,
 }
 
 impl CompiledView {
+    /// The incremental plan, or why the view is recomputed in full.
+    pub fn incremental(&self) -> Result<&incremental::IvmPlan, &str> {
+        self.ivm.as_ref().map_err(String::as_str)
+    }
+
+    /// One line for the log and `tailcache check`.
+    pub fn maintenance(&self) -> String {
+        match &self.ivm {
+            Ok(p) => p.describe(),
+            Err(why) => format!("full recompute: {why}"),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -426,7 +447,14 @@ fn compile_view(conn: &Connection, v: &ViewConfig, watched: &[TableRef]) -> Resu
                     b
                 })
                 .collect();
+            let reads: Vec<String> = reads.into_iter().collect();
+            let ivm = match v.shape {
+                Shape::Row => incremental::analyze(conn, &v.name, &v.query, &columns, &key, &reads),
+                Shape::List => Err("shape = \"list\" is one entry built from every row".into()),
+                Shape::Map => Err("shape = \"map\" is one entry built from every row".into()),
+            };
             Ok(CompiledView {
+                ivm,
                 name: v.name.clone(),
                 query: v.query.clone(),
                 shape: v.shape,
@@ -436,7 +464,7 @@ fn compile_view(conn: &Connection, v: &ViewConfig, watched: &[TableRef]) -> Resu
                 json,
                 map_key,
                 value_column,
-                reads: reads.into_iter().collect(),
+                reads,
             })
         }
         _ => Err(problems),
@@ -602,25 +630,7 @@ impl ViewSet {
         let mut rows = stmt.query([]).map_err(sql_err)?;
         match v.shape {
             Shape::Row => {
-                while let Some(row) = rows.next().map_err(sql_err)? {
-                    if let Err(e) = v.key.render(&self.prefix, |i| row.get_ref(i).ok(), &mut s.key) {
-                        out.rejected.push(key_error(&v.name, e));
-                        continue;
-                    }
-                    s.payload.clear();
-                    match v.encode_row(row, &mut s.payload) {
-                        Ok(()) => {}
-                        Err(RowError::Sqlite(e)) => return Err(sql_err(e)),
-                        Err(RowError::Value { column, error }) => {
-                            out.rejected.push(v.value_error(&s.key, column, error));
-                            continue;
-                        }
-                    }
-                    match self.finish(v, &s.key, &s.payload, &mut s.json, created) {
-                        Ok(e) => out.entries.push(e),
-                        Err(e) => out.rejected.push(e),
-                    }
-                }
+                self.row_entries(v, &mut rows, s, created, &mut out)?;
                 out.duplicate_keys = dedup_later_wins(&mut out.entries);
             }
             Shape::List | Shape::Map => {
@@ -694,6 +704,130 @@ impl ViewSet {
             }
         }
         Ok(out)
+    }
+
+    /// Builds the entries of a `row` view's result rows.
+    fn row_entries(
+        &self,
+        v: &CompiledView,
+        rows: &mut rusqlite::Rows<'_>,
+        s: &mut Scratch,
+        created: f64,
+        out: &mut ComputedView,
+    ) -> Result<(), ViewError> {
+        let sql_err = |source| ViewError::Sqlite { view: v.name.clone(), source };
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            if let Err(e) = v.key.render(&self.prefix, |i| row.get_ref(i).ok(), &mut s.key) {
+                out.rejected.push(key_error(&v.name, e));
+                continue;
+            }
+            s.payload.clear();
+            match v.encode_row(row, &mut s.payload) {
+                Ok(()) => {}
+                Err(RowError::Sqlite(e)) => return Err(sql_err(e)),
+                Err(RowError::Value { column, error }) => {
+                    out.rejected.push(v.value_error(&s.key, column, error));
+                    continue;
+                }
+            }
+            match self.finish(v, &s.key, &s.payload, &mut s.json, created) {
+                Ok(e) => out.entries.push(e),
+                Err(e) => out.rejected.push(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether view `index` can be maintained incrementally for a batch
+    /// that touched `touched` with the row images `changes` (every touched
+    /// table it reads is its key table or linked to it, with known rows).
+    pub fn can_increment(&self, index: usize, touched: &HashSet<String>, changes: &ChangeSet) -> bool {
+        let v = &self.views[index];
+        let Ok(plan) = &v.ivm else { return false };
+        v.reads.iter().filter(|t| touched.contains(*t)).all(|t| plan.handles(t) && changes.get(t).is_some())
+    }
+
+    /// Recomputes only the keys of view `index` that `changes` can affect
+    /// (see [`incremental`]). `Ok(None)`: not possible for this batch (use
+    /// [`compute`](Self::compute)). Call inside the read transaction, after
+    /// checking [`can_increment`](Self::can_increment).
+    pub fn compute_incremental(
+        &self,
+        conn: &Connection,
+        index: usize,
+        touched: &HashSet<String>,
+        changes: &ChangeSet,
+        now: SystemTime,
+        s: &mut Scratch,
+    ) -> Result<Option<ComputedView>, ViewError> {
+        if !self.can_increment(index, touched, changes) {
+            return Ok(None);
+        }
+        let v = &self.views[index];
+        let Ok(plan) = &v.ivm else { return Ok(None) };
+        let sql_err = |source| ViewError::Sqlite { view: v.name.clone(), source };
+        conn.execute_batch(&plan.create_sql).map_err(sql_err)?;
+        conn.prepare_cached(&plan.clear_sql).and_then(|mut st| st.execute([])).map_err(sql_err)?;
+        for t in v.reads.iter().filter(|t| touched.contains(*t)) {
+            let Some(delta) = changes.get(t) else { return Ok(None) };
+            if *t == plan.key_table {
+                let mut ins = conn.prepare_cached(&plan.insert_sql).map_err(sql_err)?;
+                for tuple in incremental::key_tuples(plan, delta.rows()) {
+                    for (n, val) in tuple.iter().enumerate() {
+                        ins.raw_bind_parameter(n + 1, *val).map_err(sql_err)?;
+                    }
+                    ins.raw_execute().map_err(sql_err)?;
+                }
+            } else {
+                let Some(link) = plan.links.iter().find(|l| l.table == *t) else { return Ok(None) };
+                conn.execute_batch(&link.create_sql).map_err(sql_err)?;
+                conn.prepare_cached(&link.clear_sql).and_then(|mut st| st.execute([])).map_err(sql_err)?;
+                {
+                    let mut ins = conn.prepare_cached(&link.insert_sql).map_err(sql_err)?;
+                    for val in incremental::distinct_values(delta.rows(), link.t_index) {
+                        ins.execute([val]).map_err(sql_err)?;
+                    }
+                }
+                conn.prepare_cached(&link.fill_sql).and_then(|mut st| st.execute([])).map_err(sql_err)?;
+            }
+        }
+        let mut scope = HashSet::new();
+        {
+            let mut st = conn.prepare_cached(&plan.distinct_sql).map_err(sql_err)?;
+            let n = plan.tuple.len();
+            let mut rows = st.query([]).map_err(sql_err)?;
+            let mut tuple = Vec::with_capacity(n);
+            while let Some(r) = rows.next().map_err(sql_err)? {
+                tuple.clear();
+                for i in 0..n {
+                    tuple.push(r.get::<_, rusqlite::types::Value>(i).map_err(sql_err)?);
+                }
+                if plan.render(&v.key, &self.prefix, &tuple, &mut s.key) {
+                    scope.insert(s.key.clone());
+                }
+            }
+        }
+        let created = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let mut out = ComputedView { view: v.name.clone(), ..Default::default() };
+        if !scope.is_empty() {
+            let mut stmt = conn.prepare_cached(&plan.restricted_sql).map_err(sql_err)?;
+            if stmt.column_count() != v.columns.len() {
+                return Ok(None);
+            }
+            let mut rows = stmt.query([]).map_err(sql_err)?;
+            self.row_entries(v, &mut rows, s, created, &mut out)?;
+        }
+        let mut seen = HashSet::with_capacity(out.entries.len());
+        for e in &out.entries {
+            // A key rendered twice (the full query's order decides which
+            // row wins) or outside the scope: not for this path.
+            if !seen.insert(e.key.as_str()) || !scope.contains(&e.key) {
+                return Ok(None);
+            }
+        }
+        drop(seen);
+        out.scope = Some(scope);
+        Ok(Some(out))
     }
 
     /// Encodes `payload` with the codec, hashes it and checks the size.
@@ -792,3 +926,6 @@ fn dedup_later_wins(entries: &mut Vec<Entry>) -> usize {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod ivm_tests;

@@ -280,7 +280,8 @@ impl Published {
 
     /// The ops turning what was published into `computed`: a set for each
     /// new or changed entry (every entry when `full`), a delete for each
-    /// published key no longer produced, and deletes for every key of the
+    /// published key no longer produced (for an incremental result, among
+    /// the keys of its scope only), and deletes for every key of the
     /// views `viewset` no longer has. Views not in `computed` are left alone.
     pub fn diff(&self, computed: Vec<ComputedView>, viewset: &ViewSet, full: bool) -> Plan {
         let mut plan = Plan::default();
@@ -291,7 +292,15 @@ impl Published {
             let mut counts = ViewCounts { view: c.view.clone(), ..Default::default() };
             let mut gone: Vec<&Vec<u8>> = {
                 let present: HashSet<&[u8]> = c.entries.iter().map(|e| e.key.as_bytes()).collect();
-                published.keys().filter(|k| !present.contains(k.as_slice())).collect()
+                match &c.scope {
+                    // Incremental: only the keys in scope can have left.
+                    Some(scope) => scope
+                        .iter()
+                        .filter(|k| !present.contains(k.as_bytes()))
+                        .filter_map(|k| published.get_key_value(k.as_bytes()).map(|(k, _)| k))
+                        .collect(),
+                    None => published.keys().filter(|k| !present.contains(k.as_slice())).collect(),
+                }
             };
             gone.sort();
             for e in c.entries {

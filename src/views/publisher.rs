@@ -69,11 +69,12 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, watch};
 
 use super::published::{Plan, Published, read_epoch};
-use super::{ComputedView, Scratch, ViewError, ViewSet};
+use super::{ChangeSet, ComputedView, Scratch, ViewError, ViewSet};
 use crate::config::{Config, MemcachedConfig};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::position::Checkpoint;
+use crate::replica::action::CHANGE_CAP;
 use crate::sink::{Op, Rejection, Sink, SinkError};
 use crate::status::{PublishInfo, ResyncCounts, ResyncReport, Status, ViewStatus, unix_now};
 
@@ -148,6 +149,9 @@ fn report_broken(vs: &ViewSet, status: &crate::status::Status) {
         crate::metrics::VIEW_ERRORS.inc();
         tracing::error!(view = %view, on_error = ?on_error, problem = %why, "view does not compile; skipped until the next schema change");
     }
+    for v in vs.views() {
+        tracing::info!(view = %v.name(), incremental = v.incremental().is_ok(), maintenance = %v.maintenance(), "view compiled");
+    }
 }
 
 /// Merged, not yet published work.
@@ -167,12 +171,29 @@ struct Pending {
     /// Why a full resync is due, for its report (merged requests all
     /// listed, once each).
     triggers: Vec<String>,
+    /// Row images of the touched tables whose changes are known exactly.
+    changes: ChangeSet,
+    /// Touched tables whose changed rows are not known (views reading them
+    /// are recomputed in full).
+    unknown: HashSet<String>,
 }
 
 impl Pending {
     fn add(&mut self, c: Committed) {
         if c.full {
             self.trigger(c.trigger.as_deref().unwrap_or("snapshot"));
+        }
+        for t in &c.touched {
+            if c.changes.get(t).is_none() {
+                self.unknown.insert(t.clone());
+            }
+        }
+        self.unknown.extend(self.changes.merge(c.changes));
+        if self.changes.len() > CHANGE_CAP {
+            self.unknown.extend(self.changes.tables.drain(..).map(|t| t.table));
+        }
+        for t in &self.unknown {
+            self.changes.forget(t);
         }
         self.touched.extend(c.touched);
         self.full |= c.full;
@@ -280,6 +301,9 @@ struct Worker {
     sink: Sink,
     scratch: Scratch,
     last_full: Option<Instant>,
+    /// Views whose next computation must be complete: a failed compute or
+    /// a refused entry left their published state behind the replica.
+    needs_full: HashSet<String>,
 }
 
 /// Waits until `deadline`, merging messages; false when shutting down.
@@ -381,6 +405,7 @@ async fn run(
         sink,
         scratch: Scratch::default(),
         last_full: None,
+        needs_full: HashSet::new(),
     };
     let coalesce = Duration::from_millis(w.mc.coalesce_ms);
     let mut closed = false;
@@ -588,8 +613,32 @@ impl Worker {
         let mut view_errors: Vec<(String, Option<String>)> = Vec::new();
         for i in indices {
             let t0 = Instant::now();
-            match viewset.compute(&self.conn, i, now, &mut self.scratch) {
+            let name = viewset.views()[i].name();
+            let incremental = !full
+                && !pending.all
+                && !self.needs_full.contains(name)
+                && viewset.can_increment(i, &pending.touched, &pending.changes);
+            let result = if incremental {
+                match viewset.compute_incremental(
+                    &self.conn,
+                    i,
+                    &pending.touched,
+                    &pending.changes,
+                    now,
+                    &mut self.scratch,
+                ) {
+                    Ok(Some(c)) => Ok(c),
+                    Ok(None) => viewset.compute(&self.conn, i, now, &mut self.scratch),
+                    Err(e) => Err(e),
+                }
+            } else {
+                viewset.compute(&self.conn, i, now, &mut self.scratch)
+            };
+            match result {
                 Ok(c) => {
+                    if c.scope.is_none() {
+                        self.needs_full.remove(&c.view);
+                    }
                     metrics::view_computed(&c.view, t0.elapsed());
                     for r in &c.rejected {
                         metrics::entry_rejected(r);
@@ -603,7 +652,7 @@ impl Worker {
                 }
                 Err(e) => {
                     metrics::VIEW_ERRORS.inc();
-                    let name = viewset.views()[i].name();
+                    self.needs_full.insert(name.to_owned());
                     tracing::error!(view = %name, error = %e, "view not published");
                     view_errors.push((name.to_owned(), Some(e.to_string())));
                 }
@@ -627,6 +676,7 @@ impl Worker {
         };
         let applied = self.sink.apply(&plan.ops).await?;
         let refused = plan.reject(&applied.rejected);
+        self.needs_full.extend(refused.iter().map(|(v, _)| v.clone()));
         if !applied.rejected.is_empty() {
             self.log_rejections(&applied.rejected, &refused);
             // Do not leave the previous value of a refused set behind.
@@ -735,6 +785,7 @@ mod tests {
             full,
             schema_changed: false,
             trigger: None,
+            changes: Default::default(),
         }
     }
 

@@ -68,6 +68,19 @@ impl KeyTemplate {
         if problems.is_empty() { Ok(KeyTemplate { parts, columns: columns.to_vec() }) } else { Err(problems) }
     }
 
+    /// The result columns the placeholders read, in first-use order, once each.
+    pub fn placeholder_columns(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for p in &self.parts {
+            if let Part::Column(i) = p {
+                if !out.contains(i) {
+                    out.push(*i);
+                }
+            }
+        }
+        out
+    }
+
     /// True when the template has no placeholder (one fixed key).
     pub fn is_fixed(&self) -> bool {
         self.parts.iter().all(|p| matches!(p, Part::Literal(_)))

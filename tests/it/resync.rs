@@ -66,6 +66,8 @@ fn committed(pos: u64, full: bool, trigger: Option<&str>) -> Committed {
         full,
         schema_changed: false,
         trigger: trigger.map(str::to_owned),
+        // Rows unknown: the views are recomputed in full.
+        changes: Default::default(),
     }
 }
 

@@ -223,6 +223,8 @@ fn committed(pos: u64) -> Committed {
         full: false,
         schema_changed: false,
         trigger: None,
+        // Rows unknown: the views are recomputed in full.
+        changes: Default::default(),
     }
 }
 

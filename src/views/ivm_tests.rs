@@ -1,0 +1,354 @@
+//! Property test of incremental view maintenance: random transactions,
+//! applied through the real applier (which captures the row images), are
+//! published incrementally wherever the view allows; after every
+//! transaction, what a memcached fed only those plans would hold must be
+//! byte for byte what a full recompute produces.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rusqlite::Connection;
+use rusqlite::types::{Value, ValueRef};
+
+use super::published::Published;
+use super::*;
+use crate::config::{Codec, MemcachedConfig, Shape, TableRef, ViewConfig};
+use crate::position::{BinlogPosition, Checkpoint};
+use crate::replica::action::{Action, RowChange};
+use crate::replica::applier::Applier;
+use crate::schema::{ColumnDef, TableSchema};
+use crate::sink::Op;
+
+fn col(name: &str, data_type: &str) -> ColumnDef {
+    ColumnDef {
+        name: name.into(),
+        data_type: data_type.into(),
+        column_type: data_type.into(),
+        unsigned: false,
+        charset: (data_type == "varchar").then(|| "utf8mb4".into()),
+        numeric_precision: None,
+        numeric_scale: None,
+        datetime_precision: None,
+        labels: vec![],
+        nullable: true,
+    }
+}
+
+fn table(name: &str, cols: &[(&str, &str)], pk: &[usize]) -> TableSchema {
+    TableSchema {
+        table: TableRef { schema: "appdb".into(), name: name.into(), qualified: false },
+        columns: cols.iter().map(|(n, t)| col(n, t)).collect(),
+        primary_key: pk.to_vec(),
+    }
+}
+
+fn schemas() -> Vec<TableSchema> {
+    vec![
+        table("app", &[("id", "int"), ("name", "varchar"), ("status", "varchar"), ("grp", "int")], &[0]),
+        table("feature", &[("id", "int"), ("app_id", "int"), ("code", "varchar"), ("enabled", "int")], &[0]),
+        table("blocked", &[("app_id", "int"), ("reason", "varchar")], &[0]),
+        table("tag", &[("tenant", "int"), ("id", "int"), ("app_id", "int"), ("label", "varchar")], &[0, 1]),
+    ]
+}
+
+fn view(name: &str, key: &str, query: &str, json: &[&str]) -> ViewConfig {
+    ViewConfig {
+        name: name.into(),
+        key: key.into(),
+        query: query.into(),
+        shape: Shape::Row,
+        map_key: None,
+        value_column: None,
+        json_columns: json.iter().map(|s| s.to_string()).collect(),
+        on_error: Default::default(),
+    }
+}
+
+/// (view, expected to be incremental)
+fn views() -> Vec<(ViewConfig, bool)> {
+    let mut list =
+        ViewConfig { shape: Shape::List, ..view("list", "all", "SELECT id, name FROM app ORDER BY id", &[]) };
+    list.key = "list".into();
+    let map = ViewConfig {
+        shape: Shape::Map,
+        map_key: Some("id".into()),
+        ..view("map", "bymap", "SELECT id, status FROM app ORDER BY name, id", &[])
+    };
+    vec![
+        (view("single", "app:{id}", "SELECT id, name, status, grp FROM app", &[]), true),
+        (view("filtered", "on:{id}", "SELECT id, name FROM app WHERE status = 'on'", &[]), true),
+        (
+            view(
+                "nested",
+                "full:{id}",
+                "SELECT a.id, a.name, (SELECT json_group_array(f.code) FROM feature f WHERE f.app_id = a.id AND f.enabled = 1) AS codes FROM app a WHERE a.status <> 'off'",
+                &["codes"],
+            ),
+            true,
+        ),
+        (
+            view(
+                "join",
+                "feat:{id}",
+                "SELECT f.id, f.code, a.name AS app FROM feature f JOIN app a ON a.id = f.app_id WHERE a.status = 'on'",
+                &[],
+            ),
+            true,
+        ),
+        (
+            view(
+                "agg",
+                "cnt:{app_id}",
+                "SELECT f.app_id, count(*) AS n, sum(f.enabled) AS en, json_group_array(f.code) AS codes FROM feature f GROUP BY f.app_id HAVING count(*) > 0",
+                &[],
+            ),
+            true,
+        ),
+        (
+            view(
+                "notblocked",
+                "ok:{id}",
+                "SELECT a.id, a.name FROM app a WHERE NOT EXISTS (SELECT 1 FROM blocked b WHERE b.app_id = a.id)",
+                &[],
+            ),
+            true,
+        ),
+        (
+            view(
+                "leftagg",
+                "lj:{id}",
+                "SELECT a.id, count(f.id) AS n FROM app a LEFT JOIN feature f ON f.app_id = a.id AND f.enabled = 1 GROUP BY a.id",
+                &[],
+            ),
+            true,
+        ),
+        (
+            view(
+                "composite",
+                "tag:{tenant}:{id}",
+                "SELECT t.tenant, t.id, t.label, a.name FROM tag t LEFT JOIN app a ON a.id = t.app_id",
+                &[],
+            ),
+            true,
+        ),
+        (view("groups", "grp:{grp}", "SELECT grp, count(*) AS n, min(name) AS first FROM app GROUP BY grp", &[]), true),
+        (view("twice", "tw:{id}", "SELECT a.id, (SELECT count(*) FROM app) AS total FROM app a", &[]), false),
+        (view("unlinked", "in:{id}", "SELECT a.id FROM app a WHERE a.id IN (SELECT app_id FROM feature)", &[]), true),
+        (view("dupes", "d:{app_id}", "SELECT f.app_id, f.code FROM feature f", &[]), true),
+        (list, false),
+        (map, false),
+    ]
+}
+
+fn mc() -> MemcachedConfig {
+    MemcachedConfig {
+        servers: vec!["127.0.0.1:11211".into()],
+        key_prefix: "p:".into(),
+        codec: Codec::Msgpack,
+        exptime: 0,
+        max_item_size: 1024 * 1024,
+        coalesce_ms: 2,
+        timeout_ms: 1000,
+    }
+}
+
+fn current(conn: &Connection, t: &TableSchema, pk: &[Value]) -> Option<Vec<Value>> {
+    let cond: Vec<String> =
+        t.primary_key.iter().enumerate().map(|(n, &i)| format!("\"{}\" = ?{}", t.columns[i].name, n + 1)).collect();
+    let sql = format!("SELECT * FROM \"{}\" WHERE {}", t.table.name, cond.join(" AND "));
+    let mut st = conn.prepare_cached(&sql).unwrap();
+    let mut rows = st.query(rusqlite::params_from_iter(pk.iter())).unwrap();
+    rows.next().unwrap().map(|r| (0..t.columns.len()).map(|i| r.get::<_, Value>(i).unwrap()).collect())
+}
+
+fn random_row(rng: &mut StdRng, t: usize) -> Vec<Value> {
+    let small = |rng: &mut StdRng, n: i64| Value::Integer(rng.random_range(1..=n));
+    let word = |rng: &mut StdRng, w: &[&str]| Value::Text(w[rng.random_range(0..w.len())].to_owned());
+    match t {
+        0 => vec![
+            small(rng, 12),
+            word(rng, &["ann", "bob", "cy", "dee"]),
+            word(rng, &["on", "off", "new"]),
+            if rng.random_bool(0.1) { Value::Null } else { small(rng, 3) },
+        ],
+        1 => vec![small(rng, 30), small(rng, 13), word(rng, &["x", "y", "z", "w"]), small(rng, 2)],
+        2 => vec![small(rng, 13), word(rng, &["spam", "late"])],
+        _ => vec![small(rng, 2), small(rng, 6), small(rng, 13), word(rng, &["red", "blue"])],
+    }
+}
+
+fn refs(row: &[Value]) -> Vec<ValueRef<'_>> {
+    row.iter().map(ValueRef::from).collect()
+}
+
+/// One random change to table `t`; returns whether something was applied.
+fn random_change(rng: &mut StdRng, conn: &Connection, applier: &mut Applier<'_>, s: &[TableSchema], t: usize) -> bool {
+    let schema = &s[t];
+    let mut row = random_row(rng, t);
+    let pk: Vec<Value> = schema.primary_key.iter().map(|&i| row[i].clone()).collect();
+    let existing = current(conn, schema, &pk);
+    let change = rng.random_range(0..3);
+    match (existing, change) {
+        (None, _) => {
+            applier.apply(Action::Row { table: t, change: RowChange::Insert(&refs(&row)) }).unwrap();
+        }
+        (Some(before), 0) => {
+            applier.apply(Action::Row { table: t, change: RowChange::Delete(&refs(&before)) }).unwrap();
+        }
+        (Some(before), _) => {
+            // Keep the key most of the time; sometimes move it.
+            if rng.random_bool(0.7) {
+                for &i in &schema.primary_key {
+                    row[i] = before[i].clone();
+                }
+            } else {
+                let new_pk: Vec<Value> = schema.primary_key.iter().map(|&i| row[i].clone()).collect();
+                if current(conn, schema, &new_pk).is_some() {
+                    return false; // would collide with another row
+                }
+            }
+            let (b, a) = (refs(&before), refs(&row));
+            applier.apply(Action::Row { table: t, change: RowChange::Update { before: &b, after: &a } }).unwrap();
+        }
+    }
+    true
+}
+
+fn full_map(vs: &ViewSet, conn: &Connection, i: usize, now: SystemTime) -> HashMap<String, Vec<u8>> {
+    let c = vs.compute(conn, i, now, &mut Scratch::default()).unwrap();
+    c.entries.into_iter().map(|e| (e.key, e.value)).collect()
+}
+
+#[test]
+fn incremental_publishing_equals_full_recompute_after_every_transaction() {
+    let seed: u64 =
+        std::env::var("TAILCACHE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
+    eprintln!("incremental property test: TAILCACHE_TEST_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let tables = schemas();
+    let refs_: Vec<TableRef> = tables.iter().map(|t| t.table.clone()).collect();
+    let conn = crate::replica::open_connection(&path, &refs_).unwrap();
+    for t in &tables {
+        crate::replica::tables::recreate_table(&conn, t).unwrap();
+    }
+    let pconn = crate::replica::open_connection(&path, &refs_).unwrap();
+    let mut applier = Applier::new(&conn, refs_.clone()).unwrap();
+    for (i, t) in tables.iter().enumerate() {
+        applier.set_schema(i, t).unwrap();
+    }
+    let configs = views();
+    let cfgs: Vec<ViewConfig> = configs.iter().map(|(v, _)| v.clone()).collect();
+    let vs = ViewSet::compile(&pconn, &cfgs, &mc(), &refs_).unwrap();
+    for (v, (_, expect)) in vs.views().iter().zip(&configs) {
+        eprintln!("{}: {}", v.name(), v.maintenance());
+        assert_eq!(v.incremental().is_ok(), *expect, "{}: {}", v.name(), v.maintenance());
+    }
+    assert!(vs.views()[10].maintenance().contains("feature recompute in full"), "{}", vs.views()[10].maintenance());
+    assert!(vs.views()[3].maintenance().contains("app via"), "{}", vs.views()[3].maintenance());
+    assert!(!vs.views()[0].incremental().unwrap().scans_key_table, "{}", vs.views()[0].maintenance());
+
+    let mut published = Published::load(&pconn).unwrap();
+    let mut cache: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut incremental_runs = vec![0usize; vs.views().len()];
+    let mut partial_scopes = vec![0usize; vs.views().len()];
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let mut scratch = Scratch::default();
+    let transactions = 400;
+    let mut seq = 0u64;
+    for txn in 0..transactions {
+        // Sometimes two MySQL transactions land in one batch.
+        let batches = if rng.random_bool(0.2) { 2 } else { 1 };
+        let mut touched = HashSet::new();
+        for _ in 0..batches {
+            let ops = rng.random_range(1..=if txn < 40 { 8 } else { 4 });
+            applier.begin().unwrap();
+            for _ in 0..ops {
+                let t = rng.random_range(0..tables.len());
+                if random_change(&mut rng, &conn, &mut applier, &tables, t) {
+                    touched.insert(tables[t].table.sqlite_name());
+                }
+            }
+            seq += 1;
+            let cp = Checkpoint { position: BinlogPosition::new("b.000001", seq), gtid: None };
+            applier.apply(Action::Commit { checkpoint: &cp, consistent: true }).unwrap();
+        }
+        let changes = applier.take_changes();
+        // Publish as the publisher does, on its own connection.
+        pconn.execute_batch("BEGIN").unwrap();
+        let first = txn == 0;
+        let mut computed = Vec::new();
+        for i in vs.affected(&touched).into_iter().chain(if first { 0..vs.views().len() } else { 0..0 }) {
+            if computed.iter().any(|c: &ComputedView| c.view == vs.views()[i].name()) {
+                continue;
+            }
+            let c = if !first && vs.can_increment(i, &touched, &changes) {
+                match vs.compute_incremental(&pconn, i, &touched, &changes, now, &mut scratch).unwrap() {
+                    Some(c) => {
+                        incremental_runs[i] += 1;
+                        c
+                    }
+                    None => vs.compute(&pconn, i, now, &mut scratch).unwrap(),
+                }
+            } else {
+                vs.compute(&pconn, i, now, &mut scratch).unwrap()
+            };
+            if c.scope.is_some() {
+                partial_scopes[i] += 1;
+            }
+            computed.push(c);
+        }
+        let plan = published.diff(computed, &vs, false);
+        for op in &plan.ops {
+            match op {
+                Op::Set { key, value, .. } => {
+                    cache.insert(String::from_utf8(key.clone()).unwrap(), value.clone());
+                }
+                Op::Delete { key } => {
+                    cache.remove(std::str::from_utf8(key).unwrap());
+                }
+            }
+        }
+        pconn.execute_batch("COMMIT").unwrap();
+        published.record(&pconn, &plan.changes, None).unwrap();
+
+        // The arbiter: every view, recomputed in full.
+        let mut expected: HashMap<String, Vec<u8>> = HashMap::new();
+        for i in 0..vs.views().len() {
+            expected.extend(full_map(&vs, &pconn, i, now));
+        }
+        if cache != expected {
+            let mut diff = Vec::new();
+            for (k, v) in &expected {
+                if cache.get(k) != Some(v) {
+                    diff.push(format!("{k}: cache {:?} != full {:?}", cache.get(k).map(|b| b.len()), v.len()));
+                }
+            }
+            for k in cache.keys().filter(|k| !expected.contains_key(*k)) {
+                diff.push(format!("{k}: stale in cache"));
+            }
+            diff.sort();
+            panic!(
+                "seed {seed}, transaction {txn}: incremental state differs from a full recompute:\n{}",
+                diff.join("\n")
+            );
+        }
+    }
+    eprintln!("incremental runs per view: {incremental_runs:?}");
+    for (i, (_, expect)) in configs.iter().enumerate() {
+        if *expect && vs.views()[i].name() != "dupes" {
+            assert!(
+                incremental_runs[i] > transactions / 10,
+                "view {} ran incrementally {} times",
+                vs.views()[i].name(),
+                incremental_runs[i]
+            );
+        }
+        if !*expect {
+            assert_eq!(partial_scopes[i], 0);
+        }
+    }
+}

@@ -66,6 +66,25 @@ fn is_tls_failure(e: &mysql_async::Error) -> bool {
     }
 }
 
+/// The link broke (the server or a proxy went away, even in the middle of
+/// a TLS handshake): a transient failure to retry, never a TLS setup
+/// problem that would stop the daemon.
+fn link_broke(e: &mysql_async::Error) -> bool {
+    use std::io::ErrorKind as K;
+    let io_kind = match e {
+        mysql_async::Error::Io(mysql_async::IoError::Io(io)) => Some(io.kind()),
+        _ => None,
+    };
+    let text = e.to_string().to_ascii_lowercase();
+    matches!(
+        io_kind,
+        Some(K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::ConnectionRefused)
+    ) || text.contains("close_notify")
+        || text.contains("unexpected eof")
+        || text.contains("connection reset")
+        || text.contains("broken pipe")
+}
+
 fn no_tls_offered(e: &mysql_async::Error) -> bool {
     matches!(e, mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer))
 }
@@ -137,6 +156,9 @@ pub async fn connect(cfg: &MysqlConfig) -> Result<Conn> {
             "mysql.tls = \"{tls}\": the server at {where_} does not offer TLS (have_ssl is not YES); \
              give the server ssl_cert/ssl_key, or set mysql.tls = \"preferred\" to connect without TLS"
         ))),
+        Ok(Err(e)) if link_broke(&e) => {
+            Err(Error::Mysql { context: format!("connect to {where_} (the connection broke)"), position: None, source: e })
+        }
         Ok(Err(e)) if tls != TlsMode::Disabled && is_tls_failure(&e) => {
             let hint = match tls {
                 TlsMode::VerifyCa => "the server's certificate must be signed by the CA in mysql.tls_ca_file",

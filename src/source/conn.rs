@@ -66,6 +66,17 @@ fn is_tls_failure(e: &mysql_async::Error) -> bool {
     }
 }
 
+/// Server and TLS settings that have connected in this process.
+static CONNECTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn settings_key(cfg: &MysqlConfig, where_: &str) -> String {
+    format!("{where_}|{:?}|{:?}|{:?}|{:?}", cfg.tls, cfg.tls_ca_file, cfg.tls_cert_file, cfg.tls_key_file)
+}
+
+fn connected_before(key: &str) -> bool {
+    CONNECTED.lock().map(|v| v.iter().any(|k| k == key)).unwrap_or(false)
+}
+
 /// The link broke (the server or a proxy went away, even in the middle of
 /// a TLS handshake): a transient failure to retry, never a TLS setup
 /// problem that would stop the daemon.
@@ -109,7 +120,15 @@ pub async fn connect(cfg: &MysqlConfig) -> Result<Conn> {
         Err(_) => Err(Error::Transient(format!(
             "mysql.url: no answer from {where_} within {timeout:?}; check the host/port and that the server is running"
         ))),
-        Ok(Ok(conn)) => Ok(conn),
+        Ok(Ok(conn)) => {
+            let key = settings_key(cfg, &where_);
+            if let Ok(mut v) = CONNECTED.lock()
+                && !v.contains(&key)
+            {
+                v.push(key);
+            }
+            Ok(conn)
+        }
         Ok(Err(mysql_async::Error::Server(e))) if e.code == codes::SECURE_TRANSPORT_REQUIRED => {
             Err(Error::Fatal(format!(
                 "mysql.tls = \"{tls}\": the server at {where_} requires TLS (require_secure_transport = ON; server says: {}); \
@@ -156,8 +175,15 @@ pub async fn connect(cfg: &MysqlConfig) -> Result<Conn> {
             "mysql.tls = \"{tls}\": the server at {where_} does not offer TLS (have_ssl is not YES); \
              give the server ssl_cert/ssl_key, or set mysql.tls = \"preferred\" to connect without TLS"
         ))),
-        Ok(Err(e)) if link_broke(&e) => {
-            Err(Error::Mysql { context: format!("connect to {where_} (the connection broke)"), position: None, source: e })
+        // The same settings worked before in this process: a handshake cut
+        // short (a server restarting, a proxy going away) is not a setup
+        // problem; retry it like any lost link.
+        Ok(Err(e)) if link_broke(&e) || (is_tls_failure(&e) && connected_before(&settings_key(cfg, &where_))) => {
+            Err(Error::Mysql {
+                context: format!("connect to {where_} (the connection broke)"),
+                position: None,
+                source: e,
+            })
         }
         Ok(Err(e)) if tls != TlsMode::Disabled && is_tls_failure(&e) => {
             let hint = match tls {

@@ -261,10 +261,10 @@ fn lossy(key: &[u8]) -> String {
 }
 
 impl Sink {
-    /// A sink writing every key to every server of `mc.servers`. Connects
-    /// lazily.
+    /// A sink writing each key to the servers `mc.distribution` places it
+    /// on (every server by default). Connects lazily.
     pub fn connect(mc: &MemcachedConfig) -> Sink {
-        Sink::with_placement(mc, Box::new(AllServers))
+        Sink::with_placement(mc, router::for_config(mc))
     }
 
     pub fn with_placement(mc: &MemcachedConfig, placement: Box<dyn Placement>) -> Sink {
@@ -732,6 +732,8 @@ mod tests {
             max_item_size: 1 << 20,
             coalesce_ms: 2,
             timeout_ms: 200,
+            distribution: Default::default(),
+            weights: Vec::new(),
         }
     }
 

@@ -5,6 +5,7 @@ mod decode_fixtures;
 mod events;
 mod harness;
 mod harness_selftest;
+mod readers;
 mod replica;
 mod restart;
 mod resync;

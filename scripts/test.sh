@@ -67,6 +67,32 @@ else
     log "All packages present; nothing to install"
 fi
 
+# The Python readers the tests run (tests/python/): Debian's clients and
+# Django, plus dogpile.cache's current release from PyPI in a venv that
+# sees the Debian packages. The tests use $TAILCACHE_TEST_PYTHON.
+PY_DEBS=(python3-venv python3-pylibmc python3-pymemcache python3-django python3-msgpack python3-memcache)
+py_missing=()
+for pkg in "${PY_DEBS[@]}"; do
+    dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || py_missing+=("$pkg")
+done
+if [ "${#py_missing[@]}" -gt 0 ]; then
+    log "Installing the Python readers: ${py_missing[*]}"
+    $SUDO apt-get update -q || die "apt-get update failed"
+    $SUDO apt-get install -y -q --no-install-recommends "${py_missing[@]}" </dev/null ||
+        die "apt-get install ${py_missing[*]} failed (see the output above)"
+fi
+PY_VENV="${TAILCACHE_PY_VENV:-/var/cache/tailcache/pyenv}"
+if [ ! -x "$PY_VENV/bin/python" ] || ! "$PY_VENV/bin/python" -c 'import dogpile.cache' 2>/dev/null; then
+    log "Python venv for dogpile.cache at $PY_VENV"
+    $SUDO mkdir -p "$(dirname "$PY_VENV")"
+    $SUDO /usr/bin/python3 -m venv --system-site-packages "$PY_VENV" || die "python3 -m venv $PY_VENV failed"
+    $SUDO "$PY_VENV/bin/python" -m pip install -q --upgrade dogpile.cache ||
+        die "pip install dogpile.cache into $PY_VENV failed (needs PyPI)"
+fi
+export TAILCACHE_TEST_PYTHON="$PY_VENV/bin/python"
+"$TAILCACHE_TEST_PYTHON" -c 'import pylibmc, pymemcache, django, msgpack, memcache, dogpile.cache' ||
+    die "$TAILCACHE_TEST_PYTHON lacks a Python reader package"
+
 MYSQL_ROOT="${TAILCACHE_MYSQL_ROOT:-/var/cache/tailcache/mysql-root}"
 export TAILCACHE_MYSQL_ROOT="$MYSQL_ROOT"
 log "MySQL root at $MYSQL_ROOT (scripts/mysql-root.sh)"
@@ -84,6 +110,7 @@ MYSQL_V=$(chroot "$MYSQL_ROOT" /usr/sbin/mysqld --no-defaults --version)
 MEMCACHED_V=$(/usr/bin/memcached -V)
 log "Versions"
 printf '%s\n' "$RUST_V" "$(cargo --version)" "$MARIADB_V" "$MYSQL_V (chroot $MYSQL_ROOT)" "$MEMCACHED_V"
+"$TAILCACHE_TEST_PYTHON" -c 'import sys, django, pymemcache, pylibmc, msgpack, memcache, dogpile; print("Python", sys.version.split()[0], "Django", django.get_version(), "pymemcache", pymemcache.__version__, "pylibmc", pylibmc.__version__, "msgpack", ".".join(map(str, msgpack.version)), "python-memcached", memcache.__version__, "dogpile.cache", dogpile.__version__)'
 
 # run NAME CMD...: runs CMD, records its verdict and duration.
 declare -a SUMMARY=()

@@ -564,10 +564,43 @@ fn render_value(codec: crate::config::Codec, bytes: &[u8]) -> String {
     if codec == crate::config::Codec::Json {
         return String::from_utf8_lossy(bytes).into_owned();
     }
+    if codec == crate::config::Codec::Pickle {
+        return match serde_pickle::value_from_slice(bytes, serde_pickle::DeOptions::new()) {
+            Ok(v) => serde_json::to_string(&pickle_to_json(&v)).unwrap_or_default(),
+            Err(e) => format!("(not a pickle: {e}; {} bytes)", bytes.len()),
+        };
+    }
     let mut r = bytes;
     match rmpv::decode::read_value(&mut r) {
         Ok(v) => serde_json::to_string(&msgpack_to_json(&v)).unwrap_or_default(),
         Err(e) => format!("(not msgpack: {e}; {} bytes)", bytes.len()),
+    }
+}
+
+fn pickle_to_json(v: &serde_pickle::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    use serde_pickle::Value as P;
+    match v {
+        P::None => J::Null,
+        P::Bool(b) => J::Bool(*b),
+        P::I64(i) => J::from(*i),
+        P::Int(i) => J::String(i.to_string()),
+        P::F64(f) => serde_json::Number::from_f64(*f).map(J::Number).unwrap_or(J::Null),
+        P::Bytes(b) => J::Array(b.iter().map(|x| J::from(*x)).collect()),
+        P::String(s) => J::String(s.clone()),
+        P::List(a) | P::Tuple(a) => J::Array(a.iter().map(pickle_to_json).collect()),
+        P::Set(a) | P::FrozenSet(a) => J::Array(a.iter().map(|h| pickle_to_json(&h.clone().into_value())).collect()),
+        P::Dict(m) => J::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let k = match pickle_to_json(&k.clone().into_value()) {
+                        J::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    (k, pickle_to_json(v))
+                })
+                .collect(),
+        ),
     }
 }
 

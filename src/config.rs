@@ -160,6 +160,70 @@ pub enum Codec {
     Msgpack,
     Dogpile,
     Json,
+    /// A Python pickle (protocol 3, plain data only) with the "pickled"
+    /// client flag, as Django's memcached backends, pymemcache and pylibmc
+    /// read by default.
+    Pickle,
+}
+
+impl Codec {
+    /// The memcached client flags stored with each value: `pickle` uses
+    /// the flag pymemcache, pylibmc and python-memcached use for pickled
+    /// values (1), `json` the flag of pymemcache's documented JSON serde
+    /// (2), the others 0 (plain bytes to every client).
+    pub fn flags(self) -> u32 {
+        match self {
+            Codec::Msgpack | Codec::Dogpile => 0,
+            Codec::Json => FLAG_JSON,
+            Codec::Pickle => FLAG_PICKLE,
+        }
+    }
+}
+
+/// `FLAG_PICKLE` of pymemcache's serde, `PYLIBMC_FLAG_PICKLE`,
+/// python-memcached's `_FLAG_PICKLE`.
+pub const FLAG_PICKLE: u32 = 1;
+/// The flag of the `JsonSerde` in pymemcache's documentation ("Serialization").
+pub const FLAG_JSON: u32 = 2;
+
+/// `memcached.distribution`: which server holds a key, computed as the
+/// readers' client computes it.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Distribution {
+    /// Every key on every server (any client reads it).
+    #[default]
+    All,
+    /// python-memcached's default: `cmemcache_hash` (CRC32 variant) modulo
+    /// the weighted server list.
+    Modula,
+    /// libmemcached's ketama as pylibmc uses it with
+    /// `behaviors={"ketama": True}` (one-at-a-time hash, 100 points per
+    /// server).
+    Ketama,
+    /// libmemcached's weighted ketama, pylibmc's
+    /// `behaviors={"ketama_weighted": True}` (MD5, 160 points shared by
+    /// weight).
+    KetamaWeighted,
+    /// pymemcache `HashClient`'s default rendezvous hashing (murmur3), as
+    /// Django's `PyMemcacheCache` with several LOCATIONs.
+    Rendezvous,
+    /// pylibmc's own default (no behaviors): libmemcached modula with the
+    /// one-at-a-time hash.
+    Pylibmc,
+}
+
+impl fmt::Display for Distribution {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Distribution::All => "all",
+            Distribution::Modula => "modula",
+            Distribution::Ketama => "ketama",
+            Distribution::KetamaWeighted => "ketama_weighted",
+            Distribution::Rendezvous => "rendezvous",
+            Distribution::Pylibmc => "pylibmc",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -182,6 +246,21 @@ pub struct MemcachedConfig {
     pub coalesce_ms: u64,
     #[serde(default = "default_memcached_timeout_ms")]
     pub timeout_ms: u64,
+    /// Which server holds a key (see [`Distribution`]); every key on every
+    /// server by default.
+    #[serde(default)]
+    pub distribution: Distribution,
+    /// Server weights, one per server in `servers` order (all 1 when
+    /// empty); used by `modula` and `ketama_weighted`, as their clients do.
+    #[serde(default)]
+    pub weights: Vec<u32>,
+}
+
+impl MemcachedConfig {
+    /// The weight of server `i` (1 when not configured).
+    pub fn weight(&self, i: usize) -> u32 {
+        self.weights.get(i).copied().unwrap_or(1)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -718,6 +797,24 @@ impl Config {
             }
             if mc.timeout_ms == 0 {
                 push("memcached.timeout_ms".into(), "0".into(), "a timeout in milliseconds, e.g. 1000");
+            }
+            if !mc.weights.is_empty() {
+                use Distribution as D;
+                if !matches!(mc.distribution, D::Modula | D::KetamaWeighted) {
+                    push(
+                        "memcached.weights".into(),
+                        format!("{:?} with distribution = \"{}\"", mc.weights, mc.distribution),
+                        "weights only with distribution = \"modula\" (python-memcached) or \"ketama_weighted\" (pylibmc), whose clients weigh servers; remove them otherwise",
+                    );
+                } else if mc.weights.len() != mc.servers.len() || mc.weights.contains(&0) {
+                    push(
+                        "memcached.weights".into(),
+                        format!("{:?} for {} server(s)", mc.weights, mc.servers.len()),
+                        "one weight of at least 1 per server, in the order of memcached.servers",
+                    );
+                } else if mc.weights.iter().map(|&w| u64::from(w)).sum::<u64>() > 1_000_000 {
+                    push("memcached.weights".into(), format!("{:?}", mc.weights), "weights summing to at most 1000000");
+                }
             }
         } else if !self.views.is_empty() {
             push(

@@ -4,8 +4,8 @@
 //! protocol, pipelined: the ops of each server go out in batches of at most
 //! [`MAX_BATCH_OPS`] ops or [`MAX_BATCH_BYTES`] bytes per round trip, every
 //! server is written concurrently, and each exchange is bounded by
-//! `memcached.timeout_ms`. Which servers hold a key is a [`Placement`];
-//! today every key goes to every server ([`AllServers`]).
+//! `memcached.timeout_ms`. Which servers hold a key is a [`Placement`]
+//! (`memcached.distribution`; every server by default, [`AllServers`]).
 //!
 //! [`Sink::read_back`] is the other direction, for a full resync: pipelined
 //! `mg <key> v f` batches (up to [`MAX_READ_OPS`] keys or about
@@ -28,6 +28,15 @@
 //! Connections are made lazily (a server that is down at start-up is an
 //! error on the first write, not at construction) and pooled by
 //! `memcache::exp::AsyncMetaClient`, one client per configured server.
+//!
+//! # Placement and servers that are down
+//!
+//! Each key lives on the servers its [`Placement`] picks
+//! (`memcached.distribution`, see [`router`]): with a client's distribution,
+//! on exactly one. A server that fails keeps its keys: [`Sink::apply_partial`]
+//! and [`Sink::read_back_partial`] apply and read on the others and return
+//! the failed server's errors and keys, which the publisher retries on that
+//! same server (with backoff) until it answers.
 //!
 //! # Detecting a restarted or flushed memcached
 //!
@@ -225,6 +234,17 @@ pub struct Applied {
     pub rejected: Vec<Rejection>,
 }
 
+/// The outcome of [`Sink::apply_partial`].
+#[derive(Debug, Default)]
+pub struct Partial {
+    /// What the servers that answered did.
+    pub applied: Applied,
+    /// One error per server that failed.
+    pub failed: Vec<SinkError>,
+    /// Keys with an op on a failed server: not (or not surely) applied there.
+    pub unapplied: std::collections::HashSet<Vec<u8>>,
+}
+
 /// What the servers that should hold a key hold, compared with what they
 /// should; see [`Sink::read_back`]. Ordered: the worst server wins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -261,10 +281,10 @@ fn lossy(key: &[u8]) -> String {
 }
 
 impl Sink {
-    /// A sink writing every key to every server of `mc.servers`. Connects
-    /// lazily.
+    /// A sink writing each key to the servers `mc.distribution` places it
+    /// on (every server by default). Connects lazily.
     pub fn connect(mc: &MemcachedConfig) -> Sink {
-        Sink::with_placement(mc, Box::new(AllServers))
+        Sink::with_placement(mc, router::for_config(mc))
     }
 
     pub fn with_placement(mc: &MemcachedConfig, placement: Box<dyn Placement>) -> Sink {
@@ -358,8 +378,28 @@ impl Sink {
     /// it is listed in [`Applied::rejected`] and the rest of its batch is
     /// sent again. Only a [`ErrorClass::Retriable`] failure is an error.
     pub async fn apply(&self, ops: &[Op]) -> Result<Applied, SinkError> {
+        let p = self.apply_partial(ops).await;
+        let mut failed = p.failed.into_iter();
+        match failed.next() {
+            Some(first) => {
+                for e in failed {
+                    tracing::warn!(error = %e, "memcached write failed");
+                }
+                Err(first)
+            }
+            None => Ok(p.applied),
+        }
+    }
+
+    /// Like [`apply`](Self::apply), but a server that fails does not fail
+    /// the others: every other server's ops are applied, and the failed
+    /// servers' errors and the keys of their ops are returned. The keys
+    /// stay placed where they are (never moved to another server), so a
+    /// caller retries them on the same server.
+    pub async fn apply_partial(&self, ops: &[Op]) -> Partial {
+        let mut out = Partial::default();
         if ops.is_empty() {
-            return Ok(Applied::default());
+            return out;
         }
         let per_server: Vec<Vec<&Op>> = self.per_server(ops.iter().map(|op| (op.key(), op)));
         let results = join_all(per_server.iter().enumerate().map(|(i, list)| async move {
@@ -370,28 +410,18 @@ impl Sink {
             r
         }))
         .await;
-        let mut first = None;
-        let mut applied = Applied::default();
-        for r in results {
+        for (list, r) in per_server.iter().zip(results) {
             match r {
-                Ok(mut rejected) => applied.rejected.append(&mut rejected),
+                Ok(mut rejected) => out.applied.rejected.append(&mut rejected),
                 Err(e) => {
                     crate::metrics::memcached_error(e.server());
-                    if first.is_none() {
-                        first = Some(e);
-                    } else {
-                        tracing::warn!(error = %e, "memcached write failed");
-                    }
+                    self.lost.store(true, Ordering::SeqCst);
+                    out.unapplied.extend(list.iter().map(|op| op.key().to_vec()));
+                    out.failed.push(e);
                 }
             }
         }
-        match first {
-            Some(e) => {
-                self.lost.store(true, Ordering::SeqCst);
-                Err(e)
-            }
-            None => Ok(applied),
-        }
+        out
     }
 
     async fn apply_on(&self, i: usize, ops: &[&Op]) -> Result<Vec<Rejection>, SinkError> {
@@ -506,9 +536,30 @@ impl Sink {
     where
         F: Fn(usize, &[u8], u32) -> bool,
     {
+        let (held, failed) = self.read_back_partial(keys, expected_len, touch, same).await;
+        match failed.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(held),
+        }
+    }
+
+    /// Like [`read_back`](Self::read_back), but a server that fails does
+    /// not fail the others: its keys are [`Held::Differs`] (to be written
+    /// again, on that server) and its error is returned.
+    pub async fn read_back_partial<F>(
+        &self,
+        keys: &[&[u8]],
+        expected_len: &[usize],
+        touch: Option<u32>,
+        same: F,
+    ) -> (Vec<Held>, Vec<SinkError>)
+    where
+        F: Fn(usize, &[u8], u32) -> bool,
+    {
         let mut held = vec![Held::Same; keys.len()];
+        let mut failed = Vec::new();
         if keys.is_empty() {
-            return Ok(held);
+            return (held, failed);
         }
         let per_server: Vec<Vec<usize>> = self.per_server(keys.iter().enumerate().map(|(i, k)| (*k, i)));
         let same = &same;
@@ -520,7 +571,7 @@ impl Sink {
             r
         }))
         .await;
-        for r in results {
+        for (list, r) in per_server.iter().zip(results) {
             match r {
                 Ok(found) => {
                     for (i, h) in found {
@@ -530,11 +581,14 @@ impl Sink {
                 Err(e) => {
                     crate::metrics::memcached_error(e.server());
                     self.lost.store(true, Ordering::SeqCst);
-                    return Err(e);
+                    for &i in list {
+                        held[i] = Held::Differs;
+                    }
+                    failed.push(e);
                 }
             }
         }
-        Ok(held)
+        (held, failed)
     }
 
     async fn read_on<F>(
@@ -667,15 +721,27 @@ impl Sink {
     }
 
     /// Writes a fresh random token to the sentinel on every server and
-    /// expects it from now on; clears the lost flag. Call it *before* a
-    /// full republish, so a restart during the republish is still noticed.
+    /// expects it from now on; clears the lost flag (set again when a
+    /// server failed to take it: an error only when every server failed).
+    /// Call it *before* a full republish, so a restart during the
+    /// republish is still noticed.
     pub async fn mark_epoch(&self) -> Result<Vec<u8>, SinkError> {
         let token: [u8; 16] = rand::random();
         let token: Vec<u8> = token.iter().flat_map(|b| format!("{b:02x}").into_bytes()).collect();
         let op = Op::Set { key: self.epoch_key.clone(), value: token.clone(), flags: 0, exptime: 0 };
         // Clear first: a failure inside apply sets it again.
         self.lost.store(false, Ordering::SeqCst);
-        let applied = self.apply(std::slice::from_ref(&op)).await?;
+        let mut p = self.apply_partial(std::slice::from_ref(&op)).await;
+        if p.failed.len() == self.servers.len() && !p.failed.is_empty() {
+            // No server took it: nothing to republish to.
+            return Err(p.failed.swap_remove(0));
+        }
+        for e in &p.failed {
+            // The others go on; this one stays "lost" and is repopulated
+            // once it answers (its sentinel is missing or old).
+            tracing::warn!(server = %e.server(), error = %e, "memcached server down; its keys wait for it (never moved to another server)");
+        }
+        let applied = p.applied;
         if let Some(r) = applied.rejected.into_iter().next() {
             self.lost.store(true, Ordering::SeqCst);
             return Err(SinkError::Refused { server: r.server, verb: r.verb, key: lossy(&r.key), reason: r.reason });
@@ -732,6 +798,8 @@ mod tests {
             max_item_size: 1 << 20,
             coalesce_ms: 2,
             timeout_ms: 200,
+            distribution: Default::default(),
+            weights: Vec::new(),
         }
     }
 

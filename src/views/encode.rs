@@ -1,6 +1,6 @@
 //! Value encoding: a small infallible msgpack writer, JSON columns as
-//! nested msgpack, the msgpack → JSON transcoder of the `json` codec, and
-//! the entry hash.
+//! nested msgpack, the msgpack → JSON transcoder of the `json` codec, the
+//! msgpack → pickle transcoder of the `pickle` codec, and the entry hash.
 //!
 //! The encoding contract itself is documented on [`crate::views`].
 
@@ -325,6 +325,62 @@ fn float(out: &mut Vec<u8>, f: f64) -> Result<(), String> {
     serde_json::to_writer(&mut *out, &f).map_err(|e| e.to_string())
 }
 
+/// Transcodes msgpack written by this module into a Python pickle
+/// (protocol 3, loaded by every CPython 3): map → dict (entries in order),
+/// array → list, str → str, bin → bytes, int → int, float → float, bool →
+/// bool, nil → None. Written by serde-pickle with plain-data opcodes only:
+/// no GLOBAL, no REDUCE, nothing that imports or calls anything when
+/// loaded.
+pub fn msgpack_to_pickle(input: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+    let mut r = input;
+    let v = rmpv::decode::read_value_ref(&mut r).map_err(|e| e.to_string())?;
+    if !r.is_empty() {
+        return Err("trailing bytes after the msgpack value".into());
+    }
+    serde_pickle::to_writer(out, &Pickled(&v), serde_pickle::SerOptions::new()).map_err(|e| e.to_string())
+}
+
+/// A msgpack value, serialized through serde into plain data.
+struct Pickled<'a, 'b>(&'b rmpv::ValueRef<'a>);
+
+impl serde::Serialize for Pickled<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use rmpv::ValueRef as V;
+        use serde::ser::{Error as _, SerializeMap, SerializeSeq};
+        match self.0 {
+            V::Nil => s.serialize_none(),
+            V::Boolean(b) => s.serialize_bool(*b),
+            V::Integer(i) => match (i.as_i64(), i.as_u64()) {
+                (Some(v), _) => s.serialize_i64(v),
+                (None, Some(u)) => s.serialize_u64(u),
+                _ => Err(S::Error::custom("msgpack integer out of range")),
+            },
+            V::F32(f) => s.serialize_f64(f64::from(*f)),
+            V::F64(f) => s.serialize_f64(*f),
+            V::String(t) => match t.as_str() {
+                Some(t) => s.serialize_str(t),
+                None => s.serialize_str(&String::from_utf8_lossy(t.as_bytes())),
+            },
+            V::Binary(b) => s.serialize_bytes(b),
+            V::Array(a) => {
+                let mut seq = s.serialize_seq(Some(a.len()))?;
+                for x in a {
+                    seq.serialize_element(&Pickled(x))?;
+                }
+                seq.end()
+            }
+            V::Map(m) => {
+                let mut map = s.serialize_map(Some(m.len()))?;
+                for (k, v) in m {
+                    map.serialize_entry(&Pickled(k), &Pickled(v))?;
+                }
+                map.end()
+            }
+            V::Ext(..) => Err(S::Error::custom("msgpack extension types have no plain pickle form")),
+        }
+    }
+}
+
 /// The xxh3-128 of an entry's payload, salted with the codec and exptime
 /// so that changing either rewrites every entry.
 pub fn entry_hash(codec: Codec, exptime: u32, payload: &[u8]) -> [u8; 16] {
@@ -332,7 +388,10 @@ pub fn entry_hash(codec: Codec, exptime: u32, payload: &[u8]) -> [u8; 16] {
     h.update(&[match codec {
         Codec::Msgpack => 1,
         Codec::Dogpile => 2,
-        Codec::Json => 3,
+        // 5, not 3: json values moved from flags 0 to 2, so entries
+        // published with 0 are rewritten at the first publish.
+        Codec::Json => 5,
+        Codec::Pickle => 4,
     }]);
     h.update(&exptime.to_le_bytes());
     h.update(payload);
@@ -472,6 +531,85 @@ mod tests {
             serde_json::json!({"i": -70000, "u": u64::MAX, "f": 1.5, "s": "é\"\n", "b": "AP8=", "7": [null, true, false], "inf": null, "null": {}})
         );
         assert!(msgpack_to_json(&m[..m.len() - 1], &mut Vec::new()).is_err());
+    }
+
+    /// The pickle opcodes a plain-data pickle may use (protocol ≤ 3): no
+    /// GLOBAL/STACK_GLOBAL, REDUCE, BUILD, INST, OBJ, NEWOBJ, EXT*,
+    /// PERSID.
+    fn assert_plain_pickle(p: &[u8]) {
+        assert_eq!(&p[..2], b"\x80\x03", "protocol 3 header");
+        let mut i = 2;
+        while i < p.len() {
+            let op = p[i];
+            i += 1;
+            let skip = |n: usize| n;
+            let le = |b: &[u8]| b.iter().rev().fold(0usize, |a, x| a << 8 | *x as usize);
+            i += match op {
+                b'.' => {
+                    assert_eq!(i, p.len(), "STOP is last");
+                    break;
+                }
+                b'N' | 0x88 | 0x89 | b'}' | b']' | b'(' | b'u' | b'e' | b's' | b'a' | b')' | b't' | 0x85 | 0x86
+                | 0x87 | b'0' => skip(0),
+                b'J' => skip(4),
+                b'K' => skip(1),
+                b'M' => skip(2),
+                b'G' => skip(8),
+                0x8a => 1 + p[i] as usize,
+                b'X' | b'B' => 4 + le(&p[i..i + 4]),
+                b'C' => 1 + p[i] as usize,
+                b'q' => skip(1),
+                b'r' => skip(4),
+                other => panic!("opcode 0x{other:02x} ({:?}) is not plain data", other as char),
+            };
+        }
+    }
+
+    #[test]
+    fn pickles_are_plain_data_and_round_trip() {
+        let mut m = Vec::new();
+        mp::map_len(&mut m, 9);
+        mp::str(&mut m, "i");
+        mp::int(&mut m, -70000);
+        mp::str(&mut m, "big");
+        mp::int(&mut m, i64::MIN);
+        mp::str(&mut m, "u");
+        mp::uint(&mut m, u64::MAX);
+        mp::str(&mut m, "f");
+        mp::f64(&mut m, 1.5);
+        mp::str(&mut m, "s");
+        mp::str(&mut m, "é\"\n");
+        mp::str(&mut m, "b");
+        mp::bin(&mut m, &[0, 255]);
+        mp::int(&mut m, 7);
+        mp::array_len(&mut m, 3);
+        mp::nil(&mut m);
+        mp::bool(&mut m, true);
+        mp::bool(&mut m, false);
+        mp::str(&mut m, "long");
+        mp::bin(&mut m, &[7; 300]);
+        mp::str(&mut m, "empty");
+        mp::map_len(&mut m, 0);
+        let mut p = Vec::new();
+        msgpack_to_pickle(&m, &mut p).unwrap();
+        assert_plain_pickle(&p);
+        use serde_pickle::{HashableValue as H, Value as P};
+        let v = serde_pickle::value_from_slice(&p, Default::default()).unwrap();
+        let P::Dict(d) = v else { panic!("{v:?}") };
+        assert_eq!(d.len(), 9);
+        assert_eq!(d[&H::String("i".into())], P::I64(-70000));
+        assert_eq!(d[&H::String("big".into())], P::I64(i64::MIN));
+        assert_eq!(d[&H::String("f".into())], P::F64(1.5));
+        assert_eq!(d[&H::String("s".into())], P::String("é\"\n".into()));
+        assert_eq!(d[&H::String("b".into())], P::Bytes(vec![0, 255]));
+        assert_eq!(d[&H::I64(7)], P::List(vec![P::None, P::Bool(true), P::Bool(false)]));
+        assert_eq!(d[&H::String("long".into())], P::Bytes(vec![7; 300]));
+        assert_eq!(d[&H::String("empty".into())], P::Dict(Default::default()));
+        assert!(matches!(&d[&H::String("u".into())], P::Int(_)), "u64::MAX is a Python int");
+        // map order is kept: keys appear in the stream as in the msgpack.
+        let pos = |needle: &[u8]| p.windows(needle.len()).position(|w| w == needle).unwrap();
+        assert!(pos(b"big") < pos(b"empty"));
+        assert!(msgpack_to_pickle(&m[..m.len() - 1], &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -39,7 +39,7 @@
 //!   building a Python dict in query order gives). A NULL or BLOB `map_key`
 //!   value is an error: the entry is not written.
 //!
-//! **Codecs** (`memcached.codec`), all stored with client flags 0:
+//! **Codecs** (`memcached.codec`); client flags 0 unless said otherwise:
 //! * `msgpack`: the bytes above.
 //! * `dogpile`: dogpile.cache's `CachedValue` as its msgpack proxy stores
 //!   it: a 2-array `[value, {"ct": <unix time as float64>, "v": 2}]`, where
@@ -48,6 +48,14 @@
 //! * `json`: UTF-8 JSON of the same value: maps → objects (a non-string
 //!   map key becomes a string of its JSON text: `1` → `"1"`), BLOB →
 //!   standard base64 string with padding, non-finite floats → `null`.
+//!   Client flags 2 (`FLAG_JSON`, the flag of pymemcache's documented
+//!   `JsonSerde`).
+//! * `pickle`: a Python pickle (protocol 3, plain data only) of the same
+//!   value: map → dict, array → list, str → str, bin → bytes, int → int,
+//!   float → float, nil → None. Client flags 1, the "pickled" flag of
+//!   pymemcache, pylibmc and python-memcached, so Django's
+//!   `PyMemcacheCache`/`PyLibMCCache` and those clients' default
+//!   deserializers return the dict.
 //!
 //! **Keys.** `memcached.key_prefix` + the rendered template (see
 //! [`template`]). A NULL or BLOB placeholder value, or a key over 250 bytes
@@ -862,6 +870,18 @@ impl ViewSet {
                 }
                 json.clone()
             }
+            Codec::Pickle => {
+                json.clear();
+                if let Err(error) = encode::msgpack_to_pickle(payload, json) {
+                    return Err(EntryError::Json {
+                        view: v.name.clone(),
+                        key: key.to_owned(),
+                        column: String::new(),
+                        error,
+                    });
+                }
+                json.clone()
+            }
         };
         if key.len() + value.len() + ITEM_OVERHEAD > self.max_item_size {
             return Err(EntryError::TooLarge {
@@ -871,7 +891,7 @@ impl ViewSet {
                 limit: self.max_item_size,
             });
         }
-        Ok(Entry { key: key.to_owned(), value, flags: 0, hash })
+        Ok(Entry { key: key.to_owned(), value, flags: self.codec.flags(), hash })
     }
 }
 

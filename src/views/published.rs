@@ -129,7 +129,7 @@ pub fn same_value(codec: Codec, expected: &[u8], flags: u32, found: &[u8], found
         return false;
     }
     match codec {
-        Codec::Msgpack | Codec::Json => expected == found,
+        Codec::Msgpack | Codec::Json | Codec::Pickle => expected == found,
         Codec::Dogpile => {
             // [value, {"ct": <f64>, "v": 2}]: the metadata map is 16 bytes,
             // of which the f64 is bytes 5..13.

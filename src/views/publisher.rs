@@ -68,7 +68,7 @@ use rand::Rng;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, watch};
 
-use super::published::{Plan, Published, read_epoch};
+use super::published::{Change, Plan, Published, read_epoch};
 use super::{ChangeSet, ComputedView, Scratch, ViewError, ViewSet};
 use crate::config::{Config, MemcachedConfig};
 use crate::error::{Error, Result};
@@ -660,6 +660,9 @@ impl Worker {
         }
         tx.commit().map_err(sql("end read"))?;
 
+        // Servers that failed this round (the others are still written):
+        // their keys are not recorded, and the round is retried.
+        let mut down: Vec<SinkError> = Vec::new();
         let (mut plan, resync) = if full {
             // Read back what memcached holds for every key concerned and
             // write only what differs.
@@ -667,26 +670,41 @@ impl Worker {
             let keys = r.keys();
             let lens = r.expected_len();
             let touch = (r.exptime() > 0).then_some(r.exptime());
-            let held = self.sink.read_back(&keys, &lens, touch, |i, v, f| r.same(i, v, f)).await?;
+            let (held, failed) = self.sink.read_back_partial(&keys, &lens, touch, |i, v, f| r.same(i, v, f)).await;
+            down.extend(failed);
             drop(keys);
             let (plan, counts) = r.plan(&held);
             (plan, Some(counts))
         } else {
             (self.published.diff(computed, viewset, false), None)
         };
-        let applied = self.sink.apply(&plan.ops).await?;
+        let partial = self.sink.apply_partial(&plan.ops).await;
+        down.extend(partial.failed);
+        let (applied, mut unapplied) = (partial.applied, partial.unapplied);
         let refused = plan.reject(&applied.rejected);
         self.needs_full.extend(refused.iter().map(|(v, _)| v.clone()));
         if !applied.rejected.is_empty() {
             self.log_rejections(&applied.rejected, &refused);
             // Do not leave the previous value of a refused set behind.
             let deletes: Vec<Op> = refused.iter().map(|(_, k)| Op::Delete { key: k.clone() }).collect();
-            let more = self.sink.apply(&deletes).await?;
-            self.log_rejections(&more.rejected, &refused);
+            let more = self.sink.apply_partial(&deletes).await;
+            down.extend(more.failed);
+            unapplied.extend(more.unapplied);
+            self.log_rejections(&more.applied.rejected, &refused);
         }
-        let Plan { changes, counts, .. } = plan;
+        let Plan { mut changes, counts, .. } = plan;
         let acked = Instant::now();
+        if !unapplied.is_empty() {
+            changes.retain(|c| match c {
+                Change::Put { key, .. } | Change::Remove { key, .. } => !unapplied.contains(key),
+            });
+        }
         self.published.record(&self.conn, &changes, epoch.as_deref())?;
+        if let Some(e) = down.into_iter().next() {
+            // Keys of a server that is down stay on it: retried (a full
+            // resync, with backoff) until it answers.
+            return Err(Failure::Sink(e));
+        }
         if full {
             self.last_full = Some(acked);
             metrics::FULL_REPUBLISHES.inc();

@@ -6,6 +6,7 @@ mod events;
 mod harness;
 mod harness_selftest;
 mod ops;
+mod readers;
 mod replica;
 mod restart;
 mod resync;

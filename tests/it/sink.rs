@@ -26,6 +26,8 @@ fn mc_config(servers: &[&Memcached]) -> MemcachedConfig {
         max_item_size: 1024 * 1024,
         coalesce_ms: 2,
         timeout_ms: 1000,
+        distribution: Default::default(),
+        weights: Vec::new(),
     }
 }
 

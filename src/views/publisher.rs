@@ -25,7 +25,10 @@
 //!   cache`) is rejected alone: logged (at most [`REJECT_LOG_BURST`] lines a
 //!   minute), counted in `tailcache_entries_rejected_total`, not recorded as
 //!   published and deleted from memcached rather than left stale; every
-//!   other entry and view is published and recorded.
+//!   other entry and view is published and recorded. With several servers,
+//!   one that fails does not hold back the others: their ops are applied
+//!   and recorded, the failed server's keys are not recorded (they stay
+//!   placed on it, never moved) and the round is retried as above.
 //! * **Full resync** (a [`Committed`] with `full`, a lost memcached, a
 //!   retry, the exptime refresh): every view is recomputed, then what
 //!   memcached holds for every key the views produce, and for every key

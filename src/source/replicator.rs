@@ -618,8 +618,16 @@ impl<'c> Replicator<'c> {
                 }
             }
             Handling::MysqlGtid => {
+                // Anonymous and tagged GTIDs carry no `uuid:gno` we record;
+                // the checkpoint is the file and offset either way.
                 let g: Option<Gtid> = if et == events::GTID {
-                    event.read_event::<GtidEvent>().ok().map(|g| Gtid::Mysql { uuid: g.sid(), gno: g.gno() })
+                    match event.read_event::<GtidEvent>() {
+                        Ok(g) => Some(Gtid::Mysql { uuid: g.sid(), gno: g.gno() }),
+                        Err(e) => {
+                            tracing::warn!(position = %here(), error = %e, "cannot read a GTID event; the checkpoint records file:offset without the GTID");
+                            None
+                        }
+                    }
                 } else {
                     None
                 };

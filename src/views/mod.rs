@@ -857,22 +857,12 @@ impl ViewSet {
                 encode::dogpile_metadata(&mut b, created);
                 b
             }
-            Codec::Json => {
+            Codec::Json | Codec::Pickle => {
+                let transcode =
+                    if self.codec == Codec::Json { encode::msgpack_to_json } else { encode::msgpack_to_pickle };
                 json.clear();
                 // Only fails on msgpack this module did not write.
-                if let Err(error) = encode::msgpack_to_json(payload, json) {
-                    return Err(EntryError::Json {
-                        view: v.name.clone(),
-                        key: key.to_owned(),
-                        column: String::new(),
-                        error,
-                    });
-                }
-                json.clone()
-            }
-            Codec::Pickle => {
-                json.clear();
-                if let Err(error) = encode::msgpack_to_pickle(payload, json) {
+                if let Err(error) = transcode(payload, json) {
                     return Err(EntryError::Json {
                         view: v.name.clone(),
                         key: key.to_owned(),

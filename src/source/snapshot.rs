@@ -108,6 +108,14 @@ async fn snapshot_once(
 ) -> Result<SnapshotOutcome> {
     let started = Instant::now();
     let mut conn = connect(cfg).await?;
+    // Bound every metadata-lock wait of this session, not only MySQL's
+    // LOCK TABLES: the server default is a year, and a snapshot that queues
+    // behind a concurrent ALTER (itself queued behind an open transaction)
+    // would otherwise hang instead of being retried with backoff.
+    let wait = lock_wait_whole_secs(cfg.snapshot_lock_wait);
+    conn.query_drop(format!("SET SESSION lock_wait_timeout = {wait}"))
+        .await
+        .map_err(|e| Error::mysql("set lock_wait_timeout", e))?;
     let mut schemas = Vec::with_capacity(tables.len());
     for t in tables {
         let schema = load_table_schema(&mut conn, t).await?.ok_or_else(|| Error::NeedsResync {
@@ -162,7 +170,19 @@ async fn snapshot_once(
     };
     let mut counts = Vec::with_capacity(schemas.len());
     for schema in &schemas {
-        counts.push(copy_table(&mut conn, schema, sqlite).await?);
+        match copy_table(&mut conn, schema, sqlite).await {
+            Ok(n) => counts.push(n),
+            Err(Error::Mysql { source: mysql_async::Error::Server(e), .. }) if e.code == codes::LOCK_WAIT_TIMEOUT => {
+                let blockers = open_transactions(&mut conn, wait).await;
+                let _ = conn.disconnect().await;
+                return Err(Error::LockWaitTimeout {
+                    statement: format!("SELECT … FROM {}", schema.table.mysql_quoted()),
+                    waited: wait,
+                    blockers,
+                });
+            }
+            Err(e) => return Err(e),
+        }
     }
     conn.query_drop("COMMIT").await.map_err(|e| Error::mysql("end snapshot", e))?;
     let _ = conn.disconnect().await;
@@ -197,7 +217,7 @@ pub async fn quiesced_position(
     tables: &[TableRef],
     lock_wait_secs: f64,
 ) -> Result<BinlogPosition> {
-    let wait = lock_wait_secs.ceil().clamp(1.0, 31_536_000.0) as u64;
+    let wait = lock_wait_whole_secs(lock_wait_secs);
     conn.query_drop(format!("SET SESSION lock_wait_timeout = {wait}"))
         .await
         .map_err(|e| Error::mysql("set lock_wait_timeout", e))?;
@@ -227,6 +247,12 @@ pub async fn quiesced_position(
         }
         Err(e) => Err(Error::mysql(lock, e)),
     }
+}
+
+/// `lock_wait_timeout` takes whole seconds: round up, at least 1 s, at
+/// most the server's maximum (a year).
+fn lock_wait_whole_secs(secs: f64) -> u64 {
+    secs.ceil().clamp(1.0, 31_536_000.0) as u64
 }
 
 /// The transactions open for at least about `min_secs` (those that can hold

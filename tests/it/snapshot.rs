@@ -172,3 +172,36 @@ async fn snapshot_lock_wait_config() {
     let e = with("\"soon\"").unwrap_err();
     assert!(e.contains("snapshot_lock_wait") && e.contains("not a duration"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_blocked_by_a_table_lock_retries_and_heals() {
+    // The server's own flavour: on MariaDB the table copy itself waits for
+    // the metadata lock (a default lock_wait_timeout of a year would hang
+    // the snapshot); on MySQL the LOCK TABLES … READ before it does.
+    let (db, mut cfg, _dir, sqlite) = setup("snapmdl").await;
+    grant_lock_tables(&db).await;
+    cfg.mysql.snapshot_lock_wait = 1.0;
+    let info = server_info(&mut connect(&cfg.mysql).await.unwrap()).await.unwrap();
+    let mut admin = db.root_conn().await;
+    admin.query_drop("LOCK TABLES t WRITE").await.unwrap();
+    admin.query_drop("UPDATE t SET v = 4 WHERE id = 2").await.unwrap();
+    let tables = cfg.mysql.table_refs();
+    let snap = snapshot(&cfg.mysql, &info, &tables, &sqlite);
+    let unlock_after_a_retry = async {
+        let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+        harness::wait_until("the snapshot to time out on the lock and retry", Duration::from_secs(60), || {
+            let (db, seen) = (&db, &seen);
+            async move {
+                let mut seen = seen.lock().unwrap();
+                seen.extend(lock_waiters(db).await);
+                (seen.len() >= 2).then_some(())
+            }
+        })
+        .await;
+        admin.query_drop("UNLOCK TABLES").await.unwrap();
+    };
+    let (outcome, ()) = tokio::join!(snap, unlock_after_a_retry);
+    let outcome = outcome.expect("the snapshot completes once the lock is released");
+    assert_eq!(outcome.rows, vec![2]);
+    assert_eq!(replica_v(&sqlite, 2), 4, "the row written under the lock is in the replica");
+}

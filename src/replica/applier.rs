@@ -23,6 +23,12 @@ const XA_TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS _tailcache_xa (
 const OP_INSERT: i64 = 0;
 const OP_DELETE: i64 = 1;
 const OP_UPDATE: i64 = 2;
+/// Row `seq = 0` of a prepared xid: "its PREPARE was seen". Staged rows
+/// start at seq 1. An XA COMMIT finding neither marker nor rows belongs to
+/// a transaction prepared before the replica's snapshot (its rows were
+/// invisible to the snapshot and its PREPARE is before our stream), which
+/// only a new snapshot can bring.
+const OP_PREPARED: i64 = 3;
 
 /// Prepared statements for one replica table, built from its schema.
 struct TableStatements<'c> {
@@ -311,12 +317,21 @@ impl<'c> Applier<'c> {
             }
             Action::XaPrepare { one_phase } => {
                 let Some(xid) = self.staging.take() else { return Ok(Touched::None) };
-                if one_phase { self.apply_staged(&xid) } else { Ok(Touched::None) }
+                if one_phase {
+                    return self.apply_staged(&xid, false);
+                }
+                self.conn
+                    .execute(
+                        "INSERT OR REPLACE INTO _tailcache_xa (xid, seq, tbl, op) VALUES (?1, 0, '', ?2)",
+                        params![xid.0, OP_PREPARED],
+                    )
+                    .map_err(|e| Error::sqlite("mark XA prepared", e))?;
+                Ok(Touched::None)
             }
             Action::XaCommit { xid } => {
                 self.begin()?;
                 self.staging = None;
-                self.apply_staged(&xid)
+                self.apply_staged(&xid, true)
             }
             Action::XaRollback { xid } => {
                 self.begin()?;
@@ -361,7 +376,9 @@ impl<'c> Applier<'c> {
         Ok(())
     }
 
-    fn apply_staged(&mut self, xid: &Xid) -> Result<Touched> {
+    /// Applies and clears what `xid` staged. `prepared_here`: the commit of
+    /// a two-phase transaction, whose PREPARE must have been seen.
+    fn apply_staged(&mut self, xid: &Xid, prepared_here: bool) -> Result<Touched> {
         let rows: Vec<StagedRow> = {
             let mut st = self
                 .conn
@@ -371,8 +388,20 @@ impl<'c> Applier<'c> {
                 .and_then(|it| it.collect())
                 .map_err(|e| Error::sqlite("read XA staging", e))?
         };
+        if prepared_here && rows.is_empty() {
+            return Err(Error::NeedsResync {
+                reason: format!(
+                    "XA COMMIT of {xid}, prepared before the replica's snapshot: its rows were invisible to the snapshot and its PREPARE precedes the stream; a new snapshot brings them"
+                ),
+                table: None,
+                position: None,
+            });
+        }
         let mut touched = vec![false; self.tables.len()];
         for (tbl, op, before, after) in &rows {
+            if *op == OP_PREPARED {
+                continue;
+            }
             // A table no longer watched (config changed since PREPARE) is
             // not ours to apply.
             let Some(idx) = self.tables.iter().position(|t| t.to_string() == *tbl) else { continue };
@@ -393,7 +422,8 @@ impl<'c> Applier<'c> {
         self.conn
             .execute("DELETE FROM _tailcache_xa WHERE xid = ?1", [&xid.0])
             .map_err(|e| Error::sqlite("clear XA staging", e))?;
-        tracing::info!(xid = %xid, rows = rows.len(), "XA COMMIT: staged rows applied");
+        let staged = rows.iter().filter(|r| r.1 != OP_PREPARED).count();
+        tracing::info!(xid = %xid, rows = staged, "XA COMMIT: staged rows applied");
         Ok(Touched::Many(touched))
     }
 }

@@ -135,6 +135,34 @@ async fn xa_prepared_survives_a_restart_of_tailcache() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn xa_prepared_before_the_first_snapshot_is_applied_when_it_commits() {
+    let db = harness::server().create_db("xa_early").await;
+    let mut conn = db.root_conn().await;
+    conn.query_drop(SCHEMA).await.unwrap();
+    // Prepared before tailcache ever ran: its PREPARE precedes the stream
+    // and its rows are invisible to the snapshot.
+    xa_prepare(&mut conn, "early", "prepared-before-start").await;
+    let mc = Memcached::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.db");
+    let cfg = config(&db, &state, &mc).replace("[state]", "snapshot_lock_wait = 1\n[state]");
+    let daemon = Daemon::start(&cfg);
+    // MariaDB snapshots past the prepared transaction; MySQL's LOCK TABLES
+    // waits for it (and retries) until it commits.
+    let log = || daemon.log();
+    harness::wait_until("the snapshot to be taken or to wait for the XA transaction", Duration::from_secs(60), || async {
+        let l = log();
+        (l.contains("snapshot taken") || l.contains("snapshot: an open transaction")).then_some(())
+    })
+    .await;
+    conn.query_drop("XA COMMIT 'early'").await.unwrap();
+    wait_cached(&mc, 1, "prepared-before-start", &daemon).await;
+    wait_caught_up(&db, &state, &daemon).await;
+    assert_eq!(replica_name(&state, 1).as_deref(), Some("prepared-before-start"));
+    assert_replica_matches(&db, &state, "application", &["id"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn statement_format_dml_on_a_watched_table_converges() {
     let s = setup("stmt_dml").await;
     let mut conn = s.db.root_conn().await;

@@ -54,6 +54,9 @@ pub struct Link {
     pub table: String,
     /// T's column in the equality.
     pub t_index: usize,
+    pub t_col: String,
+    /// K's column in the equality.
+    pub k_col: String,
     /// TEMP table holding the changed T rows' values of that column.
     pub values_table: String,
     /// Fills the keys table with the tuples of the K rows linked to them.
@@ -137,6 +140,8 @@ enum Tok {
 #[derive(Debug, Clone)]
 struct Token {
     tok: Tok,
+    /// Byte offset of the token in the query text.
+    start: usize,
     /// Index of the innermost enclosing `(` token; `usize::MAX` at the top.
     group: usize,
 }
@@ -151,6 +156,7 @@ fn tokenize(sql: &str) -> Option<Vec<Token>> {
     let group = |stack: &Vec<usize>| stack.last().copied().unwrap_or(TOP);
     while i < b.len() {
         let c = b[i];
+        let at = i;
         if c.is_ascii_whitespace() {
             i += 1;
         } else if c == b'-' && b.get(i + 1) == Some(&b'-') {
@@ -184,26 +190,26 @@ fn tokenize(sql: &str) -> Option<Vec<Token>> {
             }
             let text = String::from_utf8_lossy(&text).into_owned();
             let tok = if c == b'\'' { Tok::Str(text) } else { Tok::Word(text.to_lowercase(), true) };
-            out.push(Token { tok, group: group(&stack) });
+            out.push(Token { tok, start: at, group: group(&stack) });
             i = j + 1;
         } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
             let s = i;
             while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80) {
                 i += 1;
             }
-            out.push(Token { tok: Tok::Word(sql[s..i].to_lowercase(), false), group: group(&stack) });
+            out.push(Token { tok: Tok::Word(sql[s..i].to_lowercase(), false), start: at, group: group(&stack) });
         } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)) {
             while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
                 i += 1;
             }
-            out.push(Token { tok: Tok::Num, group: group(&stack) });
+            out.push(Token { tok: Tok::Num, start: at, group: group(&stack) });
         } else if c == b'(' {
-            out.push(Token { tok: Tok::Punct("(".into()), group: group(&stack) });
+            out.push(Token { tok: Tok::Punct("(".into()), start: at, group: group(&stack) });
             stack.push(out.len() - 1);
             i += 1;
         } else if c == b')' {
             stack.pop()?;
-            out.push(Token { tok: Tok::Punct(")".into()), group: group(&stack) });
+            out.push(Token { tok: Tok::Punct(")".into()), start: at, group: group(&stack) });
             i += 1;
         } else {
             let two = &b[i..(i + 2).min(b.len())];
@@ -214,7 +220,7 @@ fn tokenize(sql: &str) -> Option<Vec<Token>> {
                 i += 1;
                 (c as char).to_string()
             };
-            out.push(Token { tok: Tok::Punct(p), group: group(&stack) });
+            out.push(Token { tok: Tok::Punct(p), start: at, group: group(&stack) });
         }
     }
     if !stack.is_empty() {
@@ -521,6 +527,33 @@ pub fn analyze(
     let distinct_sql = format!("SELECT DISTINCT {} FROM temp.{}", knames.join(", "), quote_ident(&keys_table));
     let outs: Vec<String> = tuple.iter().map(|t| format!("_tailcache_q.{}", quote_ident(&columns[t.output]))).collect();
     let body = query.trim().trim_end_matches(';');
+    // A GROUP BY over the key columns hides the outer filter from SQLite's
+    // planner (it does not push it into an aggregate), so filter K's rows
+    // before grouping too: a group is made of the K rows carrying its key.
+    let body = match group_at {
+        Some(g) => {
+            let q = k_ref.quals.last().cloned().unwrap_or_else(|| k_table.clone());
+            let cols: Vec<String> =
+                tuple.iter().map(|t| format!("{}.{}", quote_ident(&q), quote_ident(&t.k_name))).collect();
+            let filter = format!(
+                "({}) IN (SELECT {} FROM temp.{})",
+                cols.join(", "),
+                knames.join(", "),
+                quote_ident(&keys_table)
+            );
+            // Token offsets are into `query` itself, not the trimmed body.
+            let g_at = toks[g].start;
+            let tail = query[g_at..].trim_end().trim_end_matches(';');
+            match (0..g).find(|&i| top(i) && kw(toks.get(i), "where")) {
+                Some(w) => {
+                    let w_end = toks[w].start + "where".len();
+                    format!("{} {filter} AND ({}\n) {tail}", &query[..w_end], &query[w_end..g_at])
+                }
+                None => format!("{}\nWHERE {filter} {tail}", &query[..g_at]),
+            }
+        }
+        None => body.to_owned(),
+    };
     let restricted_sql = format!(
         "SELECT * FROM ({body}\n) AS _tailcache_q WHERE ({}) IN (SELECT {} FROM temp.{})",
         outs.join(", "),
@@ -561,6 +594,8 @@ pub fn analyze(
                 links.push(Link {
                     table: t_name.clone(),
                     t_index,
+                    t_col: t_cols[t_index].0.clone(),
+                    k_col: k_cols[k_index].0.clone(),
                     create_sql: format!(
                         "CREATE TEMP TABLE IF NOT EXISTS {} ({})",
                         quote_ident(&values_table),
@@ -575,6 +610,20 @@ pub fn analyze(
             }
             Err(why) => unlinked.push((t_name.clone(), why)),
         }
+    }
+
+    // The lookups the incremental path makes must be index searches, or a
+    // one-row commit costs a scan of the table: K by its key columns (the
+    // restricted query) and by each link column (the fill), and each linked
+    // table by its link column (the correlated subquery or join, per key).
+    let mut wanted: Vec<(String, Vec<String>)> =
+        vec![(k_name.clone(), tuple.iter().map(|t| t.k_name.clone()).collect())];
+    for l in &links {
+        wanted.push((l.table.clone(), vec![l.t_col.clone()]));
+        wanted.push((k_name.clone(), vec![l.k_col.clone()]));
+    }
+    for (table, cols) in &wanted {
+        ensure_index(conn, table, cols);
     }
 
     // Does SQLite push the key filter down to K?
@@ -609,6 +658,66 @@ pub fn analyze(
         restricted_sql,
         scans_key_table,
     })
+}
+
+/// Creates, in the replica, an index on `table (cols)` unless one (or the
+/// rowid) already leads with those columns. The index only speeds the
+/// incremental path up, so a failure (e.g. the applier held the write lock
+/// past the busy timeout) is logged, not fatal; the view stays correct.
+fn ensure_index(conn: &Connection, sqlite_table: &str, cols: &[String]) {
+    let (db, table) = split_name(sqlite_table);
+    let same = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+    // An INTEGER PRIMARY KEY column is the rowid itself.
+    let rowid_pk = conn
+        .prepare("SELECT name, type, pk FROM pragma_table_info(?1, ?2)")
+        .and_then(|mut st| {
+            st.query_map([table, db], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        })
+        .unwrap_or_default();
+    let pks: Vec<_> = rowid_pk.iter().filter(|c| c.2 > 0).collect();
+    if let [(n, ty, _)] = pks.as_slice() {
+        if same(ty, "INTEGER") && same(n, &cols[0]) {
+            return;
+        }
+    }
+    let leading: Vec<Vec<String>> = conn
+        .prepare(
+            "SELECT il.name, ii.name FROM pragma_index_list(?1, ?2) AS il, pragma_index_info(il.name, ?2) AS ii ORDER BY il.name, ii.seqno",
+        )
+        .and_then(|mut st| {
+            let rows: Vec<(String, Option<String>)> = st
+                .query_map([table, db], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|it| it.collect())?;
+            let mut out: Vec<(String, Vec<String>)> = Vec::new();
+            for (ix, col) in rows {
+                match out.last_mut() {
+                    Some((name, cs)) if *name == ix => cs.push(col.unwrap_or_default()),
+                    _ => out.push((ix, vec![col.unwrap_or_default()])),
+                }
+            }
+            Ok(out.into_iter().map(|(_, cs)| cs).collect())
+        })
+        .unwrap_or_default();
+    if leading.iter().any(|ix| ix.len() >= cols.len() && ix.iter().zip(cols).all(|(a, b)| same(a, b))) {
+        return;
+    }
+    let h = xxhash_rust::xxh3::xxh3_64(format!("{table}\u{0}{}", cols.join("\u{0}").to_lowercase()).as_bytes());
+    let sql = format!(
+        "CREATE INDEX IF NOT EXISTS {}.{} ON {} ({})",
+        quote_ident(db),
+        quote_ident(&format!("_tailcache_ix_{h:016x}")),
+        quote_ident(table),
+        cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")
+    );
+    match conn.execute_batch(&sql) {
+        Ok(()) => {
+            tracing::info!(table = %sqlite_table, columns = %cols.join(", "), "replica index for incremental view maintenance")
+        }
+        Err(e) => {
+            tracing::warn!(table = %sqlite_table, columns = %cols.join(", "), error = %e, "could not create a replica index; incremental recomputes of this view scan the table")
+        }
+    }
 }
 
 /// Finds `T.c = K.d` as a conjunct of T's scope: (c, d).

@@ -150,10 +150,14 @@ async fn xa_prepared_before_the_first_snapshot_is_applied_when_it_commits() {
     // MariaDB snapshots past the prepared transaction; MySQL's LOCK TABLES
     // waits for it (and retries) until it commits.
     let log = || daemon.log();
-    harness::wait_until("the snapshot to be taken or to wait for the XA transaction", Duration::from_secs(60), || async {
-        let l = log();
-        (l.contains("snapshot taken") || l.contains("snapshot: an open transaction")).then_some(())
-    })
+    harness::wait_until(
+        "the snapshot to be taken or to wait for the XA transaction",
+        Duration::from_secs(60),
+        || async {
+            let l = log();
+            (l.contains("snapshot taken") || l.contains("snapshot: an open transaction")).then_some(())
+        },
+    )
     .await;
     conn.query_drop("XA COMMIT 'early'").await.unwrap();
     wait_cached(&mc, 1, "prepared-before-start", &daemon).await;

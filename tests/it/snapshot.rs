@@ -192,8 +192,9 @@ async fn snapshot_blocked_by_a_table_lock_retries_and_heals() {
         harness::wait_until("the snapshot to time out on the lock and retry", Duration::from_secs(60), || {
             let (db, seen) = (&db, &seen);
             async move {
+                let waiting = lock_waiters(db).await;
                 let mut seen = seen.lock().unwrap();
-                seen.extend(lock_waiters(db).await);
+                seen.extend(waiting);
                 (seen.len() >= 2).then_some(())
             }
         })

@@ -359,6 +359,16 @@ async fn dogpile_region_as_documented_never_runs_its_creator_and_overwrites_are_
     let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(r["creator_calls"], 0, "{r}");
     assert_eq!(r["names"], serde_json::json!(["test0"]), "{r}");
+    // The edit is published before the overwrite below, or that publish
+    // could repair the overwrite before the resync sees it.
+    let note = |v: Vec<u8>| {
+        let v = rmpv::decode::read_value(&mut v.as_slice()).ok()?;
+        v[0]["note"].as_str().map(str::to_owned)
+    };
+    wait_until("the edit published", Duration::from_secs(20), || async {
+        (held("myapp:app:test0").and_then(|(v, _)| note(v)).as_deref() == Some("edited")).then_some(())
+    })
+    .await;
 
     // A reader writing under tailcache's key (a region without the recipe)
     // is repaired by the next resync, counted as drift.

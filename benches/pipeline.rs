@@ -421,7 +421,10 @@ async fn bench_latency(rep: &mut Report, mc: &Memcached, rows: usize, n: usize, 
     let l = format!("latency[{rows} rows]");
     let ok = |d: Duration, lim_us: u64| target.then_some(d <= Duration::from_micros(lim_us) && timeouts == 0);
     rep.info(&format!("{l}: samples (20 warm-up, 5 ms apart)"), format!("{} ok, {timeouts} >2s", lat.len()));
-    rep.info(&format!("{l}: COMMIT round trip p50"), format!("{:.3} ms", ms(pct(&commit_rtt, 50.0))));
+    rep.info(
+        &format!("{l}: COMMIT round trip p50 / p99"),
+        format!("{:.3} / {:.3} ms", ms(pct(&commit_rtt, 50.0)), ms(pct(&commit_rtt, 99.0))),
+    );
     let tgt = |t: &str| if target { t.to_owned() } else { format!("{t}, info only") };
     rep.metric(&format!("{l}: commit -> memcached p50"), format!("{:.3} ms", ms(p50)), &tgt("<= 0.6 ms"), ok(p50, 600));
     rep.metric(
@@ -432,9 +435,64 @@ async fn bench_latency(rep: &mut Report, mc: &Memcached, rows: usize, n: usize, 
     );
     rep.info(&format!("{l}: commit -> memcached max"), format!("{:.3} ms", ms(*lat.last().unwrap_or(&Duration::ZERO))));
     rep.info(&format!("{l}: mg polls per sample"), format!("{:.0}", polls as f64 / (warmup + n) as f64));
+    stage_report(rep, &l, &daemon, n);
     drop(daemon);
     exec(&mut conn, "DROP TABLE app").await;
     (p50, p99)
+}
+
+/// The daemon's own per-publish stage timings (`publish stages` debug
+/// lines) of the last `n` incremental publishes: p50 / p99 / max of each
+/// stage, less sensitive to the machine's noise than the end-to-end figure,
+/// plus the WAL checkpoints that ran meanwhile.
+fn stage_report(rep: &mut Report, l: &str, daemon: &Daemon, n: usize) {
+    let lines: Vec<serde_json::Value> = daemon
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "publish stages" && v["fields"]["full"] == false)
+        .collect();
+    let last = &lines[lines.len().saturating_sub(n)..];
+    for stage in ["to_publisher_us", "waited_us", "compute_us", "memcached_us", "record_us", "total_us"] {
+        let mut v: Vec<Duration> =
+            last.iter().filter_map(|x| x["fields"][stage].as_u64()).map(Duration::from_micros).collect();
+        v.sort();
+        rep.info(
+            &format!("{l}: stage {stage} p50/p99/max"),
+            format!(
+                "{:.3} / {:.3} / {:.3} ms",
+                ms(pct(&v, 50.0)),
+                ms(pct(&v, 99.0)),
+                ms(v.last().copied().unwrap_or_default())
+            ),
+        );
+    }
+    let mut slow: Vec<&serde_json::Value> = last.iter().collect();
+    slow.sort_by_key(|x| std::cmp::Reverse(x["fields"]["total_us"].as_u64().unwrap_or(0)));
+    for x in slow.iter().take(5) {
+        let f = &x["fields"];
+        println!(
+            "  slow publish: total {} us = to_publisher {} + waited {} + compute {} + memcached {} (+ record {}) at {}",
+            f["total_us"],
+            f["to_publisher_us"],
+            f["waited_us"],
+            f["compute_us"],
+            f["memcached_us"],
+            f["record_us"],
+            x["timestamp"]
+        );
+    }
+    let ckpt: Vec<u64> = daemon
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "wal checkpoint")
+        .filter_map(|v| v["fields"]["took_us"].as_u64())
+        .collect();
+    rep.info(
+        &format!("{l}: background WAL checkpoints (count, max)"),
+        format!("{}, {:.1} ms", ckpt.len(), ckpt.iter().max().copied().unwrap_or(0) as f64 / 1000.0),
+    );
 }
 
 // ---------------------------------------------------------------------------

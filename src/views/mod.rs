@@ -78,6 +78,7 @@
 //! the codec and exptime; an entry whose hash equals the published one is
 //! not rewritten.
 
+pub mod checkpoint;
 pub mod encode;
 pub mod incremental;
 pub mod published;

@@ -441,21 +441,37 @@ async fn bench_latency(rep: &mut Report, mc: &Memcached, rows: usize, n: usize, 
     (p50, p99)
 }
 
+/// `name=value` fields of the daemon's text log lines with `message`.
+fn log_fields(d: &Daemon, message: &str) -> Vec<std::collections::HashMap<String, String>> {
+    d.log()
+        .lines()
+        .filter(|l| l.contains(message))
+        .map(|l| {
+            let ts = l.split_whitespace().next().unwrap_or("").to_owned();
+            let mut m: std::collections::HashMap<String, String> = l
+                .split_whitespace()
+                .filter_map(|w| w.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            m.insert("timestamp".into(), ts);
+            m
+        })
+        .collect()
+}
+
 /// The daemon's own per-publish stage timings (`publish stages` debug
 /// lines) of the last `n` incremental publishes: p50 / p99 / max of each
 /// stage, less sensitive to the machine's noise than the end-to-end figure,
 /// plus the WAL checkpoints that ran meanwhile.
 fn stage_report(rep: &mut Report, l: &str, daemon: &Daemon, n: usize) {
-    let lines: Vec<serde_json::Value> = daemon
-        .log()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == "publish stages" && v["fields"]["full"] == false)
+    let lines: Vec<_> = log_fields(daemon, "publish stages")
+        .into_iter()
+        .filter(|f| f.get("full").map(String::as_str) == Some("false"))
         .collect();
     let last = &lines[lines.len().saturating_sub(n)..];
+    let get = |f: &std::collections::HashMap<String, String>, k: &str| f.get(k).and_then(|v| v.parse::<u64>().ok());
     for stage in ["to_publisher_us", "waited_us", "compute_us", "memcached_us", "record_us", "total_us"] {
-        let mut v: Vec<Duration> =
-            last.iter().filter_map(|x| x["fields"][stage].as_u64()).map(Duration::from_micros).collect();
+        let mut v: Vec<Duration> = last.iter().filter_map(|x| get(x, stage)).map(Duration::from_micros).collect();
         v.sort();
         rep.info(
             &format!("{l}: stage {stage} p50/p99/max"),
@@ -467,31 +483,33 @@ fn stage_report(rep: &mut Report, l: &str, daemon: &Daemon, n: usize) {
             ),
         );
     }
-    let mut slow: Vec<&serde_json::Value> = last.iter().collect();
-    slow.sort_by_key(|x| std::cmp::Reverse(x["fields"]["total_us"].as_u64().unwrap_or(0)));
-    for x in slow.iter().take(5) {
-        let f = &x["fields"];
+    let mut slow: Vec<_> = last.iter().collect();
+    slow.sort_by_key(|x| std::cmp::Reverse(get(x, "total_us").unwrap_or(0)));
+    for f in slow.iter().take(5) {
+        let g = |k: &str| get(f, k).unwrap_or(0);
         println!(
             "  slow publish: total {} us = to_publisher {} + waited {} + compute {} + memcached {} (+ record {}) at {}",
-            f["total_us"],
-            f["to_publisher_us"],
-            f["waited_us"],
-            f["compute_us"],
-            f["memcached_us"],
-            f["record_us"],
-            x["timestamp"]
+            g("total_us"),
+            g("to_publisher_us"),
+            g("waited_us"),
+            g("compute_us"),
+            g("memcached_us"),
+            g("record_us"),
+            f.get("timestamp").map(String::as_str).unwrap_or("")
         );
     }
-    let ckpt: Vec<u64> = daemon
-        .log()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == "wal checkpoint")
-        .filter_map(|v| v["fields"]["took_us"].as_u64())
+    let ckpt: Vec<(u64, u64)> = log_fields(daemon, "wal checkpoint")
+        .iter()
+        .filter_map(|f| Some((get(f, "took_us")?, get(f, "copied").unwrap_or(0))))
         .collect();
     rep.info(
-        &format!("{l}: background WAL checkpoints (count, max)"),
-        format!("{}, {:.1} ms", ckpt.len(), ckpt.iter().max().copied().unwrap_or(0) as f64 / 1000.0),
+        &format!("{l}: background WAL checkpoints (count, max, max frames)"),
+        format!(
+            "{}, {:.1} ms, {}",
+            ckpt.len(),
+            ckpt.iter().map(|c| c.0).max().unwrap_or(0) as f64 / 1000.0,
+            ckpt.iter().map(|c| c.1).max().unwrap_or(0)
+        ),
     );
 }
 

@@ -399,7 +399,7 @@ pub fn analyze(
 /// columns are all BINARY), so rows compare by their output values as
 /// SQLite compares them. The row identity (the key tuple of the key-table
 /// analysis) is the `map_key` column for a map, and for a list the
-/// `ORDER BY` columns taken unchanged from one table; it must be among the
+/// `ORDER BY` columns taken unchanged from the last such term's table; it must be among the
 /// `ORDER BY` columns, so that distinct rows never tie.
 pub fn analyze_ordered(
     conn: &Connection,
@@ -458,7 +458,8 @@ pub fn analyze_ordered(
             vec![mk]
         }
         None => {
-            // The ORDER BY columns taken from one table (the first one's).
+            // The ORDER BY columns taken from one table: the last term's
+            // (usually the tie-breaker, so the identity is unique).
             let stmt = conn.prepare(query).map_err(|e| format!("query does not prepare: {e}"))?;
             let meta: Vec<Option<(String, String)>> = stmt
                 .columns_with_metadata()
@@ -470,6 +471,7 @@ pub fn analyze_ordered(
             drop(stmt);
             let first = order
                 .iter()
+                .rev()
                 .find_map(|(c, _)| meta.get(*c).cloned().flatten())
                 .ok_or("no ORDER BY column is a table's column")?;
             order

@@ -705,9 +705,13 @@ impl ViewSet {
                     }
                     count += 1;
                     if let (Some(rows), Some(plan)) = (&mut stored, order) {
-                        let (sort, identity) = sort_and_identity(plan, row, &desc).map_err(sql_err)?;
-                        if !rows.push_in_order(sort, identity, s.body[key_start..].to_vec()) {
-                            // A tie or a repeated identity: not patchable.
+                        // A tie, a repeated identity or one that is not valid
+                        // UTF-8 text: not patchable.
+                        let kept = match sort_and_identity(plan, row, &desc).map_err(sql_err)? {
+                            Some((sort, identity)) => rows.push_in_order(sort, identity, s.body[key_start..].to_vec()),
+                            None => false,
+                        };
+                        if !kept {
                             stored = None;
                         }
                     }
@@ -783,7 +787,13 @@ impl ViewSet {
             while let Some(r) = q.next().map_err(sql_err)? {
                 let mut id = Vec::new();
                 for i in 0..n {
-                    identity_value(&mut id, r.get_ref(i).map_err(sql_err)?);
+                    let v = r.get_ref(i).map_err(sql_err)?;
+                    if v == ValueRef::Null {
+                        // `(NULL) IN (…)` is never true: the restricted
+                        // query could not return that row.
+                        return Ok(None);
+                    }
+                    identity_value(&mut id, v);
                 }
                 affected.insert(id);
             }
@@ -812,7 +822,9 @@ impl ViewSet {
                     Err(RowError::Sqlite(e)) => return Err(sql_err(e)),
                     Err(RowError::Value { .. }) => return Ok(None),
                 }
-                let (sort, identity) = sort_and_identity(plan, row, &desc).map_err(sql_err)?;
+                let Some((sort, identity)) = sort_and_identity(plan, row, &desc).map_err(sql_err)? else {
+                    return Ok(None);
+                };
                 if !affected.contains(&identity) || !rows.insert(sort, identity, piece.clone()) {
                     return Ok(None);
                 }
@@ -1043,21 +1055,31 @@ impl CompiledView {
 }
 
 /// A row's `ORDER BY` values and its identity (the plan's key tuple,
-/// encoded by [`identity_value`]).
+/// encoded by [`identity_value`]). `None` when an identity value is NULL
+/// (the restricted query's `IN` never matches it, so the row could not be
+/// re-queried) or TEXT that is not valid UTF-8 (encoded as msgpack, lossily,
+/// two such map keys could merge into one in a full computation, which the
+/// stored rows would not reproduce).
 fn sort_and_identity(
     plan: &incremental::IvmPlan,
     row: &rusqlite::Row<'_>,
     desc: &Arc<[bool]>,
-) -> rusqlite::Result<(ordered::SortKey, Vec<u8>)> {
+) -> rusqlite::Result<Option<(ordered::SortKey, Vec<u8>)>> {
     let mut vals = Vec::with_capacity(plan.order.len());
     for (c, _) in &plan.order {
         vals.push(ordered::SortVal::from_ref(row.get_ref(*c)?));
     }
     let mut identity = Vec::new();
     for t in &plan.tuple {
-        identity_value(&mut identity, row.get_ref(t.output)?);
+        let v = row.get_ref(t.output)?;
+        match v {
+            ValueRef::Null => return Ok(None),
+            ValueRef::Text(b) if std::str::from_utf8(b).is_err() => return Ok(None),
+            _ => {}
+        }
+        identity_value(&mut identity, v);
     }
-    Ok((ordered::SortKey { vals, desc: desc.clone() }, identity))
+    Ok(Some((ordered::SortKey { vals, desc: desc.clone() }, identity)))
 }
 
 /// Appends one value of a row identity, losslessly (type tag, length,

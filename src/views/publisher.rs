@@ -676,7 +676,7 @@ impl Worker {
         }
         tx.commit().map_err(sql("end read"))?;
         let computed_at = Instant::now();
-        let incremental_views = computed.iter().filter(|c| c.scope.is_some()).count();
+        let incremental_views = computed.iter().filter(|c| c.incremental).count();
 
         // Servers that failed this round (the others are still written):
         // their keys are not recorded, and the round is retried.

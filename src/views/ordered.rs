@@ -69,10 +69,12 @@ fn int_real(i: i64, r: f64) -> Ordering {
         // comparison does, as smaller than any integer.
         return Ordering::Greater;
     }
-    if r < -9.223_372_036_854_775_808e18 {
+    // ±2^63, exactly representable: outside that, r is beyond any i64.
+    let min = i64::MIN as f64;
+    if r < min {
         return Ordering::Greater;
     }
-    if r >= 9.223_372_036_854_775_808e18 {
+    if r >= -min {
         return Ordering::Less;
     }
     let t = r.trunc();
@@ -208,7 +210,8 @@ mod tests {
             }
         }
         assert_eq!(Int(2).cmp_sqlite(&Real(2.0)), Ordering::Equal);
-        assert_eq!(Int(i64::MAX).cmp_sqlite(&Real(9.223372036854775807e18)), Ordering::Less);
+        // i64::MAX as f64 rounds up to 2^63.
+        assert_eq!(Int(i64::MAX).cmp_sqlite(&Real(i64::MAX as f64)), Ordering::Less);
     }
 
     #[test]

@@ -28,6 +28,11 @@
 //! their new rows; keys among them not produced any more are deleted. A
 //! restricted result holding one key twice falls back to the full
 //! recompute (the "later row wins" order is the full query's).
+//!
+//! `map` and `list` views ([`analyze_ordered`]) use the same analysis with
+//! a row identity in place of the key: the affected identities' rows are
+//! recomputed and patched into the stored, ordered rows of the entry (see
+//! [`super::ordered`]).
 
 use std::collections::HashSet;
 
@@ -85,13 +90,17 @@ pub struct IvmPlan {
     /// The restricted query's plan does not SEARCH K (no usable index):
     /// still correct, not faster.
     pub scans_key_table: bool,
+    /// `map`/`list` views: the `ORDER BY` result columns (index, DESC) by
+    /// which the stored rows are kept in order and patched. Empty for `row`.
+    pub order: Vec<(usize, bool)>,
 }
 
 impl IvmPlan {
     /// One line for the start-up log and `tailcache check`.
     pub fn describe(&self) -> String {
         let mut s = format!(
-            "incremental: key table {} ({})",
+            "incremental{}: key table {} ({})",
+            if self.order.is_empty() { "" } else { ", the entry patched in place" },
             self.key_table,
             self.tuple.iter().map(|t| t.k_name.as_str()).collect::<Vec<_>>().join(", ")
         );
@@ -384,6 +393,113 @@ pub fn analyze(
     key: &KeyTemplate,
     reads: &[String],
 ) -> Result<IvmPlan, String> {
+    analyze_tuple(conn, name, query, columns, &key.placeholder_columns(), reads)
+}
+
+/// Works out whether a `map` or `list` view can be patched in place rather
+/// than rebuilt (see [`super::ordered`]); `Err` says why not.
+///
+/// The entry's rows must be in an order tailcache can reproduce: the top
+/// level ends in `ORDER BY` terms that are each a result column's name
+/// (optionally `ASC`/`DESC`), with no `COLLATE` anywhere (the replica's
+/// columns are all BINARY), so rows compare by their output values as
+/// SQLite compares them. The row identity (the key tuple of the key-table
+/// analysis) is the `map_key` column for a map, and for a list the
+/// `ORDER BY` columns taken unchanged from the last such term's table; it must be among the
+/// `ORDER BY` columns, so that distinct rows never tie.
+pub fn analyze_ordered(
+    conn: &Connection,
+    name: &str,
+    query: &str,
+    columns: &[String],
+    map_key: Option<usize>,
+    reads: &[String],
+) -> Result<IvmPlan, String> {
+    let toks = tokenize(query).ok_or("the query could not be tokenized")?;
+    if toks.iter().any(|t| matches!(&t.tok, Tok::Word(w, false) if w == "collate")) {
+        return Err("the query uses COLLATE (rows are ordered by their values, BINARY)".into());
+    }
+    let order_at = (0..toks.len())
+        .rev()
+        .find(|&i| toks[i].group == TOP && kw(toks.get(i), "order") && kw(toks.get(i + 1), "by"))
+        .ok_or("no ORDER BY at the top level (the order of the rows is SQLite's choice)")?;
+    let mut order = Vec::new();
+    let mut i = order_at + 2;
+    while i < toks.len() {
+        let Some(Token { tok: Tok::Word(w, _), .. }) = toks.get(i) else {
+            return Err("an ORDER BY term is not a result column's name".into());
+        };
+        if punct(toks.get(i + 1), ".") {
+            return Err("an ORDER BY term is qualified (use a result column's name)".into());
+        }
+        let col = columns
+            .iter()
+            .position(|c| c.eq_ignore_ascii_case(w))
+            .ok_or_else(|| format!("ORDER BY {w} is not a result column"))?;
+        i += 1;
+        let desc = if kw(toks.get(i), "desc") {
+            i += 1;
+            true
+        } else {
+            if kw(toks.get(i), "asc") {
+                i += 1;
+            }
+            false
+        };
+        if kw(toks.get(i), "nulls") {
+            return Err("ORDER BY … NULLS FIRST/LAST".into());
+        }
+        order.push((col, desc));
+        match toks.get(i) {
+            None => break,
+            Some(t) if punct(Some(t), ",") => i += 1,
+            Some(_) => return Err("the ORDER BY clause is not a list of result column names".into()),
+        }
+    }
+    let identity: Vec<usize> = match map_key {
+        Some(mk) => {
+            if !order.iter().any(|(c, _)| *c == mk) {
+                return Err(format!("map_key {:?} is not among the ORDER BY columns", columns[mk]));
+            }
+            vec![mk]
+        }
+        None => {
+            // The ORDER BY columns taken from one table: the last term's
+            // (usually the tie-breaker, so the identity is unique).
+            let stmt = conn.prepare(query).map_err(|e| format!("query does not prepare: {e}"))?;
+            let meta: Vec<Option<(String, String)>> = stmt
+                .columns_with_metadata()
+                .map(|m| match (m.database_name(), m.table_name(), m.origin_name()) {
+                    (Some(d), Some(t), Some(_)) => Some((d.to_lowercase(), t.to_lowercase())),
+                    _ => None,
+                })
+                .collect();
+            drop(stmt);
+            let first = order
+                .iter()
+                .rev()
+                .find_map(|(c, _)| meta.get(*c).cloned().flatten())
+                .ok_or("no ORDER BY column is a table's column")?;
+            order
+                .iter()
+                .filter(|(c, _)| meta.get(*c).cloned().flatten().as_ref() == Some(&first))
+                .map(|(c, _)| *c)
+                .collect()
+        }
+    };
+    let mut plan = analyze_tuple(conn, name, query, columns, &identity, reads)?;
+    plan.order = order;
+    Ok(plan)
+}
+
+fn analyze_tuple(
+    conn: &Connection,
+    name: &str,
+    query: &str,
+    columns: &[String],
+    placeholders: &[usize],
+    reads: &[String],
+) -> Result<IvmPlan, String> {
     let toks = tokenize(query).ok_or("the query could not be tokenized")?;
     for (i, t) in toks.iter().enumerate() {
         match &t.tok {
@@ -424,7 +540,6 @@ pub fn analyze(
     }
 
     // The key table: origin of every placeholder column.
-    let placeholders = key.placeholder_columns();
     let stmt = conn.prepare(query).map_err(|e| format!("query does not prepare: {e}"))?;
     let meta: Vec<(Option<String>, Option<String>, Option<String>)> = stmt
         .columns_with_metadata()
@@ -439,7 +554,7 @@ pub fn analyze(
     drop(stmt);
     let mut key_table: Option<(String, String)> = None;
     let mut origin_cols = Vec::new();
-    for &p in &placeholders {
+    for &p in placeholders {
         let (Some(db), Some(table), Some(col)) = meta.get(p).cloned().unwrap_or((None, None, None)) else {
             return Err(format!("key column {:?} is computed, not a column of one table", columns[p]));
         };
@@ -657,6 +772,7 @@ pub fn analyze(
         distinct_sql,
         restricted_sql,
         scans_key_table,
+        order: Vec::new(),
     })
 }
 

@@ -78,8 +78,10 @@
 //! the codec and exptime; an entry whose hash equals the published one is
 //! not rewritten.
 
+pub mod checkpoint;
 pub mod encode;
 pub mod incremental;
+pub mod ordered;
 pub mod published;
 pub mod publisher;
 pub mod template;
@@ -218,6 +220,9 @@ pub struct ComputedView {
     /// among them are the view's; published keys among them that are not
     /// entries left the view). `None`: the whole view.
     pub scope: Option<HashSet<String>>,
+    /// Computed from the transaction's changed rows only (a `row` view's
+    /// affected keys, or a `map`/`list` entry patched in place).
+    pub incremental: bool,
 }
 
 /// One compiled view.
@@ -277,6 +282,8 @@ pub struct Scratch {
     json: Vec<u8>,
     spans: Vec<(usize, usize, usize, usize)>,
     index: HashMap<u128, usize>,
+    /// The stored rows of patchable `map`/`list` views, by view name.
+    ordered: HashMap<String, ordered::Rows>,
 }
 
 /// All configured views, compiled against the replica schema.
@@ -290,6 +297,15 @@ pub struct ViewSet {
     codec: Codec,
     exptime: u32,
     max_item_size: usize,
+    /// Distinguishes compilations, so that the stored rows of a patchable
+    /// view (in [`Scratch`]) are never patched by another compilation's plan.
+    generation: u64,
+}
+
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 struct Access {
@@ -458,8 +474,9 @@ fn compile_view(conn: &Connection, v: &ViewConfig, watched: &[TableRef]) -> Resu
             let reads: Vec<String> = reads.into_iter().collect();
             let ivm = match v.shape {
                 Shape::Row => incremental::analyze(conn, &v.name, &v.query, &columns, &key, &reads),
-                Shape::List => Err("shape = \"list\" is one entry built from every row".into()),
-                Shape::Map => Err("shape = \"map\" is one entry built from every row".into()),
+                Shape::List | Shape::Map => {
+                    incremental::analyze_ordered(conn, &v.name, &v.query, &columns, map_key, &reads)
+                }
             };
             Ok(CompiledView {
                 ivm,
@@ -541,6 +558,7 @@ impl ViewSet {
             codec: mc.codec,
             exptime: mc.exptime,
             max_item_size: mc.max_item_size,
+            generation: next_generation(),
         })
     }
 
@@ -573,6 +591,7 @@ impl ViewSet {
                         codec: mc.codec,
                         exptime: mc.exptime,
                         max_item_size: mc.max_item_size,
+                        generation: next_generation(),
                     },
                 };
                 for v in views.iter().filter(|v| !vs.views.iter().any(|c| c.name() == v.name)) {
@@ -642,6 +661,8 @@ impl ViewSet {
                 out.duplicate_keys = dedup_later_wins(&mut out.entries);
             }
             Shape::List | Shape::Map => {
+                // Rebuilt below when the view can be patched and the rows allow.
+                s.ordered.remove(&v.name);
                 let key = v.key.fixed(&self.prefix).unwrap_or_default();
                 if let Err(reason) = template::validate_key(&key) {
                     out.rejected.push(EntryError::BadKey { view: v.name.clone(), key, reason });
@@ -650,6 +671,12 @@ impl ViewSet {
                 s.body.clear();
                 s.spans.clear();
                 s.index.clear();
+                let order = match &v.ivm {
+                    Ok(plan) if !plan.order.is_empty() => Some(plan),
+                    _ => None,
+                };
+                let mut stored = order.map(|_| ordered::Rows::new(self.generation));
+                let desc: Arc<[bool]> = order.map(|p| p.order.iter().map(|(_, d)| *d).collect()).unwrap_or_default();
                 let mut count = 0usize;
                 while let Some(row) = rows.next().map_err(sql_err)? {
                     let key_start = s.body.len();
@@ -677,6 +704,17 @@ impl ViewSet {
                         }
                     }
                     count += 1;
+                    if let (Some(rows), Some(plan)) = (&mut stored, order) {
+                        // A tie, a repeated identity or one that is not valid
+                        // UTF-8 text: not patchable.
+                        let kept = match sort_and_identity(plan, row, &desc).map_err(sql_err)? {
+                            Some((sort, identity)) => rows.push_in_order(sort, identity, s.body[key_start..].to_vec()),
+                            None => false,
+                        };
+                        if !kept {
+                            stored = None;
+                        }
+                    }
                     if v.map_key.is_some() {
                         // Keys compare by their encoded bytes; a 128-bit
                         // hash stands in for them (collisions: ~2^-128).
@@ -709,9 +747,107 @@ impl ViewSet {
                     Ok(e) => out.entries.push(e),
                     Err(e) => out.rejected.push(e),
                 }
+                if let Some(rows) = stored {
+                    s.ordered.insert(v.name.clone(), rows);
+                }
             }
         }
         Ok(out)
+    }
+
+    /// Patches the stored rows of a `map`/`list` view with the rows of the
+    /// affected identities (already in the plan's keys table) and builds the
+    /// entry from them: byte for byte what [`compute`](Self::compute) gives.
+    /// `Ok(None)`: no stored rows, or the changed rows do not allow patching
+    /// (a repeated identity, a tie, a value that would be rejected): compute
+    /// in full.
+    fn patch_ordered(
+        &self,
+        conn: &Connection,
+        v: &CompiledView,
+        plan: &incremental::IvmPlan,
+        now: SystemTime,
+        s: &mut Scratch,
+    ) -> Result<Option<ComputedView>, ViewError> {
+        let sql_err = |source| ViewError::Sqlite { view: v.name.clone(), source };
+        // Taken out: put back only once patched, so a failure leaves none.
+        let Some(mut rows) = s.ordered.remove(&v.name) else { return Ok(None) };
+        if rows.generation != self.generation {
+            return Ok(None);
+        }
+        let key = v.key.fixed(&self.prefix).unwrap_or_default();
+        if template::validate_key(&key).is_err() {
+            return Ok(None);
+        }
+        let mut affected = HashSet::new();
+        {
+            let mut st = conn.prepare_cached(&plan.distinct_sql).map_err(sql_err)?;
+            let n = plan.tuple.len();
+            let mut q = st.query([]).map_err(sql_err)?;
+            while let Some(r) = q.next().map_err(sql_err)? {
+                let mut id = Vec::new();
+                for i in 0..n {
+                    let v = r.get_ref(i).map_err(sql_err)?;
+                    if v == ValueRef::Null {
+                        // `(NULL) IN (…)` is never true: the restricted
+                        // query could not return that row.
+                        return Ok(None);
+                    }
+                    identity_value(&mut id, v);
+                }
+                affected.insert(id);
+            }
+        }
+        for id in &affected {
+            rows.remove(id);
+        }
+        if !affected.is_empty() {
+            let desc: Arc<[bool]> = plan.order.iter().map(|(_, d)| *d).collect();
+            let mut stmt = conn.prepare_cached(&plan.restricted_sql).map_err(sql_err)?;
+            if stmt.column_count() != v.columns.len() {
+                return Ok(None);
+            }
+            let mut q = stmt.query([]).map_err(sql_err)?;
+            let mut piece = Vec::new();
+            while let Some(row) = q.next().map_err(sql_err)? {
+                piece.clear();
+                if let Some(mk) = v.map_key {
+                    match row.get_ref(mk).map_err(sql_err)? {
+                        ValueRef::Null | ValueRef::Blob(_) => return Ok(None),
+                        kv => encode::sqlite_value(&mut piece, kv),
+                    }
+                }
+                match v.encode_row(row, &mut piece) {
+                    Ok(()) => {}
+                    Err(RowError::Sqlite(e)) => return Err(sql_err(e)),
+                    Err(RowError::Value { .. }) => return Ok(None),
+                }
+                let Some((sort, identity)) = sort_and_identity(plan, row, &desc).map_err(sql_err)? else {
+                    return Ok(None);
+                };
+                if !affected.contains(&identity) || !rows.insert(sort, identity, piece.clone()) {
+                    return Ok(None);
+                }
+            }
+        }
+        s.payload.clear();
+        s.payload.reserve(rows.bytes() + 5);
+        if v.map_key.is_some() {
+            mp::map_len(&mut s.payload, rows.len());
+        } else {
+            mp::array_len(&mut s.payload, rows.len());
+        }
+        for p in rows.pieces() {
+            s.payload.extend_from_slice(p);
+        }
+        let created = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let mut out = ComputedView { view: v.name.clone(), incremental: true, ..Default::default() };
+        match self.finish(v, &key, &s.payload, &mut s.json, created) {
+            Ok(e) => out.entries.push(e),
+            Err(e) => out.rejected.push(e),
+        }
+        s.ordered.insert(v.name.clone(), rows);
+        Ok(Some(out))
     }
 
     /// Builds the entries of a `row` view's result rows.
@@ -799,6 +935,9 @@ impl ViewSet {
                 conn.prepare_cached(&link.fill_sql).and_then(|mut st| st.execute([])).map_err(sql_err)?;
             }
         }
+        if !plan.order.is_empty() {
+            return self.patch_ordered(conn, v, plan, now, s);
+        }
         let mut scope = HashSet::new();
         {
             let mut st = conn.prepare_cached(&plan.distinct_sql).map_err(sql_err)?;
@@ -835,6 +974,7 @@ impl ViewSet {
         }
         drop(seen);
         out.scope = Some(scope);
+        out.incremental = true;
         Ok(Some(out))
     }
 
@@ -911,6 +1051,55 @@ impl CompiledView {
     fn value_error(&self, key: &str, column: usize, error: ValueError) -> EntryError {
         let ValueError::InvalidJson(error) = error;
         EntryError::Json { view: self.name.clone(), key: key.to_owned(), column: self.columns[column].clone(), error }
+    }
+}
+
+/// A row's `ORDER BY` values and its identity (the plan's key tuple,
+/// encoded by [`identity_value`]). `None` when an identity value is NULL
+/// (the restricted query's `IN` never matches it, so the row could not be
+/// re-queried) or TEXT that is not valid UTF-8 (encoded as msgpack, lossily,
+/// two such map keys could merge into one in a full computation, which the
+/// stored rows would not reproduce).
+fn sort_and_identity(
+    plan: &incremental::IvmPlan,
+    row: &rusqlite::Row<'_>,
+    desc: &Arc<[bool]>,
+) -> rusqlite::Result<Option<(ordered::SortKey, Vec<u8>)>> {
+    let mut vals = Vec::with_capacity(plan.order.len());
+    for (c, _) in &plan.order {
+        vals.push(ordered::SortVal::from_ref(row.get_ref(*c)?));
+    }
+    let mut identity = Vec::new();
+    for t in &plan.tuple {
+        let v = row.get_ref(t.output)?;
+        match v {
+            ValueRef::Null => return Ok(None),
+            ValueRef::Text(b) if std::str::from_utf8(b).is_err() => return Ok(None),
+            _ => {}
+        }
+        identity_value(&mut identity, v);
+    }
+    Ok(Some((ordered::SortKey { vals, desc: desc.clone() }, identity)))
+}
+
+/// Appends one value of a row identity, losslessly (type tag, length,
+/// bytes), so that distinct values never share an identity.
+fn identity_value(out: &mut Vec<u8>, v: ValueRef<'_>) {
+    match v {
+        ValueRef::Null => out.push(0),
+        ValueRef::Integer(i) => {
+            out.push(1);
+            out.extend_from_slice(&i.to_be_bytes());
+        }
+        ValueRef::Real(f) => {
+            out.push(2);
+            out.extend_from_slice(&f.to_bits().to_be_bytes());
+        }
+        ValueRef::Text(t) | ValueRef::Blob(t) => {
+            out.push(if matches!(v, ValueRef::Text(_)) { 3 } else { 4 });
+            out.extend_from_slice(&(t.len() as u64).to_be_bytes());
+            out.extend_from_slice(t);
+        }
     }
 }
 

@@ -165,6 +165,9 @@ struct Pending {
     full: bool,
     checkpoint: Option<Checkpoint>,
     arrived: Option<Instant>,
+    /// When the publisher received the first of the merged messages (the
+    /// replica commit happened just before), for the stage timings.
+    received: Option<Instant>,
     /// A snapshot replaced the replica or a table changed shape (DDL): the
     /// views are compiled again first.
     resync: bool,
@@ -203,6 +206,7 @@ impl Pending {
         self.resync |= c.full || c.schema_changed;
         self.checkpoint = Some(c.checkpoint);
         self.arrived = Some(self.arrived.map_or(c.arrived, |a| a.min(c.arrived)));
+        self.received.get_or_insert_with(Instant::now);
         self.ready = true;
     }
 
@@ -387,9 +391,10 @@ async fn run(
             }
         }
     };
-    let Some(conn) = open_with_retry(&state_path, &cfg, &mut shutdown).await? else {
+    let Some(mut conn) = open_with_retry(&state_path, &cfg, &mut shutdown).await? else {
         return Ok(());
     };
+    super::checkpoint::start(&mut conn, &state_path, &cfg.mysql.table_refs());
     let published = Published::load(&conn)?;
     let sink = Sink::connect(&mc);
     sink.set_expected_epoch(read_epoch(&conn)?);
@@ -448,7 +453,10 @@ async fn run(
                 }
             }
         }
-        if !pending.full && last_check.is_none_or(|t| t.elapsed() >= LOST_STATE_CHECK) {
+        // Before the first publish only: memcached may have restarted while
+        // tailcache was down. Later checks run after a publish, so their
+        // round trip is not on a commit's way to memcached.
+        if !pending.full && last_check.is_none() {
             last_check = Some(Instant::now());
             w.check_state(&mut pending).await;
         }
@@ -463,6 +471,11 @@ async fn run(
                     s.publish_error = None;
                     s.published_consistent = true;
                 });
+                if last_check.is_none_or(|t| t.elapsed() >= LOST_STATE_CHECK) {
+                    // A lost state makes the next round a full resync.
+                    last_check = Some(Instant::now());
+                    w.check_state(&mut pending).await;
+                }
             }
             Ok(Outcome::NotConsistent) => {
                 tracing::debug!("replica not consistent yet; waiting for the applier");
@@ -662,6 +675,8 @@ impl Worker {
             }
         }
         tx.commit().map_err(sql("end read"))?;
+        let computed_at = Instant::now();
+        let incremental_views = computed.iter().filter(|c| c.incremental).count();
 
         // Servers that failed this round (the others are still written):
         // their keys are not recorded, and the round is retried.
@@ -703,6 +718,23 @@ impl Worker {
             });
         }
         self.published.record(&self.conn, &changes, epoch.as_deref())?;
+        let recorded = Instant::now();
+        // Per-stage timings of this publish, to tell where a slow commit ->
+        // memcached sample spent its time (binlog + replica commit + hand-over,
+        // waiting in the publisher, computing, memcached, bookkeeping).
+        let us = |a: Option<Instant>, b: Instant| a.map_or(0, |a| b.saturating_duration_since(a).as_micros() as u64);
+        tracing::debug!(
+            to_publisher_us = us(pending.arrived, pending.received.unwrap_or(started)),
+            waited_us = us(pending.received, started),
+            compute_us = us(Some(started), computed_at),
+            memcached_us = us(Some(computed_at), acked),
+            record_us = us(Some(acked), recorded),
+            total_us = us(pending.arrived, recorded),
+            incremental_views,
+            changes = changes.len(),
+            full,
+            "publish stages"
+        );
         if let Some(e) = down.into_iter().next() {
             // Keys of a server that is down stay on it: retried (a full
             // resync, with backoff) until it answers.

@@ -606,6 +606,48 @@ async fn bench_catchup(rep: &mut Report, mc: &Memcached) {
         format!("{:.4} CPU-s", per_m(pc)),
     );
     println!("  (replicator thread CPU per run: {} ms)", fmt(&replicator_cpu));
+
+    // Optional: the same catch-up under callgrind, for instruction counts
+    // that do not depend on what else runs on the machine.
+    // BENCH_CATCHUP_CALLGRIND=<dir> writes <dir>/callgrind.<n>.out per binary
+    // (BENCH_CATCHUP_BINS: colon-separated tailcache binaries, default the
+    // one just built), one file per thread (`-NN` suffix): read the
+    // replicator thread's, e.g. the inclusive cost of `Replicator::pump`.
+    if let Ok(out_dir) = std::env::var("BENCH_CATCHUP_CALLGRIND") {
+        let bins =
+            std::env::var("BENCH_CATCHUP_BINS").unwrap_or_else(|_| harness::tailcache_bin().display().to_string());
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let cfg_path = dir.path().join("callgrind.toml");
+        std::fs::write(&cfg_path, format!("{cfg}\n[admin]\nlisten = \"{admin}\"\n")).unwrap();
+        for (n, bin) in bins.split(':').enumerate() {
+            restore_state(&backup, &state);
+            let out = format!("{out_dir}/callgrind.{n}.out");
+            let mut child = Command::new("valgrind")
+                .args(["--tool=callgrind", "--separate-threads=yes"])
+                .arg(format!("--callgrind-out-file={out}"))
+                .arg(bin)
+                .args(["run", "--config"])
+                .arg(&cfg_path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run valgrind");
+            let mut reader = StateReader::new(&state);
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !reader.read().is_some_and(|(p, ok)| ok && p.reached(&end)) {
+                assert!(Instant::now() < deadline, "{bin} under callgrind did not reach {end:?}");
+                assert!(child.try_wait().unwrap().is_none(), "{bin} under callgrind exited early");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // SAFETY: kill(2) on our own, not yet reaped child.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            child.wait().unwrap();
+            println!("  (callgrind: {bin} -> {out})");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -613,6 +613,8 @@ async fn bench_catchup(rep: &mut Report, mc: &Memcached) {
     // (BENCH_CATCHUP_BINS: colon-separated tailcache binaries, default the
     // one just built), one file per thread (`-NN` suffix): read the
     // replicator thread's, e.g. the inclusive cost of `Replicator::pump`.
+    // BENCH_CATCHUP_WRAP replaces the valgrind command line (`{out}` is the
+    // output file), e.g. `strace -f -c -o {out}` to count system calls.
     if let Ok(out_dir) = std::env::var("BENCH_CATCHUP_CALLGRIND") {
         let bins =
             std::env::var("BENCH_CATCHUP_BINS").unwrap_or_else(|_| harness::tailcache_bin().display().to_string());
@@ -622,9 +624,12 @@ async fn bench_catchup(rep: &mut Report, mc: &Memcached) {
         for (n, bin) in bins.split(':').enumerate() {
             restore_state(&backup, &state);
             let out = format!("{out_dir}/callgrind.{n}.out");
-            let mut child = Command::new("valgrind")
-                .args(["--tool=callgrind", "--separate-threads=yes"])
-                .arg(format!("--callgrind-out-file={out}"))
+            let wrap = std::env::var("BENCH_CATCHUP_WRAP").unwrap_or_else(|_| {
+                "valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file={out}".into()
+            });
+            let wrap: Vec<String> = wrap.split_whitespace().map(|w| w.replace("{out}", &out)).collect();
+            let mut child = Command::new(&wrap[0])
+                .args(&wrap[1..])
                 .arg(bin)
                 .args(["run", "--config"])
                 .arg(&cfg_path)

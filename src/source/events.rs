@@ -6,8 +6,59 @@
 //! position, never silently skipped; a new variant in `mysql_common` does not
 //! change anything here because we match on the wire byte.
 
+use mysql_common::binlog::events::{BinlogEventHeader, FormatDescriptionEvent};
+use mysql_common::binlog::{BinlogCtx, BinlogEvent};
+use mysql_common::io::ParseBuf;
+
 /// MySQL's GTID event type (the others are matched by [`classify`]).
 pub const GTID: u8 = 33;
+/// FORMAT_DESCRIPTION: the stream's post-header lengths and checksum.
+pub const FORMAT_DESCRIPTION: u8 = 15;
+/// TRANSACTION_PAYLOAD: may not appear inside another payload.
+pub const TRANSACTION_PAYLOAD: u8 = 40;
+
+/// Parses an event body (post-header and payload, no checksum) with one of
+/// `mysql_common`'s event structs, exactly as `Event::read_event` does, but
+/// straight from the bytes we already hold: used for the few events that
+/// need it (ROTATE, QUERY, GTID, TABLE_MAP of watched tables, payloads).
+pub fn parse_body<'a, T: BinlogEvent<'a>>(
+    fde: &'a FormatDescriptionEvent<'a>,
+    event_type: u8,
+    body: &'a [u8],
+) -> std::io::Result<T> {
+    let mut buf = ParseBuf(body);
+    let event = buf.parse(BinlogCtx::new(BinlogEventHeader::LEN + body.len(), fde, event_type))?;
+    if !buf.is_empty() {
+        return Err(std::io::Error::other(format!(
+            "bytes remaining on stream while reading {}",
+            std::any::type_name::<T>()
+        )));
+    }
+    Ok(event)
+}
+
+/// A TABLE_MAP body's table id, database and table name, read straight from
+/// the bytes (table id u48 | flags u16 | db len u8 | db | NUL | table len u8 |
+/// table | NUL | …), and the bytes from the database name on, which
+/// determine the decoder (names, column types, metadata, nullability): the
+/// same bytes mean the same decoder, whatever the table id.
+pub struct TableMapNames<'a> {
+    pub table_id: u64,
+    pub database: &'a [u8],
+    pub table: &'a [u8],
+    pub shape: &'a [u8],
+}
+
+pub fn table_map_names(body: &[u8]) -> Option<TableMapNames<'_>> {
+    let table_id = crate::source::decode::rows_table_id(body)?;
+    let shape = body.get(8..)?;
+    let db_len = usize::from(*shape.first()?);
+    let database = shape.get(1..1 + db_len)?;
+    let t = 1 + db_len + 1; // length byte, name, NUL
+    let table_len = usize::from(*shape.get(t)?);
+    let table = shape.get(t + 1..t + 1 + table_len)?;
+    Some(TableMapNames { table_id, database, table, shape })
+}
 
 /// What the replicator does with an event type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,6 +296,21 @@ mod tests {
         assert_eq!(classify(39), Handling::Rows);
         assert_eq!(classify(38), Handling::XaPrepare);
         assert!(matches!(classify(200), Handling::Unsupported(_)));
+    }
+
+    #[test]
+    fn table_map_names_are_read_from_the_bytes() {
+        // id 0x0201, flags 1, `db`, `tbl`, then the column part.
+        let body = [1, 2, 0, 0, 0, 0, 1, 0, 2, b'd', b'b', 0, 3, b't', b'b', b'l', 0, 1, 3, 0, 0];
+        let m = table_map_names(&body).unwrap();
+        assert_eq!(m.table_id, 0x201);
+        assert_eq!(m.database, b"db");
+        assert_eq!(m.table, b"tbl");
+        assert_eq!(m.shape, &body[8..]);
+        // Truncated anywhere in the names: None, not a panic.
+        for n in 0..16 {
+            assert!(table_map_names(&body[..n]).is_none(), "{n}");
+        }
     }
 
     #[test]

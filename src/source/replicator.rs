@@ -7,16 +7,21 @@
 //! SQLite write simply back-pressures the binlog socket.
 
 use std::collections::HashMap;
+use std::io::{BufRead, Read};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
-use mysql_async::binlog::events::{Event, GtidEvent, QueryEvent, RotateEvent, TableMapEvent, TransactionPayloadEvent};
+use mysql_async::binlog::events::{
+    BinlogEventHeader, FormatDescriptionEvent, GtidEvent, QueryEvent, RotateEvent, TableMapEvent,
+    TransactionPayloadEvent,
+};
 use mysql_async::prelude::*;
 use mysql_async::{BinlogStreamRequest, Conn};
-use mysql_common::binlog::EventStreamReader;
 use mysql_common::binlog::consts::BinlogVersion;
+use mysql_common::io::ParseBuf;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, TableRef};
@@ -29,7 +34,7 @@ use crate::schema::TableSchema;
 use crate::source::conn::{Flavor, ServerInfo, binary_logs, connect, server_info};
 use crate::source::ddl::{self, DdlKind};
 use crate::source::decode::{DecodeError, DecodeFailure, RowDecoder, TableCodec, rows_table_id};
-use crate::source::events::{self, Handling};
+use crate::source::events::{self, Handling, parse_body};
 use crate::source::snapshot::snapshot_until;
 use crate::status::Status;
 
@@ -118,7 +123,12 @@ pub struct Replicator<'c> {
     schemas: Vec<Option<TableSchema>>,
     /// table id → watched table index (None: not watched).
     table_ids: HashMap<u64, Option<usize>>,
-    codecs: HashMap<u64, TableCodec>,
+    codecs: HashMap<u64, Rc<TableCodec>>,
+    /// Per watched table: the last table map's bytes from the database name
+    /// on, and the decoder built from them. The server writes a table map
+    /// per table per transaction; an identical one (whatever its table id)
+    /// reuses the decoder instead of building it again.
+    codec_cache: Vec<Option<(Vec<u8>, Rc<TableCodec>)>>,
     /// Rows of a re-snapshotted table before this position are already in
     /// its snapshot (and may be in an older shape): skip them.
     skip_until: Vec<Option<BinlogPosition>>,
@@ -133,8 +143,11 @@ pub struct Replicator<'c> {
     /// Tables to re-snapshot at the next session start (a table-scoped
     /// error: the rest of the replica is fine).
     resnapshot_tables: Vec<usize>,
-    /// Reads the events inside compressed transaction payloads.
-    inner_reader: EventStreamReader,
+    /// The stream's last FORMAT_DESCRIPTION event: post-header lengths for
+    /// parsing the events that need it (also those inside payloads).
+    fde: Rc<FormatDescriptionEvent<'static>>,
+    /// Reused buffer for the events inside compressed transaction payloads.
+    inner_buf: Vec<u8>,
     status: Arc<Status>,
     /// The server timestamp of the last event read (0: a heartbeat said we
     /// are at the end of the binlog), for the lag.
@@ -171,6 +184,7 @@ impl<'c> Replicator<'c> {
             schemas: vec![None; n],
             table_ids: HashMap::new(),
             codecs: HashMap::new(),
+            codec_cache: vec![None; n],
             skip_until: vec![None; n],
             consistent_after: None,
             checkpoint: None,
@@ -181,7 +195,8 @@ impl<'c> Replicator<'c> {
             resync_due: None,
             control_open: true,
             resnapshot_tables: Vec::new(),
-            inner_reader: EventStreamReader::new(BinlogVersion::Version4),
+            fde: Rc::new(FormatDescriptionEvent::new(BinlogVersion::Version4)),
+            inner_buf: Vec::new(),
             status,
             last_event_ts: 0,
         }
@@ -349,7 +364,7 @@ impl<'c> Replicator<'c> {
                             }
                         }
                         self.schemas[i] = Some(s);
-                        self.codecs.retain(|tid, _| self.table_ids.get(tid) != Some(&Some(i)));
+                        self.forget_codecs(i);
                     }
                     None => {
                         self.need_snapshot = Some(format!("table {t} is missing"));
@@ -365,8 +380,21 @@ impl<'c> Replicator<'c> {
         self.applier.set_schema(idx, &schema)?;
         self.schemas[idx] = Some(schema);
         // Codecs built against the old shape must not decode another row.
-        self.codecs.retain(|tid, _| self.table_ids.get(tid) != Some(&Some(idx)));
+        self.forget_codecs(idx);
         Ok(())
+    }
+
+    /// Drops every decoder of table `idx` (its schema changed or is unknown).
+    fn forget_codecs(&mut self, idx: usize) {
+        self.codecs.retain(|tid, _| self.table_ids.get(tid) != Some(&Some(idx)));
+        if let Some(c) = self.codec_cache.get_mut(idx) {
+            *c = None;
+        }
+    }
+
+    fn forget_all_codecs(&mut self) {
+        self.codecs.clear();
+        self.codec_cache = vec![None; self.tables.len()];
     }
 
     /// Replaces the whole replica with a fresh snapshot, atomically.
@@ -398,7 +426,7 @@ impl<'c> Replicator<'c> {
             self.set_schema(i, s)?;
         }
         self.table_ids.clear();
-        self.codecs.clear();
+        self.forget_all_codecs();
         self.skip_until = vec![None; self.tables.len()];
         self.resnapshot_tables.clear();
         self.consistent_after = outcome.consistent_after;
@@ -467,7 +495,7 @@ impl<'c> Replicator<'c> {
                 position: Some(start.clone()),
                 source: e,
             })?
-            .with_raw_transaction_payloads(true);
+            .into_raw();
         tracing::info!(position = %start, heartbeat_ms = heartbeat.as_millis() as u64, "streaming binlog");
         self.status.update(|s| {
             s.source_connected = true;
@@ -504,7 +532,7 @@ impl<'c> Replicator<'c> {
 
     async fn pump(
         &mut self,
-        stream: &mut mysql_async::BinlogStream,
+        stream: &mut mysql_async::RawBinlogStream,
         start: BinlogPosition,
         heartbeat: Duration,
     ) -> Result<SessionEnd> {
@@ -577,14 +605,18 @@ impl<'c> Replicator<'c> {
                 }
                 Some(Ok(ev)) => ev,
             };
-            self.handle(&event, &mut file, &mut pos, None).await?;
+            if event.event_type_raw() == events::FORMAT_DESCRIPTION {
+                self.fde = Rc::new(stream.fde().clone());
+            }
+            self.handle(Ev { header: event.header(), body: event.body() }, &mut file, &mut pos, None).await?;
         }
     }
 
     /// Handles one event. `inner_end` is set for the events inside a
     /// compressed transaction payload: they all end where the payload does.
-    async fn handle(&mut self, event: &Event, file: &mut String, pos: &mut u64, inner_end: Option<u64>) -> Result<()> {
-        let header = event.header();
+    async fn handle(&mut self, ev: Ev<'_>, file: &mut String, pos: &mut u64, inner_end: Option<u64>) -> Result<()> {
+        let header = ev.header;
+        let body = ev.body;
         let et = header.event_type_raw();
         let end = match inner_end {
             Some(e) => e,
@@ -600,7 +632,8 @@ impl<'c> Replicator<'c> {
         self.status.beat(); // systemd watchdog (src/notify.rs): the stream is alive
         match handling {
             Handling::Rotate => {
-                let re: RotateEvent<'_> = event.read_event().map_err(|e| malformed("ROTATE", e, here()))?;
+                let fde = Rc::clone(&self.fde);
+                let re: RotateEvent<'_> = parse_body(&fde, et, body).map_err(|e| malformed("ROTATE", e, here()))?;
                 let raw = re.name_raw();
                 // The fake ROTATE that opens the stream arrives before the
                 // format description, so its name still carries the 4-byte
@@ -621,7 +654,7 @@ impl<'c> Replicator<'c> {
                 // Anonymous and tagged GTIDs carry no `uuid:gno` we record;
                 // the checkpoint is the file and offset either way.
                 let g: Option<Gtid> = if et == events::GTID {
-                    match event.read_event::<GtidEvent>() {
+                    match parse_body::<GtidEvent>(&self.fde, et, body) {
                         Ok(g) => Some(Gtid::Mysql { uuid: g.sid(), gno: g.gno() }),
                         Err(e) => {
                             tracing::warn!(position = %here(), error = %e, "cannot read a GTID event; the checkpoint records file:offset without the GTID");
@@ -634,7 +667,7 @@ impl<'c> Replicator<'c> {
                 self.begin_txn(g);
             }
             Handling::MariadbGtid => {
-                let d = event.data();
+                let d = body;
                 if d.len() < 13 {
                     return Err(Error::Decode {
                         table: "-".into(),
@@ -657,24 +690,24 @@ impl<'c> Replicator<'c> {
                     self.applier.apply(Action::XaStart { xid: Xid(xid) })?;
                 }
             }
-            Handling::Query => self.handle_query(event, here()).await?,
+            Handling::Query => self.handle_query(et, body, here()).await?,
             Handling::ExecuteLoadQuery => {
                 // Statement-format LOAD DATA: its text names the table.
-                let text = String::from_utf8_lossy(event.data()).into_owned();
+                let text = String::from_utf8_lossy(body).into_owned();
                 self.statement_dml(&text, "", here()).await?;
             }
-            Handling::TableMap => self.handle_table_map(event, here()).await?,
-            Handling::Rows => self.handle_rows(event, et, here())?,
+            Handling::TableMap => self.handle_table_map(et, body, file, end).await?,
+            Handling::Rows => self.handle_rows(et, body, file, end)?,
             Handling::Xid => self.end_txn(here()),
             Handling::XaPrepare => {
                 // one_phase (1 byte) | formatID | gtrid_len | bqual_len | data
-                let one_phase = event.data().first().is_some_and(|b| *b != 0);
+                let one_phase = body.first().is_some_and(|b| *b != 0);
                 let touched = self.applier.apply(Action::XaPrepare { one_phase })?;
                 self.mark_touched(touched);
                 self.end_txn(here());
             }
             Handling::TransactionPayload => {
-                self.handle_payload(event, file, pos, end).await?;
+                self.handle_payload(et, body, file, pos, end).await?;
             }
             Handling::Incident => {
                 return Err(Error::NeedsResync {
@@ -700,22 +733,26 @@ impl<'c> Replicator<'c> {
 
     /// A compressed transaction: its events are decompressed and handled
     /// one at a time, so memory does not grow with the transaction.
-    async fn handle_payload(&mut self, event: &Event, file: &mut String, pos: &mut u64, end: u64) -> Result<()> {
+    async fn handle_payload(&mut self, et: u8, body: &[u8], file: &mut String, pos: &mut u64, end: u64) -> Result<()> {
         let at = |file: &str| BinlogPosition::new(file, end);
+        let fde = Rc::clone(&self.fde);
         let tpe: TransactionPayloadEvent<'_> =
-            event.read_event().map_err(|e| malformed("TRANSACTION_PAYLOAD", e, at(file)))?;
+            parse_body(&fde, et, body).map_err(|e| malformed("TRANSACTION_PAYLOAD", e, at(file)))?;
         let mut input = tpe.decompressed().map_err(|e| Error::Decode {
             table: "-".into(),
             position: at(file),
             message: format!("cannot decompress the transaction payload: {e}"),
         })?;
+        // One buffer for all inner events; taken out of `self` so that
+        // `handle` can borrow `self` mutably while the event borrows it.
+        let mut buf = std::mem::take(&mut self.inner_buf);
         let mut n = 0u64;
-        loop {
-            let inner = match self.inner_reader.read_decompressed(&mut input) {
-                Ok(Some(ev)) => ev,
-                Ok(None) => break,
+        let outcome = loop {
+            let header = match read_inner_event(&mut input, &mut buf) {
+                Ok(Some(h)) => h,
+                Ok(None) => break Ok(()),
                 Err(e) => {
-                    return Err(Error::Decode {
+                    break Err(Error::Decode {
                         table: "-".into(),
                         position: at(file),
                         message: format!("cannot read event {} inside the compressed transaction payload: {e}", n + 1),
@@ -723,9 +760,16 @@ impl<'c> Replicator<'c> {
                 }
             };
             n += 1;
-            Box::pin(self.handle(&inner, file, pos, Some(end))).await?;
+            if let Err(e) = Box::pin(self.handle(Ev { header, body: &buf }, file, pos, Some(end))).await {
+                break Err(e);
+            }
+        };
+        // A rows event is at most a few MB; do not keep an outsized one.
+        if buf.capacity() <= 1 << 20 {
+            buf.clear();
+            self.inner_buf = buf;
         }
-        Ok(())
+        outcome
     }
 
     fn mark_touched(&mut self, touched: Touched) {
@@ -838,7 +882,7 @@ impl<'c> Replicator<'c> {
         self.batch = Batch::new(self.tables.len());
         // The rolled-back batch may have held schema changes: re-read them.
         self.table_ids.clear();
-        self.codecs.clear();
+        self.forget_all_codecs();
         self.schemas = vec![None; self.tables.len()];
     }
 
@@ -846,8 +890,15 @@ impl<'c> Replicator<'c> {
         self.tables.iter().position(|t| t.schema == schema && t.name == name)
     }
 
-    async fn handle_query(&mut self, event: &Event, at: BinlogPosition) -> Result<()> {
-        let q: QueryEvent<'_> = event.read_event().map_err(|e| malformed("QUERY", e, at.clone()))?;
+    /// [`Self::watched_index`] for names as the binlog carries them (UTF-8
+    /// bytes; a name that is not valid UTF-8 matches no configured table).
+    fn watched_index_bytes(&self, schema: &[u8], name: &[u8]) -> Option<usize> {
+        self.tables.iter().position(|t| t.schema.as_bytes() == schema && t.name.as_bytes() == name)
+    }
+
+    async fn handle_query(&mut self, et: u8, body: &[u8], at: BinlogPosition) -> Result<()> {
+        let fde = Rc::clone(&self.fde);
+        let q: QueryEvent<'_> = parse_body(&fde, et, body).map_err(|e| malformed("QUERY", e, at.clone()))?;
         let sql = q.query();
         let trimmed = sql.trim();
         if trimmed.eq_ignore_ascii_case("BEGIN") {
@@ -1047,25 +1098,42 @@ impl<'c> Replicator<'c> {
         Ok(())
     }
 
-    async fn handle_table_map(&mut self, event: &Event, at: BinlogPosition) -> Result<()> {
-        // Read the names first: 99 % of table maps are of unwatched tables
-        // and need nothing more.
-        let tme: TableMapEvent<'_> = event.read_event().map_err(|e| malformed("TABLE_MAP", e, at.clone()))?;
-        let tid = tme.table_id();
-        let Some(idx) = self.watched_index(&tme.database_name(), &tme.table_name()) else {
+    async fn handle_table_map(&mut self, et: u8, body: &[u8], file: &str, end: u64) -> Result<()> {
+        let at = || BinlogPosition::new(file, end);
+        // Read the names straight from the bytes: 99 % of table maps are of
+        // unwatched tables and need nothing more.
+        let Some(names) = events::table_map_names(body) else {
+            return Err(malformed("TABLE_MAP", std::io::Error::other("event too short for its names"), at()));
+        };
+        let tid = names.table_id;
+        let Some(idx) = self.watched_index_bytes(names.database, names.table) else {
             self.table_ids.insert(tid, None);
             return Ok(());
         };
         self.table_ids.insert(tid, Some(idx));
-        if self.skip_until[idx].as_ref().is_some_and(|p| at <= *p) {
+        if self.skip_until[idx].as_ref().is_some_and(|p| at() <= *p) {
             self.codecs.remove(&tid);
             return Ok(());
         }
+        // The same map as last time for this table (names, types, metadata):
+        // the decoder built then still applies.
+        if let Some((shape, codec)) = &self.codec_cache[idx]
+            && self.schemas[idx].is_some()
+            && shape.as_slice() == names.shape
+        {
+            self.codecs.insert(tid, Rc::clone(codec));
+            return Ok(());
+        }
+        let fde = Rc::clone(&self.fde);
+        let tme: TableMapEvent<'_> = parse_body(&fde, et, body).map_err(|e| malformed("TABLE_MAP", e, at()))?;
+        let at = at();
         for attempt in 0..2 {
             let Some(schema) = &self.schemas[idx] else { break };
             match TableCodec::new(&tme, schema) {
                 Ok(codec) => {
-                    self.codecs.insert(tid, codec);
+                    let codec = Rc::new(codec);
+                    self.codecs.insert(tid, Rc::clone(&codec));
+                    self.codec_cache[idx] = Some((names.shape.to_vec(), codec));
                     return Ok(());
                 }
                 Err(DecodeError::Mismatch(why)) if attempt == 0 => {
@@ -1092,12 +1160,17 @@ impl<'c> Replicator<'c> {
         })
     }
 
-    fn handle_rows(&mut self, event: &Event, et: u8, at: BinlogPosition) -> Result<()> {
-        let body = event.data();
+    fn handle_rows(&mut self, et: u8, body: &[u8], file: &str, end: u64) -> Result<()> {
         let Some(tid) = rows_table_id(body) else {
-            return Err(Error::Decode { table: "-".into(), position: at, message: "rows event too short".into() });
+            return Err(Error::Decode {
+                table: "-".into(),
+                position: BinlogPosition::new(file, end),
+                message: "rows event too short".into(),
+            });
         };
+        // Rows of unwatched tables stop here, before any allocation.
         let Some(Some(idx)) = self.table_ids.get(&tid).copied() else { return Ok(()) };
+        let at = BinlogPosition::new(file, end);
         if self.skip_until[idx].as_ref().is_some_and(|p| at <= *p) {
             return Ok(());
         }
@@ -1143,6 +1216,38 @@ impl<'c> Replicator<'c> {
         }
         Ok(())
     }
+}
+
+/// One event's common header and body (no checksum), borrowed from the
+/// network packet or from the buffer of a compressed payload.
+#[derive(Clone, Copy)]
+struct Ev<'a> {
+    header: BinlogEventHeader,
+    body: &'a [u8],
+}
+
+/// Reads the next event of a decompressed transaction payload into `buf`
+/// (its body; the events inside a payload carry no checksum) and returns
+/// its header; `None` at the end of the payload.
+fn read_inner_event(input: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Option<BinlogEventHeader>> {
+    if input.fill_buf()?.is_empty() {
+        return Ok(None);
+    }
+    let mut raw = [0u8; BinlogEventHeader::LEN];
+    input.read_exact(&mut raw)?;
+    let header: BinlogEventHeader = ParseBuf(&raw).parse(())?;
+    let Some(len) = (header.event_size() as usize).checked_sub(BinlogEventHeader::LEN) else {
+        return Err(std::io::Error::other(format!("event size {} is below the header size", header.event_size())));
+    };
+    if header.event_type_raw() == events::TRANSACTION_PAYLOAD {
+        return Err(std::io::Error::other("TRANSACTION_PAYLOAD_EVENT encountered"));
+    }
+    buf.clear();
+    input.take(len as u64).read_to_end(buf)?;
+    if buf.len() != len {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "payload ends inside an event"));
+    }
+    Ok(Some(header))
 }
 
 /// The xid of a MariaDB GTID event flagged FL_PREPARED_XA (64), in the

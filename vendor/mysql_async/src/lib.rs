@@ -462,7 +462,9 @@ fn buffer_pool() -> &'static Arc<crate::buffer_pool::BufferPool> {
 
 #[cfg(feature = "binlog")]
 #[doc(inline)]
-pub use self::conn::binlog_stream::{request::BinlogStreamRequest, BinlogStream};
+pub use self::conn::binlog_stream::{
+    request::BinlogStreamRequest, BinlogStream, RawBinlogStream, RawEvent,
+};
 
 #[doc(inline)]
 pub use self::conn::Conn;

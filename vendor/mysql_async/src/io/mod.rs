@@ -465,11 +465,23 @@ impl Stream {
     }
 }
 
+/// tailcache patch: the least spare room in the read buffer before a read.
+const READ_CHUNK: usize = 64 * 1024;
+
 impl stream::Stream for Stream {
     type Item = std::result::Result<PooledBuf, IoError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if !self.closed {
+            // tailcache patch: read in chunks of at least 64 KiB. tokio-util
+            // reads into the buffer's spare capacity (8 KiB at first): a 10 MB
+            // binlog catch-up took 1,200 recvfrom calls, 528 with this.
+            if let Some(codec) = self.codec.as_mut() {
+                let buf = codec.read_buffer_mut();
+                if buf.capacity() - buf.len() < READ_CHUNK {
+                    buf.reserve(READ_CHUNK);
+                }
+            }
             let item = ready!(Pin::new(self.codec.as_mut().unwrap()).poll_next(cx)).transpose()?;
             // tailcache patch: a huge packet (a compressed binlog transaction)
             // leaves the read buffer that large for the connection's life, and

@@ -9,8 +9,11 @@
 use futures_core::ready;
 use mysql_common::{
     binlog::{
-        consts::{BinlogVersion::Version4, EventType},
-        events::{Event, TableMapEvent, TransactionPayloadEvent},
+        consts::{BinlogChecksumAlg, BinlogVersion::Version4, EventType},
+        events::{
+            BinlogEventFooter, BinlogEventHeader, Event, FormatDescriptionEvent, TableMapEvent,
+            TransactionPayloadEvent,
+        },
         EventStreamReader,
     },
     io::ParseBuf,
@@ -24,7 +27,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use crate::{connection_like::ConnectionInner, queryable::Queryable};
+use crate::{buffer_pool::PooledBuf, connection_like::ConnectionInner, queryable::Queryable};
 use crate::{error::DriverError, io::ReadPacket, Conn, Error, IoError, Result};
 
 use self::request::BinlogStreamRequest;
@@ -193,6 +196,189 @@ impl futures_core::stream::Stream for BinlogStream {
                 Ok(None) => Poll::Ready(None),
                 Err(err) => Poll::Ready(Some(Err(err.into()))),
             }
+        } else {
+            Poll::Ready(Some(Err(DriverError::UnexpectedPacket {
+                payload: packet.to_vec(),
+            }
+            .into())))
+        }
+    }
+}
+
+/// tailcache patch: one binlog event as it arrived, without a copy.
+///
+/// Holds the network packet (a pooled buffer); the 19-byte common header is
+/// parsed, the body is a slice of the packet with the checksum (and, for a
+/// FORMAT_DESCRIPTION event, the checksum algorithm byte) cut off exactly as
+/// [`Event::read`] cuts them. Nothing else is parsed: the caller reads what
+/// it needs from the bytes, or parses the body with `mysql_common`'s event
+/// structs (`BinlogCtx` with [`RawBinlogStream::fde`]) for the rare events
+/// that need it.
+pub struct RawEvent {
+    packet: PooledBuf,
+    header: BinlogEventHeader,
+    /// End of the body within `packet` (checksum excluded).
+    body_end: usize,
+}
+
+impl RawEvent {
+    /// Offset of the event within the packet (after the OK byte).
+    const START: usize = 1;
+    const BODY: usize = Self::START + BinlogEventHeader::LEN;
+
+    /// The parsed common header.
+    pub fn header(&self) -> BinlogEventHeader {
+        self.header
+    }
+
+    /// The raw type byte (same as `header().event_type_raw()`).
+    pub fn event_type_raw(&self) -> u8 {
+        self.header.event_type_raw()
+    }
+
+    /// The event's body: post-header and payload, no checksum (what
+    /// [`Event::data`] returns for the same event).
+    pub fn body(&self) -> &[u8] {
+        &self.packet[Self::BODY..self.body_end]
+    }
+
+    /// The whole event as the server sent it: header, body and checksum.
+    pub fn bytes(&self) -> &[u8] {
+        &self.packet[Self::START..]
+    }
+}
+
+/// tailcache patch: a [`BinlogStream`] that yields [`RawEvent`]s.
+///
+/// Per event it parses the 19-byte header and slices the body out of the
+/// packet buffer: no `Event` (no FDE clone, no zeroed buffer, no copy), and
+/// no table-map bookkeeping (`get_tme` is not available in this mode; the
+/// caller reads table maps itself). Only FORMAT_DESCRIPTION events are
+/// parsed, to know the checksum length and post-header lengths.
+/// TRANSACTION_PAYLOAD events are yielded as they arrived (compressed).
+///
+/// Checksums are cut off, not verified: `Event::read`/`EventStreamReader`
+/// do not verify them either, so this keeps what the stream did before.
+pub struct RawBinlogStream {
+    read_packet: ReadPacket<'static, 'static>,
+    fde: FormatDescriptionEvent<'static>,
+    /// Bytes cut off the end of every event but a FORMAT_DESCRIPTION.
+    checksum_len: usize,
+}
+
+impl BinlogStream {
+    /// tailcache patch: turns this stream into one that yields raw events.
+    /// Call it before the first event is read.
+    pub fn into_raw(self) -> RawBinlogStream {
+        RawBinlogStream {
+            read_packet: self.read_packet,
+            fde: FormatDescriptionEvent::new(Version4),
+            checksum_len: 0,
+        }
+    }
+}
+
+impl RawBinlogStream {
+    /// The last FORMAT_DESCRIPTION event read (a version 4 placeholder
+    /// before the first), for parsing bodies with `BinlogCtx`.
+    pub fn fde(&self) -> &FormatDescriptionEvent<'static> {
+        &self.fde
+    }
+
+    fn raw_event(&mut self, packet: PooledBuf) -> std::io::Result<RawEvent> {
+        let short = |what: &str| std::io::Error::new(ErrorKind::UnexpectedEof, what.to_owned());
+        let event = packet
+            .get(RawEvent::START..)
+            .ok_or_else(|| short("empty binlog packet"))?;
+        let header_bytes = event
+            .get(..BinlogEventHeader::LEN)
+            .ok_or_else(|| short("binlog event shorter than its header"))?;
+        let header: BinlogEventHeader = ParseBuf(header_bytes).parse(())?;
+        let size = header.event_size() as usize;
+        // Event::read read `event_size` bytes and panicked on a short packet.
+        if size < BinlogEventHeader::LEN || size > event.len() {
+            return Err(short(&format!(
+                "binlog event of type {} claims {size} bytes, the packet holds {}",
+                header.event_type_raw(),
+                event.len()
+            )));
+        }
+        let body = &event[BinlogEventHeader::LEN..size];
+        let cut = if header.event_type_raw() == EventType::FORMAT_DESCRIPTION_EVENT as u8 {
+            let footer = BinlogEventFooter::read(body)?;
+            let cut = match footer.get_checksum_alg() {
+                Ok(None) => 0,
+                // An FDE always carries the algorithm byte and a checksum.
+                _ => BinlogEventFooter::BINLOG_CHECKSUM_ALG_DESC_LEN + BinlogEventFooter::BINLOG_CHECKSUM_LEN,
+            };
+            if body.len() < cut {
+                return Err(short("FORMAT_DESCRIPTION event too short"));
+            }
+            let data = &body[..body.len() - cut];
+            let ctx = mysql_common::binlog::BinlogCtx::new(
+                BinlogEventHeader::LEN + data.len(),
+                &self.fde,
+                header.event_type_raw(),
+            );
+            let fde: FormatDescriptionEvent<'_> = ParseBuf(data).parse(ctx)?;
+            self.fde = fde.into_owned().with_footer(footer);
+            // Same rule as Event::read: no checksum when the algorithm is
+            // OFF or unknown-absent.
+            self.checksum_len = match footer.get_checksum_alg() {
+                Ok(None) | Ok(Some(BinlogChecksumAlg::BINLOG_CHECKSUM_ALG_OFF)) => 0,
+                _ => BinlogEventFooter::BINLOG_CHECKSUM_LEN,
+            };
+            cut
+        } else {
+            self.checksum_len
+        };
+        if body.len() < cut {
+            return Err(short(&format!(
+                "binlog event of type {} shorter than its checksum",
+                header.event_type_raw()
+            )));
+        }
+        let body_end = RawEvent::BODY + body.len() - cut;
+        Ok(RawEvent {
+            packet,
+            header,
+            body_end,
+        })
+    }
+}
+
+impl futures_core::stream::Stream for RawBinlogStream {
+    type Item = Result<RawEvent>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let packet = match ready!(Pin::new(&mut self.read_packet).poll(cx)) {
+            Ok(packet) => packet,
+            Err(err) => return Poll::Ready(Some(Err(err.into()))),
+        };
+        let first_byte = packet.first().copied();
+        if first_byte == Some(255) {
+            if let Ok(ErrPacket::Error(err)) =
+                ParseBuf(&packet).parse(self.read_packet.conn_ref().capabilities())
+            {
+                return Poll::Ready(Some(Err(From::from(err))));
+            }
+        }
+        if first_byte == Some(254)
+            && packet.len() < 8
+            && ParseBuf(&packet)
+                .parse::<OkPacketDeserializer<NetworkStreamTerminator>>(
+                    self.read_packet.conn_ref().capabilities(),
+                )
+                .is_ok()
+        {
+            return Poll::Ready(None);
+        }
+        if first_byte == Some(0) {
+            if packet.len() == 1 {
+                // EventStreamReader::read: an empty event stream ends it.
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Some(self.raw_event(packet).map_err(Into::into)))
         } else {
             Poll::Ready(Some(Err(DriverError::UnexpectedPacket {
                 payload: packet.to_vec(),

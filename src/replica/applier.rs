@@ -261,7 +261,8 @@ impl<'c> Applier<'c> {
             }
             RowChange::Delete(_) => None,
         };
-        let Some(row) = after.filter(|_| self.stmts.get(table).is_some_and(|s| s.as_ref().is_some_and(|s| s.max_rows > 1)))
+        let Some(row) =
+            after.filter(|_| self.stmts.get(table).is_some_and(|s| s.as_ref().is_some_and(|s| s.max_rows > 1)))
         else {
             self.apply(Action::Row { table, change })?;
             return Ok(());
@@ -819,7 +820,7 @@ mod tests {
     fn rollback_discards_buffered_rows() {
         let dir = tempfile::tempdir().unwrap();
         let s = schema("k", &[0]);
-        let conn = crate::replica::open_connection(&dir.path().join("s.db"), &[s.table.clone()]).unwrap();
+        let conn = crate::replica::open_connection(&dir.path().join("s.db"), std::slice::from_ref(&s.table)).unwrap();
         crate::replica::tables::recreate_table(&conn, &s).unwrap();
         let mut a = Applier::new(&conn, vec![s.table.clone()]).unwrap();
         a.set_schema(0, &s).unwrap();

@@ -47,19 +47,12 @@ pub fn open_connection(path: &Path, tables: &[TableRef]) -> Result<Connection> {
         attempt < 30_000
     }))
     .map_err(|e| Error::sqlite("set busy handler", e))?;
-    // 16 KiB pages for a new file (a no-op once it exists): a bulk insert
-    // splits and rebalances a quarter as many pages, ≈ 10 % fewer
-    // instructions per applied row than 4 KiB pages (callgrind, 64-row
-    // upserts into a 3-column table); the page cache stays the same size
-    // in bytes (SQLite's default `cache_size` is in KiB).
-    set_page_size(&conn, None)?;
     set_journal_mode(&conn, None, journal)?;
     conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| Error::sqlite("set synchronous", e))?;
     for s in schemas {
         let p = attached_path(path, s);
         conn.execute("ATTACH DATABASE ?1 AS ?2", (p.to_string_lossy(), s))
             .map_err(|e| Error::sqlite(format!("attach {} as {s}", p.display()), e))?;
-        set_page_size(&conn, Some(s))?;
         set_journal_mode(&conn, Some(s), journal)?;
     }
     // Opening must not write when the state exists: the applier and the
@@ -84,14 +77,6 @@ pub fn open_connection(path: &Path, tables: &[TableRef]) -> Result<Connection> {
     )
     .map_err(|e| Error::sqlite("create _tailcache_state", e))?;
     Ok(conn)
-}
-
-/// Page size of a database file not written yet (ignored by SQLite for an
-/// existing one).
-const PAGE_SIZE: i64 = 16384;
-
-fn set_page_size(conn: &Connection, schema: Option<&str>) -> Result<()> {
-    conn.pragma_update(schema, "page_size", PAGE_SIZE).map_err(|e| Error::sqlite("set page_size", e))
 }
 
 /// Changing the journal mode needs an exclusive lock that `busy_timeout`

@@ -27,7 +27,7 @@ const OP_UPDATE: i64 = 2;
 /// At most this many rows go into one multi-row UPSERT. Executing a
 /// statement costs about as much as inserting a row (bind, step, halt, reset,
 /// cursor open and close); 64 rows per statement removes most of that
-/// (callgrind: 4,700 → 2,300 instructions per row for a 3-column table);
+/// (callgrind: 4,700 → 2,500 instructions per row for a 3-column table);
 /// 256 rows per statement cost 8 % more than 64.
 const MAX_ROWS_PER_STATEMENT: usize = 64;
 

@@ -766,16 +766,22 @@ async fn bench_bulk(rep: &mut Report) {
     let here = master_pos(&mut conn).await;
     reader.wait_reached(&here, Duration::from_secs(30), Duration::from_millis(5), &daemon);
 
+    let hwm_idle = vm_kb(daemon.pid(), "VmHWM:").unwrap_or(0);
     let mut tx = conn.start_transaction(Default::default()).await.unwrap();
     let loaded = Instant::now();
     tx.query_drop(format!("INSERT INTO big SELECT seq, seq, 'abcdefghijklmnop' FROM seq_1_to_{rows}")).await.unwrap();
     let load = loaded.elapsed();
+    // CPU time, unlike wall time, barely depends on what else runs on the
+    // machine: it shows what the apply costs per row.
+    let (thread0, process0) = cpu_ns(daemon.pid(), "replicator");
     let t0 = Instant::now();
     tx.commit().await.unwrap();
     let commit = t0.elapsed();
     let end = master_pos(&mut conn).await;
     let t1 = reader.wait_reached(&end, Duration::from_secs(600), Duration::from_millis(2), &daemon);
     let el = t1 - t0;
+    let (thread1, process1) = cpu_ns(daemon.pid(), "replicator");
+    let hwm = vm_kb(daemon.pid(), "VmHWM:").unwrap_or(0);
     let rate = rows as f64 / el.as_secs_f64();
     println!("  (INSERT took {:.0} ms inside the transaction, COMMIT {:.0} ms; {end:?})", ms(load), ms(commit));
     rep.info("bulk: COMMIT -> checkpoint past it", format!("{:.0} ms", ms(el)));
@@ -784,6 +790,16 @@ async fn bench_bulk(rep: &mut Report) {
         format!("{:.0}", rate),
         ">= 3000000/s",
         Some(rate >= 3e6),
+    );
+    let per_row = |ns: u64| format!("{:.0} ns", ns as f64 / rows as f64);
+    rep.info("bulk: replicator thread CPU per row", per_row(thread1.saturating_sub(thread0)));
+    rep.info("bulk: process CPU per row", per_row(process1.saturating_sub(process0)));
+    rep.info("bulk: peak RSS (VmHWM) before the transaction", format!("{:.1} MB", hwm_idle as f64 / 1024.0));
+    rep.metric(
+        "bulk: peak RSS (VmHWM) after applying it",
+        format!("{:.1} MB", hwm as f64 / 1024.0),
+        "<= 30 MB",
+        Some(hwm <= 30 * 1024),
     );
     let n: i64 =
         rusqlite::Connection::open(&state).unwrap().query_row("SELECT count(*) FROM big", [], |r| r.get(0)).unwrap();

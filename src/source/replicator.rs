@@ -1188,12 +1188,14 @@ impl<'c> Replicator<'c> {
         let staging = self.applier.staging();
         let applier = &mut self.applier;
         let mut n = 0u64;
+        // Inserts and same-key updates are buffered and upserted many rows
+        // per statement; the buffer is flushed before this event is done.
         let mut apply = |change: crate::replica::action::RowChange<'_>| -> Result<()> {
             n += 1;
-            applier.apply(Action::Row { table: idx, change }).map(|_| ())
+            applier.buffer_row(idx, change)
         };
         match self.decoder.decode(et, body, codec, &mut apply) {
-            Ok(()) => {}
+            Ok(()) => self.applier.flush_rows()?,
             Err(DecodeFailure::Callback(e)) => return Err(e),
             Err(DecodeFailure::Decode(DecodeError::PartialImage(m))) => {
                 return Err(Error::Fatal(format!(

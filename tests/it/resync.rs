@@ -241,6 +241,10 @@ async fn an_entry_memcached_refuses_is_rejected_alone() {
     // the refused entry is not left stale either
     assert_eq!(app(2), None);
     assert!(refused_count() > rejected_before, "the refusal is counted in tailcache_entries_rejected_total");
+    // The status follows the publish's bookkeeping, just after memcached
+    // has the values: wait for it rather than race it.
+    let settled = || status.snapshot().views.get("app").is_some_and(|v| v.keys != 3);
+    wait_until("the publish recorded in the status", WAIT, || async { settled().then_some(()) }).await;
     let s = status.snapshot();
     assert!(s.publish_error.is_none(), "{:?}", s.publish_error);
     assert_eq!(s.views["app"].keys, 2, "the refused entry is not recorded as published");

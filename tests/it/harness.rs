@@ -1198,8 +1198,10 @@ fn memcached_answers(port: u16) -> bool {
 // The tailcache binary
 // ---------------------------------------------------------------------------
 
+/// The binary cargo built, or `TAILCACHE_BIN` (e.g. to bench an older
+/// build against the current one).
 pub fn tailcache_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_tailcache"))
+    std::env::var_os("TAILCACHE_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tailcache")), PathBuf::from)
 }
 
 /// Runs the binary to completion, e.g. `run_tailcache(&["check", "--config", p])`.

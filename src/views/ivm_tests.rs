@@ -302,17 +302,24 @@ fn incremental_publishing_equals_full_recompute_after_every_transaction() {
     }
 }
 
-fn property_run(seed: u64, codec: Codec, transactions: usize) {
-    eprintln!("codec {codec:?}");
-    let mut rng = StdRng::seed_from_u64(seed);
+/// A state file (in the returned temp dir, `state.db`) holding the
+/// schemas' empty replica tables.
+fn replica_with_tables() -> (tempfile::TempDir, Vec<TableSchema>, Vec<TableRef>, Connection) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("state.db");
     let tables = schemas();
     let refs_: Vec<TableRef> = tables.iter().map(|t| t.table.clone()).collect();
-    let conn = crate::replica::open_connection(&path, &refs_).unwrap();
+    let conn = crate::replica::open_connection(&dir.path().join("state.db"), &refs_).unwrap();
     for t in &tables {
         crate::replica::tables::recreate_table(&conn, t).unwrap();
     }
+    (dir, tables, refs_, conn)
+}
+
+fn property_run(seed: u64, codec: Codec, transactions: usize) {
+    eprintln!("codec {codec:?}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (dir, tables, refs_, conn) = replica_with_tables();
+    let path = dir.path().join("state.db");
     let pconn = crate::replica::open_connection(&path, &refs_).unwrap();
     let mut applier = Applier::new(&conn, refs_.clone()).unwrap();
     for (i, t) in tables.iter().enumerate() {
@@ -450,14 +457,7 @@ fn property_run(seed: u64, codec: Codec, transactions: usize) {
 /// (correlated subqueries, joins), K by its link column (the fill).
 #[test]
 fn incremental_lookups_search_indexes_instead_of_scanning() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("state.db");
-    let tables = schemas();
-    let refs_: Vec<TableRef> = tables.iter().map(|t| t.table.clone()).collect();
-    let conn = crate::replica::open_connection(&path, &refs_).unwrap();
-    for t in &tables {
-        crate::replica::tables::recreate_table(&conn, t).unwrap();
-    }
+    let (_dir, _tables, refs_, conn) = replica_with_tables();
     let cfgs = vec![
         view(
             "by_name",

@@ -126,6 +126,23 @@ async fn lock_waiters(db: &TestDb) -> Vec<u64> {
         .unwrap()
 }
 
+/// Waits until two different snapshot connections have waited for a
+/// metadata lock in turn: the first timed out and the snapshot was retried
+/// on its own.
+async fn wait_for_a_retry(db: &TestDb) {
+    let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    harness::wait_until("the snapshot to time out on a lock and retry", Duration::from_secs(60), || {
+        let seen = &seen;
+        async move {
+            let waiting = lock_waiters(db).await;
+            let mut seen = seen.lock().unwrap();
+            seen.extend(waiting);
+            (seen.len() >= 2).then_some(())
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn mysql_snapshot_retries_past_a_long_open_transaction_and_heals() {
     let (db, mut cfg, _dir, sqlite) = setup("snapheal").await;
@@ -137,19 +154,7 @@ async fn mysql_snapshot_retries_past_a_long_open_transaction_and_heals() {
     let tables = cfg.mysql.table_refs();
     let snap = snapshot(&cfg.mysql, &info, &tables, &sqlite);
     let commit_after_a_retry = async {
-        // Two different snapshot connections waiting in turn: the first
-        // timed out and the snapshot was retried on its own.
-        let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
-        harness::wait_until("the snapshot to time out and retry", Duration::from_secs(60), || {
-            let (db, seen) = (&db, &seen);
-            async move {
-                let waiting = lock_waiters(db).await;
-                let mut seen = seen.lock().unwrap();
-                seen.extend(waiting);
-                (seen.len() >= 2).then_some(())
-            }
-        })
-        .await;
+        wait_for_a_retry(&db).await;
         writer.query_drop("COMMIT").await.unwrap();
     };
     let (outcome, ()) = tokio::join!(snap, commit_after_a_retry);
@@ -188,17 +193,7 @@ async fn snapshot_blocked_by_a_table_lock_retries_and_heals() {
     let tables = cfg.mysql.table_refs();
     let snap = snapshot(&cfg.mysql, &info, &tables, &sqlite);
     let unlock_after_a_retry = async {
-        let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
-        harness::wait_until("the snapshot to time out on the lock and retry", Duration::from_secs(60), || {
-            let (db, seen) = (&db, &seen);
-            async move {
-                let waiting = lock_waiters(db).await;
-                let mut seen = seen.lock().unwrap();
-                seen.extend(waiting);
-                (seen.len() >= 2).then_some(())
-            }
-        })
-        .await;
+        wait_for_a_retry(&db).await;
         admin.query_drop("UNLOCK TABLES").await.unwrap();
     };
     let (outcome, ()) = tokio::join!(snap, unlock_after_a_retry);

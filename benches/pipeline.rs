@@ -499,6 +499,23 @@ fn stage_report(rep: &mut Report, l: &str, daemon: &Daemon, n: usize, ckpt_befor
             ),
         );
     }
+    // The replicator's side of to_publisher (its `applied` debug lines):
+    // first event of the transaction → its XID read → replica committed.
+    let applied = log_fields(daemon, "applied");
+    let applied = &applied[applied.len().saturating_sub(n)..];
+    for stage in ["received_us", "committed_us"] {
+        let mut v: Vec<Duration> = applied.iter().filter_map(|x| get(x, stage)).map(Duration::from_micros).collect();
+        v.sort();
+        rep.info(
+            &format!("{l}: replicator {stage} p50/p99/max"),
+            format!(
+                "{:.3} / {:.3} / {:.3} ms",
+                ms(pct(&v, 50.0)),
+                ms(pct(&v, 99.0)),
+                ms(v.last().copied().unwrap_or_default())
+            ),
+        );
+    }
     let mut slow: Vec<_> = last.iter().collect();
     slow.sort_by_key(|x| std::cmp::Reverse(get(x, "total_us").unwrap_or(0)));
     for f in slow.iter().take(5) {

@@ -101,6 +101,9 @@ struct Batch {
     rows: u64,
     started: Option<Instant>,
     arrived: Option<Instant>,
+    /// When the batch's last transaction ended (its XID), for the
+    /// `applied` debug line's stage timings.
+    ended: Option<Instant>,
     /// The checkpoint of the last complete transaction, not yet committed.
     pending: Option<Checkpoint>,
     /// A table was re-snapshotted with a new schema in this batch.
@@ -807,6 +810,7 @@ impl<'c> Replicator<'c> {
         let arrived = b.txn_arrived.take().unwrap_or_else(Instant::now);
         b.arrived = Some(b.arrived.map_or(arrived, |a| a.min(arrived)));
         b.pending = Some(Checkpoint { position: at, gtid: b.txn_gtid.take() });
+        b.ended = Some(Instant::now());
         b.started.get_or_insert_with(Instant::now);
         b.in_txn = false;
         b.txn_explicit = false;
@@ -837,13 +841,23 @@ impl<'c> Replicator<'c> {
             .filter_map(|(t, r)| std::mem::take(t).then(|| r.sqlite_name()))
             .collect();
         let arrived = b.arrived.take().unwrap_or_else(Instant::now);
+        let ended = b.ended.take().unwrap_or(arrived);
         let rows = std::mem::take(&mut b.rows);
         let schema_changed = std::mem::take(&mut b.schema_changed);
         b.started = None;
         self.checkpoint = Some(cp.clone());
         self.publish_position(&cp);
         if !touched.is_empty() || became_consistent || schema_changed {
-            tracing::debug!(position = %cp, rows, tables = ?touched, "applied");
+            // Stage timings from the first event of the batch: its last
+            // XID read, and the replica commit done.
+            tracing::debug!(
+                position = %cp,
+                rows,
+                tables = ?touched,
+                received_us = ended.saturating_duration_since(arrived).as_micros() as u64,
+                committed_us = arrived.elapsed().as_micros() as u64,
+                "applied"
+            );
             let touched =
                 if became_consistent { self.tables.iter().map(TableRef::sqlite_name).collect() } else { touched };
             let changes = self.applier.take_changes();

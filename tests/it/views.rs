@@ -567,3 +567,45 @@ query = "SELECT a.id, a.name, (SELECT count(*) FROM app_feature af WHERE af.app_
         daemon.log()
     );
 }
+
+/// A view keyed by a column that is not the primary key, with a correlated
+/// subquery: tailcache indexes the replica for its incremental lookups,
+/// after the first snapshot and again after a forced resync re-creates the
+/// tables, and an edit is published incrementally.
+#[tokio::test(flavor = "multi_thread")]
+async fn incremental_lookups_are_indexed_in_the_replica_across_a_resync() {
+    let (db, dir) = setup("ivmindex").await;
+    let mc = Memcached::start();
+    let state = dir.path().join("s.db");
+    let views = r#"
+[[views]]
+name = "byname"
+key = "byname:{name}"
+query = "SELECT a.name, (SELECT count(*) FROM app_feature af WHERE af.app_id = a.id) AS n FROM application a"
+"#;
+    let cfg = config(&db, &state, &mc, "msgpack", "", views);
+    let indexed = |state: &Path| -> Vec<(String, String)> {
+        let c = rusqlite::Connection::open_with_flags(state, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        let mut st = c
+            .prepare(
+                "SELECT m.tbl_name, ii.name FROM sqlite_master m, pragma_index_info(m.name) ii \
+                 WHERE m.type = 'index' AND m.name LIKE '\\_tailcache\\_ix\\_%' ESCAPE '\\' ORDER BY 1, 2",
+            )
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+    };
+    // app_feature's primary key (app_id, feature_id) already serves the
+    // subquery's lookups; application.name needs an index of its own.
+    let want = vec![("application".to_owned(), "name".to_owned())];
+    let mut daemon = Daemon::start(&cfg);
+    wait_for(&mc, "byname:test0", "initial", &daemon, |v| v.is_some_and(|v| field(v, "n").as_i64() == Some(2))).await;
+    assert_eq!(indexed(&state), want, "{}", daemon.log());
+    assert!(daemon.log().contains("incremental: key table application (name)"), "{}", daemon.log());
+    daemon.stop();
+
+    let daemon = Daemon::start_args(&cfg, &["--resync"]);
+    db.root_conn().await.query_drop("INSERT INTO app_feature VALUES (1, 3)").await.unwrap();
+    wait_for(&mc, "byname:test0", "the edit", &daemon, |v| v.is_some_and(|v| field(v, "n").as_i64() == Some(3))).await;
+    assert_eq!(indexed(&state), want, "{}", daemon.log());
+}

@@ -551,15 +551,19 @@ impl ViewSet {
         if !problems.is_empty() {
             return Err(problems);
         }
-        Ok(ViewSet {
-            views: compiled,
+        Ok(ViewSet::of(compiled, mc))
+    }
+
+    fn of(views: Vec<CompiledView>, mc: &MemcachedConfig) -> ViewSet {
+        ViewSet {
+            views,
             broken: Vec::new(),
             prefix: mc.key_prefix.clone(),
             codec: mc.codec,
             exptime: mc.exptime,
             max_item_size: mc.max_item_size,
             generation: next_generation(),
-        })
+        }
     }
 
     pub fn views(&self) -> &[CompiledView] {
@@ -584,15 +588,7 @@ impl ViewSet {
                     Ok(vs) => vs,
                     // Problems between views (a shared key) surface only
                     // together; then nothing is safe to publish.
-                    Err(_) => ViewSet {
-                        views: Vec::new(),
-                        broken: Vec::new(),
-                        prefix: mc.key_prefix.clone(),
-                        codec: mc.codec,
-                        exptime: mc.exptime,
-                        max_item_size: mc.max_item_size,
-                        generation: next_generation(),
-                    },
+                    Err(_) => ViewSet::of(Vec::new(), mc),
                 };
                 for v in views.iter().filter(|v| !vs.views.iter().any(|c| c.name() == v.name)) {
                     let msg: Vec<String> =

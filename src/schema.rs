@@ -51,6 +51,24 @@ pub struct ColumnDef {
 }
 
 impl ColumnDef {
+    /// A nullable column of `data_type` (its column type too), utf8mb4 when
+    /// `varchar`: what unit tests need to build a schema.
+    #[cfg(test)]
+    pub fn for_tests(name: &str, data_type: &str) -> ColumnDef {
+        ColumnDef {
+            name: name.into(),
+            data_type: data_type.into(),
+            column_type: data_type.into(),
+            unsigned: false,
+            charset: (data_type == "varchar").then(|| "utf8mb4".into()),
+            numeric_precision: None,
+            numeric_scale: None,
+            datetime_precision: None,
+            labels: vec![],
+            nullable: true,
+        }
+    }
+
     pub fn affinity(&self) -> Affinity {
         match self.data_type.as_str() {
             "bigint" if self.unsigned => Affinity::U64,

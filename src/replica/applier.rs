@@ -699,18 +699,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn schema(name: &str, pk: &[usize]) -> TableSchema {
-        let col = |name: &str, data_type: &str| ColumnDef {
-            name: name.into(),
-            data_type: data_type.into(),
-            column_type: data_type.into(),
-            unsigned: false,
-            charset: (data_type == "varchar").then(|| "utf8mb4".into()),
-            numeric_precision: None,
-            numeric_scale: None,
-            datetime_precision: None,
-            labels: vec![],
-            nullable: true,
-        };
+        let col = ColumnDef::for_tests;
         TableSchema {
             table: TableRef { schema: "db".into(), name: name.into(), qualified: false },
             columns: vec![col("id", "int"), col("v", "int"), col("s", "varchar"), col("b", "blob")],

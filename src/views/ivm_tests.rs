@@ -22,18 +22,7 @@ use crate::schema::{ColumnDef, TableSchema};
 use crate::sink::Op;
 
 fn col(name: &str, data_type: &str) -> ColumnDef {
-    ColumnDef {
-        name: name.into(),
-        data_type: data_type.into(),
-        column_type: data_type.into(),
-        unsigned: false,
-        charset: (data_type == "varchar").then(|| "utf8mb4".into()),
-        numeric_precision: None,
-        numeric_scale: None,
-        datetime_precision: None,
-        labels: vec![],
-        nullable: true,
-    }
+    ColumnDef::for_tests(name, data_type)
 }
 
 fn table(name: &str, cols: &[(&str, &str)], pk: &[usize]) -> TableSchema {

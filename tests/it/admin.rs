@@ -339,7 +339,7 @@ async fn readiness_follows_the_database_going_away_and_coming_back() {
     proxy.down();
     let why =
         wait_http(admin, "GET", "/readyz", "not ready while the database is away", &daemon, |c, _| c == 503).await;
-    assert!(why.contains("source"), "the reason names the source: {why}");
+    assert!(why.contains("source"), "the reason names the source: {why}\ndaemon log:\n{}", daemon.log());
     proxy.up().await;
     wait_http(admin, "GET", "/readyz", "ready again", &daemon, |c, _| c == 200).await;
 }

@@ -240,11 +240,12 @@ async fn an_entry_memcached_refuses_is_rejected_alone() {
     assert_eq!(app(3).unwrap()["name"].as_str(), Some("three"));
     // the refused entry is not left stale either
     assert_eq!(app(2), None);
-    assert!(refused_count() > rejected_before, "the refusal is counted in tailcache_entries_rejected_total");
-    // The status follows the publish's bookkeeping, just after memcached
-    // has the values: wait for it rather than race it.
+    // The metric and the status follow the publish's bookkeeping, just
+    // after memcached has the values (metric first): wait for the status
+    // rather than race it.
     let settled = || status.snapshot().views.get("app").is_some_and(|v| v.keys != 3);
     wait_until("the publish recorded in the status", WAIT, || async { settled().then_some(()) }).await;
+    assert!(refused_count() > rejected_before, "the refusal is counted in tailcache_entries_rejected_total");
     let s = status.snapshot();
     assert!(s.publish_error.is_none(), "{:?}", s.publish_error);
     assert_eq!(s.views["app"].keys, 2, "the refused entry is not recorded as published");

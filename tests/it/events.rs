@@ -124,6 +124,7 @@ async fn xa_prepared_survives_a_restart_of_tailcache() {
     wait_caught_up(&s.db, &s.state, &s.daemon).await;
     assert_eq!(replica_name(&s.state, 1).as_deref(), Some("test0"), "applied before XA COMMIT");
     s.daemon.stop();
+    let first_log = s.daemon.log();
     // Committed while tailcache is down: the staged rows must be applied
     // when it comes back and reads the XA COMMIT.
     conn.query_drop("XA COMMIT 'r1'").await.unwrap();
@@ -131,7 +132,11 @@ async fn xa_prepared_survives_a_restart_of_tailcache() {
     wait_cached(&s.mc, 1, "after-restart", &daemon).await;
     wait_caught_up(&s.db, &s.state, &daemon).await;
     assert_replica_matches(&s.db, &s.state, "application", &["id"]).await;
-    assert!(!daemon.log().contains("taking a snapshot"), "a restart must resume:\n{}", daemon.log());
+    assert!(
+        !daemon.log().contains("taking a snapshot"),
+        "a restart must resume:\n{}\n(before the restart:\n{first_log})",
+        daemon.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

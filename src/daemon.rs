@@ -96,6 +96,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let cfg = Arc::new(cfg);
     // Handlers first: SIGHUP's default action kills the process, and
     // `systemctl reload` may send one as soon as we run.
+    tracing::debug!("runtime started");
     let mut signals = Signals::install()?;
     let state = StatePath::resolve(&cfg)?;
     // Before preflight, which ends leftover binlog dumps of our server_id:
@@ -245,10 +246,13 @@ async fn wait_for_exit(
 /// Refuses to start on anything `tailcache check` calls a problem, and on
 /// views that do not compile against the watched tables.
 async fn preflight(cfg: &Config) -> Result<()> {
+    tracing::debug!("preflight connecting");
     let mut conn = crate::source::conn::connect(&cfg.mysql).await?;
+    tracing::debug!("preflight connection open");
     let info = crate::source::conn::server_info(&mut conn).await?;
     tracing::info!(flavor = %info.flavor, version = %info.version, server_id = info.server_id, "connected");
     let report = crate::check::preflight(&mut conn, &info, cfg).await;
+    tracing::debug!("preflight checks done");
     if !report.ok() {
         return Err(Error::Fatal(format!("preflight failed; refusing to start:\n{}", report.render().trim_end())));
     }
@@ -256,6 +260,7 @@ async fn preflight(cfg: &Config) -> Result<()> {
     // start as at run time (the tables may also still change: the views are
     // compiled again once the replica has caught up with the binlog's DDL).
     let problems = validate_views(cfg, &mut conn).await?;
+    tracing::debug!("views validated");
     for p in &problems {
         tracing::error!(problem = %p.trim(), "view does not compile against the watched tables; it is skipped until it does");
     }

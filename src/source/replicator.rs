@@ -298,7 +298,9 @@ impl<'c> Replicator<'c> {
             self.need_snapshot = Some(format!("the server changed identity to {}", info.identity()));
         }
         self.info = Some(info.clone());
+        tracing::debug!("replicator connected");
         self.load_state(&mut conn, &info).await?;
+        tracing::debug!("replica state loaded");
         if let Some(reason) = self.need_snapshot.take() {
             tracing::info!(reason = %reason, "taking a snapshot");
             let _ = conn.disconnect().await;
@@ -325,6 +327,7 @@ impl<'c> Replicator<'c> {
             return Err(Error::NeedsResync { reason: "no checkpoint".into(), table: None, position: None });
         };
         self.verify_position(&mut conn, &cp.position).await?;
+        tracing::debug!("position verified");
         self.stream(conn, &info, cp.position).await
     }
 
@@ -478,15 +481,12 @@ impl<'c> Replicator<'c> {
 
     async fn stream(&mut self, mut conn: Conn, info: &ServerInfo, start: BinlogPosition) -> Result<SessionEnd> {
         let heartbeat = Duration::from_secs_f64(self.cfg.mysql.heartbeat_secs);
-        if info.flavor == Flavor::MariaDb {
-            // 4 = MARIA_SLAVE_CAPABILITY_GTID: send real GTID events.
-            conn.query_drop("SET @mariadb_slave_capability = 4")
-                .await
-                .map_err(|e| Error::mysql("set slave capability", e))?;
-        }
-        conn.query_drop(format!("SET @master_heartbeat_period = {}", heartbeat.as_nanos()))
+        // One statement, one round trip. On MariaDB, 4 =
+        // MARIA_SLAVE_CAPABILITY_GTID: send real GTID events.
+        let capability = if info.flavor == Flavor::MariaDb { "@mariadb_slave_capability = 4, " } else { "" };
+        conn.query_drop(format!("SET {capability}@master_heartbeat_period = {}", heartbeat.as_nanos()))
             .await
-            .map_err(|e| Error::mysql("set heartbeat period", e))?;
+            .map_err(|e| Error::mysql("set heartbeat period and capabilities", e))?;
         let req =
             BinlogStreamRequest::new(self.cfg.mysql.server_id).with_filename(start.file.as_bytes()).with_pos(start.pos);
         let dump_id = conn.id();
@@ -846,31 +846,29 @@ impl<'c> Replicator<'c> {
         let schema_changed = std::mem::take(&mut b.schema_changed);
         b.started = None;
         self.checkpoint = Some(cp.clone());
-        self.publish_position(&cp);
         if !touched.is_empty() || became_consistent || schema_changed {
-            // Stage timings from the first event of the batch: its last
-            // XID read, and the replica commit done.
-            tracing::debug!(
-                position = %cp,
-                rows,
-                tables = ?touched,
-                received_us = ended.saturating_duration_since(arrived).as_micros() as u64,
-                committed_us = arrived.elapsed().as_micros() as u64,
-                "applied"
-            );
+            // The notice goes first: the status update and the debug line
+            // below are not on a commit's way to memcached.
+            let received_us = ended.saturating_duration_since(arrived).as_micros() as u64;
+            let committed_us = arrived.elapsed().as_micros() as u64;
+            let tables = touched.clone();
             let touched =
                 if became_consistent { self.tables.iter().map(TableRef::sqlite_name).collect() } else { touched };
             let changes = self.applier.take_changes();
             (self.notify)(CommitNotice {
                 touched,
-                checkpoint: cp,
+                checkpoint: cp.clone(),
                 arrived,
                 full: false,
                 schema_changed,
                 trigger: None,
                 changes,
             });
+            // Stage timings from the first event of the batch: its last
+            // XID read, and the replica commit done.
+            tracing::debug!(position = %cp, rows, tables = ?tables, received_us, committed_us, "applied");
         }
+        self.publish_position(&cp);
         Ok(())
     }
 

@@ -661,6 +661,18 @@ async fn bench_catchup(rep: &mut Report, mc: &Memcached) {
                 })
                 .collect()
         };
+        if tc.len() == 1 {
+            // Where the start-up goes: every log line up to the stream's
+            // start, in ms after the spawn.
+            for v in d.log().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+                let Some(t) = log_time(&v) else { continue };
+                let msg = v["fields"]["message"].as_str().unwrap_or("").to_owned();
+                println!("  (start-up: {:6.2} ms  {msg})", ms(t.duration_since(wall0).unwrap_or_default()));
+                if msg == "streaming binlog" {
+                    break;
+                }
+            }
+        }
         println!(
             "  (run: {:.0} ms, {batches} replica commits with watched rows; ms after spawn: applied {:?}, published {:?})",
             ms(t1 - t0),

@@ -138,7 +138,9 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, resync, log_format } => {
             init_logging(log_format == "json");
+            tracing::debug!("starting");
             let cfg = try_load!(config);
+            tracing::debug!("configuration loaded");
             match runtime()
                 .block_on(crate::daemon::run(cfg, crate::daemon::RunOptions { resync, ..Default::default() }))
             {

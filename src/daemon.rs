@@ -96,6 +96,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let cfg = Arc::new(cfg);
     // Handlers first: SIGHUP's default action kills the process, and
     // `systemctl reload` may send one as soon as we run.
+    tracing::debug!("runtime started");
     let mut signals = Signals::install()?;
     let state = StatePath::resolve(&cfg)?;
     // Before preflight, which ends leftover binlog dumps of our server_id:
@@ -104,28 +105,6 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let _pid = PidFile::create(&pid_file(&cfg))?;
     let admin = if opts.once { None } else { crate::admin::bind(&cfg.admin).await? };
     let status = opts.status.clone().unwrap_or_else(|| Arc::new(crate::status::Status::new()));
-    // A server that is down at start is transient like a lost link: wait
-    // for it (readiness says why); only configuration, privileges and
-    // server settings are fatal.
-    let mut attempt = 0u32;
-    loop {
-        let e = match preflight(&cfg).await {
-            Ok(()) => break,
-            Err(e) if e.recovery() == crate::error::Recovery::Transient => e,
-            Err(e) => return Err(e),
-        };
-        attempt += 1;
-        let delay = crate::source::replicator::backoff(attempt);
-        tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "cannot reach the server at start; retrying");
-        let msg = e.to_string();
-        status.update(|s| s.source_error = Some(msg));
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = signals.term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
-            _ = signals.int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()) }
-        }
-    }
-    status.update(|s| s.source_error = None);
     // Create the state schema once, before the replicator and the publisher
     // open the file concurrently (their opens then never write).
     {
@@ -136,22 +115,66 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let (control_tx, control_rx) = mpsc::unbounded_channel::<Control>();
     let health = crate::admin::Health::new();
     let (notice_tx, notice_rx) = mpsc::unbounded_channel::<CommitNotice>();
-
-    let publisher =
-        start_publisher(cfg.clone(), state.path.clone(), &notice_tx, notice_rx, shutdown_rx.clone(), status.clone())?;
-    let notify = Box::new(move |n: CommitNotice| {
-        let _ = notice_tx.send(n);
-    });
+    // The replicator connects and reads its state while the preflight runs;
+    // it snapshots or streams only once the gate opens.
+    let (gate_tx, gate_rx) = watch::channel(false);
+    let notify = {
+        let tx = notice_tx.clone();
+        Box::new(move |n: CommitNotice| {
+            let _ = tx.send(n);
+        })
+    };
     let replicator = spawn_replicator(
         cfg.clone(),
         state.path.clone(),
         opts.resync,
         notify,
         control_rx,
+        gate_rx,
         shutdown_rx.clone(),
         status.clone(),
     )
     .map_err(|e| Error::Fatal(format!("cannot start the replicator thread: {e}")))?;
+    // Leaving before the gate opened: the replicator thread stops first.
+    let stop_early = |shutdown_tx: watch::Sender<bool>, thread: std::thread::JoinHandle<Result<()>>| async move {
+        let _ = shutdown_tx.send(true);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    };
+    // A server that is down at start is transient like a lost link: wait
+    // for it (readiness says why); only configuration, privileges and
+    // server settings are fatal.
+    let mut attempt = 0u32;
+    loop {
+        let e = match preflight(&cfg).await {
+            Ok(()) => break,
+            Err(e) if e.recovery() == crate::error::Recovery::Transient => e,
+            Err(e) => {
+                stop_early(shutdown_tx, replicator.thread).await;
+                return Err(e);
+            }
+        };
+        attempt += 1;
+        let delay = crate::source::replicator::backoff(attempt);
+        tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "cannot reach the server at start; retrying");
+        let msg = e.to_string();
+        status.update(|s| s.source_error = Some(msg));
+        let signal = tokio::select! {
+            _ = tokio::time::sleep(delay) => None,
+            _ = signals.term.recv() => Some("SIGTERM"),
+            _ = signals.int.recv() => Some("SIGINT"),
+        };
+        if let Some(signal) = signal {
+            tracing::info!("{signal}: shutting down");
+            stop_early(shutdown_tx, replicator.thread).await;
+            return Ok(());
+        }
+    }
+    status.update(|s| s.source_error = None);
+    let _ = gate_tx.send(true);
+
+    let publisher =
+        start_publisher(cfg.clone(), state.path.clone(), &notice_tx, notice_rx, shutdown_rx.clone(), status.clone())?;
+    drop(notice_tx);
 
     if let Some(listener) = admin {
         let publishing = publisher.is_some();
@@ -245,10 +268,13 @@ async fn wait_for_exit(
 /// Refuses to start on anything `tailcache check` calls a problem, and on
 /// views that do not compile against the watched tables.
 async fn preflight(cfg: &Config) -> Result<()> {
+    tracing::debug!("preflight connecting");
     let mut conn = crate::source::conn::connect(&cfg.mysql).await?;
+    tracing::debug!("preflight connection open");
     let info = crate::source::conn::server_info(&mut conn).await?;
     tracing::info!(flavor = %info.flavor, version = %info.version, server_id = info.server_id, "connected");
     let report = crate::check::preflight(&mut conn, &info, cfg).await;
+    tracing::debug!("preflight checks done");
     if !report.ok() {
         return Err(Error::Fatal(format!("preflight failed; refusing to start:\n{}", report.render().trim_end())));
     }
@@ -256,6 +282,7 @@ async fn preflight(cfg: &Config) -> Result<()> {
     // start as at run time (the tables may also still change: the views are
     // compiled again once the replica has caught up with the binlog's DDL).
     let problems = validate_views(cfg, &mut conn).await?;
+    tracing::debug!("views validated");
     for p in &problems {
         tracing::error!(problem = %p.trim(), "view does not compile against the watched tables; it is skipped until it does");
     }

@@ -464,8 +464,14 @@ impl<'c> Applier<'c> {
         self.take_changes();
     }
 
+    /// BEGIN / COMMIT, once per transaction: cached like every statement
+    /// on the per-commit path.
     fn exec(&self, sql: &str) -> Result<()> {
-        self.conn.execute_batch(sql).map_err(|e| Error::sqlite(sql.to_owned(), e))
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut st| st.execute([]))
+            .map(drop)
+            .map_err(|e| Error::sqlite(sql.to_owned(), e))
     }
 
     fn statements(&mut self, idx: usize) -> Result<&mut TableStatements<'c>> {

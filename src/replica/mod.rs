@@ -49,6 +49,9 @@ pub fn open_connection(path: &Path, tables: &[TableRef]) -> Result<Connection> {
     .map_err(|e| Error::sqlite("set busy handler", e))?;
     set_journal_mode(&conn, None, journal)?;
     conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| Error::sqlite("set synchronous", e))?;
+    // The incremental views' key tables are TEMP tables filled at every
+    // publish: keep them in memory, never in a temporary file.
+    conn.pragma_update(None, "temp_store", "MEMORY").map_err(|e| Error::sqlite("set temp_store", e))?;
     for s in schemas {
         let p = attached_path(path, s);
         conn.execute("ATTACH DATABASE ?1 AS ?2", (p.to_string_lossy(), s))
@@ -100,14 +103,18 @@ fn set_journal_mode(conn: &Connection, schema: Option<&str>, mode: &str) -> Resu
 /// The stored checkpoint and whether the replica equals the database at it
 /// (false while catching up after a snapshot).
 pub fn read_checkpoint(conn: &Connection) -> Result<Option<(Checkpoint, bool)>> {
+    // Read at every publish: a cached statement.
     let row = conn
-        .query_row("SELECT file, pos, gtid, consistent FROM _tailcache_state WHERE id = 1", [], |r| {
-            Ok((
-                r.get::<_, Option<String>>(0)?,
-                r.get::<_, Option<i64>>(1)?,
-                r.get::<_, Option<String>>(2)?,
-                r.get::<_, bool>(3)?,
-            ))
+        .prepare_cached("SELECT file, pos, gtid, consistent FROM _tailcache_state WHERE id = 1")
+        .and_then(|mut st| {
+            st.query_row([], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, bool>(3)?,
+                ))
+            })
         })
         .optional()
         .map_err(|e| Error::sqlite("read checkpoint", e))?;

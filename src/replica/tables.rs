@@ -40,11 +40,17 @@ pub fn recreate_table(conn: &Connection, schema: &TableSchema) -> Result<()> {
 }
 
 pub fn write_checkpoint(conn: &Connection, cp: &Checkpoint, consistent: bool) -> Result<()> {
-    conn.execute(
-        "UPDATE _tailcache_state SET file = ?1, pos = ?2, gtid = ?3, consistent = ?4 WHERE id = 1",
-        params![cp.position.file, cp.position.pos as i64, cp.gtid.as_ref().map(|g| g.to_string()), consistent],
-    )
-    .map_err(|e| Error::sqlite("write checkpoint", e))?;
+    // Once per commit: a cached statement, not a parse each time.
+    conn.prepare_cached("UPDATE _tailcache_state SET file = ?1, pos = ?2, gtid = ?3, consistent = ?4 WHERE id = 1")
+        .and_then(|mut st| {
+            st.execute(params![
+                cp.position.file,
+                cp.position.pos as i64,
+                cp.gtid.as_ref().map(|g| g.to_string()),
+                consistent
+            ])
+        })
+        .map_err(|e| Error::sqlite("write checkpoint", e))?;
     Ok(())
 }
 

@@ -32,8 +32,15 @@ fn opts_with_tls(cfg: &MysqlConfig, ssl: Option<SslOpts>) -> Result<OptsBuilder>
         .prefer_socket(false)
         .stmt_cache_size(32)
         .ssl_opts(ssl)
-        // Snapshot and stream must agree on TIMESTAMP rendering: UTC.
-        .init(vec!["SET time_zone = '+00:00'", "SET NAMES utf8mb4"]))
+        // Known up front, so connecting does not ask the server (one round
+        // trip per connection saved): the largest packet MySQL and MariaDB
+        // can send (1 GiB; a binlog event is at most that), and the
+        // server's default idle timeout (only mysql_async's pool uses it).
+        .max_allowed_packet(Some(1 << 30))
+        .wait_timeout(Some(28_800))
+        // Snapshot and stream must agree on TIMESTAMP rendering: UTC. One
+        // statement, one round trip.
+        .init(vec!["SET NAMES utf8mb4, time_zone = '+00:00'"]))
 }
 
 /// The TLS options for `mode` (`None`: plain TCP), as the mysql client's

@@ -59,12 +59,17 @@ pub struct ReplicatorHandle {
     pub thread: std::thread::JoinHandle<Result<()>>,
 }
 
+/// Starts the replicator thread. It connects and reads its state at once,
+/// but takes no snapshot and starts no binlog dump before `gate` turns
+/// true (the daemon's preflight checks passed): the two overlap at start.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_replicator(
     cfg: Arc<Config>,
     state_path: PathBuf,
     force_resync: bool,
     notify: Box<dyn FnMut(CommitNotice) + Send>,
     control: mpsc::UnboundedReceiver<Control>,
+    gate: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
     status: Arc<Status>,
 ) -> std::io::Result<ReplicatorHandle> {
@@ -78,6 +83,7 @@ pub fn spawn_replicator(
             let sqlite = crate::replica::open_connection(&state_path, &tables)?;
             let applier = Applier::new(&sqlite, tables.clone())?;
             let mut r = Replicator::new(cfg, tables, applier, notify, control, shutdown, status);
+            r.gate = gate;
             r.need_snapshot = force_resync.then(|| "forced by --resync".to_owned());
             r.run().await
         })
@@ -123,6 +129,9 @@ pub struct Replicator<'c> {
     notify: Box<dyn FnMut(CommitNotice) + Send>,
     control: mpsc::UnboundedReceiver<Control>,
     shutdown: watch::Receiver<bool>,
+    /// True once the daemon's preflight checks passed (see
+    /// [`spawn_replicator`]).
+    gate: watch::Receiver<bool>,
     schemas: Vec<Option<TableSchema>>,
     /// table id → watched table index (None: not watched).
     table_ids: HashMap<u64, Option<usize>>,
@@ -200,6 +209,8 @@ impl<'c> Replicator<'c> {
             resnapshot_tables: Vec::new(),
             fde: Rc::new(FormatDescriptionEvent::new(BinlogVersion::Version4)),
             inner_buf: Vec::new(),
+            // Open unless spawn_replicator says otherwise.
+            gate: watch::channel(true).1,
             status,
             last_event_ts: 0,
         }
@@ -226,6 +237,19 @@ impl<'c> Replicator<'c> {
             if stop_requested(&self.shutdown) {
                 self.abort_batch();
                 return Ok(());
+            }
+            // The gate is still closed: the session failed before it could
+            // snapshot or stream (nothing to undo).
+            if !*self.gate.borrow()
+                && let Err(e) = &outcome
+            {
+                // The preflight, running meanwhile, reports the server's
+                // state: once it passes, try again at once (no backoff).
+                tracing::debug!(error = %e, "early connection failed; retrying once the preflight passes");
+                if !self.wait_for_gate().await {
+                    return Ok(());
+                }
+                continue;
             }
             // Only a session that ran healthily for a while resets the
             // backoff; one that fails at once keeps growing it.
@@ -298,7 +322,15 @@ impl<'c> Replicator<'c> {
             self.need_snapshot = Some(format!("the server changed identity to {}", info.identity()));
         }
         self.info = Some(info.clone());
+        tracing::debug!("replicator connected");
         self.load_state(&mut conn, &info).await?;
+        tracing::debug!("replica state loaded");
+        if !*self.gate.borrow() {
+            if !self.wait_for_gate().await {
+                return Ok(SessionEnd::Shutdown);
+            }
+            tracing::debug!("preflight passed");
+        }
         if let Some(reason) = self.need_snapshot.take() {
             tracing::info!(reason = %reason, "taking a snapshot");
             let _ = conn.disconnect().await;
@@ -325,7 +357,18 @@ impl<'c> Replicator<'c> {
             return Err(Error::NeedsResync { reason: "no checkpoint".into(), table: None, position: None });
         };
         self.verify_position(&mut conn, &cp.position).await?;
+        tracing::debug!("position verified");
         self.stream(conn, &info, cp.position).await
+    }
+
+    /// Waits until the preflight passed; false on shutdown (or when the
+    /// daemon gave up).
+    async fn wait_for_gate(&self) -> bool {
+        let (mut gate, mut sd) = (self.gate.clone(), self.shutdown.clone());
+        tokio::select! {
+            r = gate.wait_for(|open| *open) => r.is_ok() && !stop_requested(&self.shutdown),
+            _ = sd.wait_for(|stop| *stop) => false,
+        }
     }
 
     /// Reads the stored checkpoint and decides whether it can be resumed.
@@ -478,15 +521,12 @@ impl<'c> Replicator<'c> {
 
     async fn stream(&mut self, mut conn: Conn, info: &ServerInfo, start: BinlogPosition) -> Result<SessionEnd> {
         let heartbeat = Duration::from_secs_f64(self.cfg.mysql.heartbeat_secs);
-        if info.flavor == Flavor::MariaDb {
-            // 4 = MARIA_SLAVE_CAPABILITY_GTID: send real GTID events.
-            conn.query_drop("SET @mariadb_slave_capability = 4")
-                .await
-                .map_err(|e| Error::mysql("set slave capability", e))?;
-        }
-        conn.query_drop(format!("SET @master_heartbeat_period = {}", heartbeat.as_nanos()))
+        // One statement, one round trip. On MariaDB, 4 =
+        // MARIA_SLAVE_CAPABILITY_GTID: send real GTID events.
+        let capability = if info.flavor == Flavor::MariaDb { "@mariadb_slave_capability = 4, " } else { "" };
+        conn.query_drop(format!("SET {capability}@master_heartbeat_period = {}", heartbeat.as_nanos()))
             .await
-            .map_err(|e| Error::mysql("set heartbeat period", e))?;
+            .map_err(|e| Error::mysql("set heartbeat period and capabilities", e))?;
         let req =
             BinlogStreamRequest::new(self.cfg.mysql.server_id).with_filename(start.file.as_bytes()).with_pos(start.pos);
         let dump_id = conn.id();
@@ -846,31 +886,29 @@ impl<'c> Replicator<'c> {
         let schema_changed = std::mem::take(&mut b.schema_changed);
         b.started = None;
         self.checkpoint = Some(cp.clone());
-        self.publish_position(&cp);
         if !touched.is_empty() || became_consistent || schema_changed {
-            // Stage timings from the first event of the batch: its last
-            // XID read, and the replica commit done.
-            tracing::debug!(
-                position = %cp,
-                rows,
-                tables = ?touched,
-                received_us = ended.saturating_duration_since(arrived).as_micros() as u64,
-                committed_us = arrived.elapsed().as_micros() as u64,
-                "applied"
-            );
+            // The notice goes first: the status update and the debug line
+            // below are not on a commit's way to memcached.
+            let received_us = ended.saturating_duration_since(arrived).as_micros() as u64;
+            let committed_us = arrived.elapsed().as_micros() as u64;
+            let tables = touched.clone();
             let touched =
                 if became_consistent { self.tables.iter().map(TableRef::sqlite_name).collect() } else { touched };
             let changes = self.applier.take_changes();
             (self.notify)(CommitNotice {
                 touched,
-                checkpoint: cp,
+                checkpoint: cp.clone(),
                 arrived,
                 full: false,
                 schema_changed,
                 trigger: None,
                 changes,
             });
+            // Stage timings from the first event of the batch: its last
+            // XID read, and the replica commit done.
+            tracing::debug!(position = %cp, rows, tables = ?tables, received_us, committed_us, "applied");
         }
+        self.publish_position(&cp);
         Ok(())
     }
 

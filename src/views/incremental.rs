@@ -749,6 +749,11 @@ fn analyze_tuple(
         drop_sql.push_str(&format!("DROP TABLE IF EXISTS temp.{};", quote_ident(&l.values_table)));
     }
     let _ = conn.execute_batch(&drop_sql);
+    // Every TEMP table exists after a compile: a publish creates them only
+    // when it has not seen their statement on this connection yet.
+    for l in &links {
+        let _ = conn.execute_batch(&l.create_sql);
+    }
     if conn.execute_batch(&create_sql).is_ok() {
         if let Ok(mut st) = conn.prepare(&format!("EXPLAIN QUERY PLAN {restricted_sql}")) {
             let details: Vec<String> =

@@ -284,6 +284,22 @@ pub struct Scratch {
     index: HashMap<u128, usize>,
     /// The stored rows of patchable `map`/`list` views, by view name.
     ordered: HashMap<String, ordered::Rows>,
+    /// `CREATE TEMP TABLE IF NOT EXISTS` statements already run on this
+    /// connection: parsing one costs more than the rest of a one-row
+    /// publish's bookkeeping.
+    created: HashSet<String>,
+}
+
+impl Scratch {
+    /// Runs `create_sql` (an idempotent `CREATE TEMP TABLE IF NOT EXISTS`)
+    /// once per connection.
+    fn ensure_created(&mut self, conn: &Connection, create_sql: &str) -> rusqlite::Result<()> {
+        if !self.created.contains(create_sql) {
+            conn.execute_batch(create_sql)?;
+            self.created.insert(create_sql.to_owned());
+        }
+        Ok(())
+    }
 }
 
 /// All configured views, compiled against the replica schema.
@@ -900,13 +916,30 @@ impl ViewSet {
         now: SystemTime,
         s: &mut Scratch,
     ) -> Result<Option<ComputedView>, ViewError> {
+        let r = self.compute_incremental_in(conn, index, touched, changes, now, s);
+        if r.is_err() {
+            // Perhaps a TEMP table went missing: create them all again.
+            s.created.clear();
+        }
+        r
+    }
+
+    fn compute_incremental_in(
+        &self,
+        conn: &Connection,
+        index: usize,
+        touched: &HashSet<String>,
+        changes: &ChangeSet,
+        now: SystemTime,
+        s: &mut Scratch,
+    ) -> Result<Option<ComputedView>, ViewError> {
         if !self.can_increment(index, touched, changes) {
             return Ok(None);
         }
         let v = &self.views[index];
         let Ok(plan) = &v.ivm else { return Ok(None) };
         let sql_err = |source| ViewError::Sqlite { view: v.name.clone(), source };
-        conn.execute_batch(&plan.create_sql).map_err(sql_err)?;
+        s.ensure_created(conn, &plan.create_sql).map_err(sql_err)?;
         conn.prepare_cached(&plan.clear_sql).and_then(|mut st| st.execute([])).map_err(sql_err)?;
         for t in v.reads.iter().filter(|t| touched.contains(*t)) {
             let Some(delta) = changes.get(t) else { return Ok(None) };
@@ -920,7 +953,7 @@ impl ViewSet {
                 }
             } else {
                 let Some(link) = plan.links.iter().find(|l| l.table == *t) else { return Ok(None) };
-                conn.execute_batch(&link.create_sql).map_err(sql_err)?;
+                s.ensure_created(conn, &link.create_sql).map_err(sql_err)?;
                 conn.prepare_cached(&link.clear_sql).and_then(|mut st| st.execute([])).map_err(sql_err)?;
                 {
                     let mut ins = conn.prepare_cached(&link.insert_sql).map_err(sql_err)?;

@@ -577,7 +577,11 @@ impl Worker {
         // Before the first snapshot the replica has no tables yet, so the
         // views can neither compile nor run: wait for a consistent replica
         // (checked again inside the read transaction).
-        if !matches!(crate::replica::read_checkpoint(&self.conn)?, Some((_, true))) {
+        // Once compiled, the check inside the read transaction is enough
+        // (a separate read here would cost a commit another WAL read lock).
+        if (self.viewset.is_none() || pending.resync)
+            && !matches!(crate::replica::read_checkpoint(&self.conn)?, Some((_, true)))
+        {
             return Ok(Outcome::NotConsistent);
         }
         if pending.resync && self.viewset.is_some() {

@@ -140,6 +140,15 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         let _ = shutdown_tx.send(true);
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     };
+    // Served from now on, so that readiness says why while the preflight
+    // waits for a server that is down. The publisher exists iff memcached
+    // is configured (see start_publisher).
+    if let Some(listener) = admin {
+        let publishing = cfg.memcached.is_some();
+        let (status, control, health, shutdown) =
+            (status.clone(), control_tx.clone(), health.clone(), shutdown_rx.clone());
+        crate::admin::spawn(listener, crate::admin::AdminState { status, control, health, publishing, shutdown });
+    }
     // A server that is down at start is transient like a lost link: wait
     // for it (readiness says why); only configuration, privileges and
     // server settings are fatal.
@@ -176,11 +185,6 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         start_publisher(cfg.clone(), state.path.clone(), &notice_tx, notice_rx, shutdown_rx.clone(), status.clone())?;
     drop(notice_tx);
 
-    if let Some(listener) = admin {
-        let publishing = publisher.is_some();
-        let (status, control, health, shutdown) = (status.clone(), control_tx.clone(), health.clone(), shutdown_rx);
-        crate::admin::spawn(listener, crate::admin::AdminState { status, control, health, publishing, shutdown });
-    }
     let once = opts.once.then(|| (status.clone(), publisher.is_some()));
     let mut notifier = crate::notify::Notifier::new(status.clone(), &cfg); // systemd (src/notify.rs)
     let outcome =

@@ -343,3 +343,47 @@ async fn readiness_follows_the_database_going_away_and_coming_back() {
     proxy.up().await;
     wait_http(admin, "GET", "/readyz", "ready again", &daemon, |c, _| c == 200).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_down_at_start_is_reported_and_waited_for() {
+    let (db, dir) = setup("down_at_start").await;
+    let mc = Memcached::start();
+    let mut proxy = Proxy::start(harness::server().port).await;
+    proxy.down();
+    let mut db_via_proxy = db.clone();
+    db_via_proxy.url = db.url.replace(&format!(":{}/", harness::server().port), &format!(":{}/", proxy.port));
+    let admin = harness::free_port();
+    let daemon = Daemon::start(&config(&db_via_proxy, &dir.path().join("s.db"), &mc, admin));
+    // The admin endpoint answers while the start waits for the server.
+    let why = wait_http(admin, "GET", "/readyz", "not ready, naming the source", &daemon, |c, b| {
+        c == 503 && b.contains("source")
+    })
+    .await;
+    assert!(why.contains("source"), "{why}");
+    assert_eq!(http(admin, "GET", "/healthz").map(|(c, _)| c), Some(200), "alive while it waits:\n{}", daemon.log());
+    proxy.up().await;
+    wait_http(admin, "GET", "/readyz", "ready once the server is back", &daemon, |c, _| c == 200).await;
+    let held = mc.get_raw("a:item:1").map(|(v, _)| String::from_utf8_lossy(&v).into_owned());
+    assert!(held.as_deref().is_some_and(|v| v.contains("one")), "published after the late start: {held:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_preflight_stops_the_start_before_any_snapshot() {
+    let (db, dir) = setup("preflight_gate").await;
+    let mc = Memcached::start();
+    let state = dir.path().join("s.db");
+    // The replicator starts alongside the preflight; a table that does not
+    // exist fails the preflight, and nothing may have been copied by then.
+    let cfg =
+        config(&db, &state, &mc, harness::free_port()).replace("tables = [\"item\"]", "tables = [\"item\", \"nope\"]");
+    let mut daemon = Daemon::start(&cfg);
+    let status =
+        harness::wait_until_blocking("the daemon to exit on the failed preflight", DEADLINE, || daemon.try_wait());
+    let log = daemon.log();
+    assert!(!status.success(), "exit status {status:?}:\n{log}");
+    assert!(log.contains("preflight failed") && log.contains("nope"), "the failure names the table:\n{log}");
+    assert!(!log.contains("taking a snapshot"), "a snapshot started before the preflight passed:\n{log}");
+    let c = rusqlite::Connection::open(&state).unwrap();
+    let copied: i64 = c.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'item'", [], |r| r.get(0)).unwrap();
+    assert_eq!(copied, 0, "the replica holds a copy of item:\n{log}");
+}

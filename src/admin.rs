@@ -127,7 +127,7 @@ async fn healthz(State(st): State<AdminState>) -> Response {
 }
 
 async fn readyz(State(st): State<AdminState>) -> Response {
-    let mut reasons = st.status.snapshot().not_ready();
+    let mut reasons = st.status.snapshot().not_ready(st.publishing);
     if !st.health.alive() {
         reasons.insert(0, "a worker thread has stopped".into());
     }
@@ -140,7 +140,7 @@ async fn readyz(State(st): State<AdminState>) -> Response {
 
 async fn status(State(st): State<AdminState>) -> Response {
     let view = st.status.snapshot();
-    let not_ready = view.not_ready();
+    let not_ready = view.not_ready(st.publishing);
     let mut v = match serde_json::to_value(&view) {
         Ok(v) => v,
         Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode: {e}\n")),

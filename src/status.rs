@@ -107,7 +107,10 @@ pub struct StatusView {
 
 impl StatusView {
     /// Why the process is not ready, one reason per entry; empty = ready.
-    pub fn not_ready(&self) -> Vec<String> {
+    /// `publishing`: there is a publisher (`[memcached]` is configured), so
+    /// ready also needs a publish of the consistent replica, as for
+    /// systemd's READY=1.
+    pub fn not_ready(&self, publishing: bool) -> Vec<String> {
         let mut r = Vec::new();
         if !self.consistent {
             r.push(match &self.snapshot {
@@ -120,7 +123,7 @@ impl StatusView {
         }
         if let Some(e) = &self.publish_error {
             r.push(format!("publish: {e}"));
-        } else if self.consistent && !self.published_consistent && !self.views.is_empty() {
+        } else if publishing && self.consistent && !self.published_consistent {
             r.push("first publish of a consistent replica not done yet".to_owned());
         }
         for (name, v) in &self.views {
@@ -197,4 +200,20 @@ impl Status {
 
 pub fn unix_now() -> f64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_with_a_publisher_only_after_the_first_publish() {
+        // Consistent replica, views not compiled yet (the status lists no
+        // view), nothing published: readiness used to say ready here.
+        let v = StatusView { consistent: true, ..Default::default() };
+        assert_eq!(v.not_ready(true), vec!["first publish of a consistent replica not done yet".to_owned()]);
+        assert!(v.not_ready(false).is_empty(), "without [memcached], a consistent replica is ready");
+        let published = StatusView { published_consistent: true, ..v };
+        assert!(published.not_ready(true).is_empty());
+    }
 }

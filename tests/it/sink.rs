@@ -328,7 +328,11 @@ async fn publisher_reports_and_skips_views_that_do_not_compile() {
         e.contains("nope") && e.contains("mysql.tables"),
         "the view's error names the table and the setting: {e:?}"
     );
-    assert!(s.not_ready().iter().any(|r| r.contains("view bad")), "readiness names the view: {:?}", s.not_ready());
+    assert!(
+        s.not_ready(true).iter().any(|r| r.contains("view bad")),
+        "readiness names the view: {:?}",
+        s.not_ready(true)
+    );
     assert!(m.get_raw("t:b:1").is_none());
     stop_tx.send(true).unwrap();
     let r = tokio::task::spawn_blocking(move || handle.join()).await.unwrap();

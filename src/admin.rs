@@ -273,6 +273,12 @@ mod tests {
         let (code, body) = request(addr, "GET", "/readyz").await.unwrap();
         assert_eq!((code, body.as_str()), (503, "replica not consistent with the server yet\n"));
         status.update(|s| s.consistent = true);
+        // With a publisher, ready needs the consistent replica published.
+        assert_eq!(
+            request(addr, "GET", "/readyz").await.unwrap(),
+            (503, "first publish of a consistent replica not done yet\n".into())
+        );
+        status.update(|s| s.published_consistent = true);
         assert_eq!(request(addr, "GET", "/readyz").await.unwrap(), (200, "ready\n".into()));
         let (code, body) = request(addr, "GET", "/status").await.unwrap();
         assert_eq!(code, 200);

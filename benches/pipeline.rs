@@ -486,35 +486,22 @@ fn stage_report(rep: &mut Report, l: &str, daemon: &Daemon, n: usize, ckpt_befor
         .collect();
     let last = &lines[lines.len().saturating_sub(n)..];
     let get = |f: &std::collections::HashMap<String, String>, k: &str| f.get(k).and_then(|v| v.parse::<u64>().ok());
-    for stage in ["to_publisher_us", "waited_us", "compute_us", "memcached_us", "record_us", "total_us"] {
-        let mut v: Vec<Duration> = last.iter().filter_map(|x| get(x, stage)).map(Duration::from_micros).collect();
+    // p50 / p99 / max of one `name_us` field over some log lines.
+    let spread = |rep: &mut Report, what: String, lines: &[std::collections::HashMap<String, String>], k: &str| {
+        let mut v: Vec<Duration> = lines.iter().filter_map(|x| get(x, k)).map(Duration::from_micros).collect();
         v.sort();
-        rep.info(
-            &format!("{l}: stage {stage} p50/p99/max"),
-            format!(
-                "{:.3} / {:.3} / {:.3} ms",
-                ms(pct(&v, 50.0)),
-                ms(pct(&v, 99.0)),
-                ms(v.last().copied().unwrap_or_default())
-            ),
-        );
+        let max = v.last().copied().unwrap_or_default();
+        rep.info(&what, format!("{:.3} / {:.3} / {:.3} ms", ms(pct(&v, 50.0)), ms(pct(&v, 99.0)), ms(max)));
+    };
+    for stage in ["to_publisher_us", "waited_us", "compute_us", "memcached_us", "record_us", "total_us"] {
+        spread(rep, format!("{l}: stage {stage} p50/p99/max"), last, stage);
     }
     // The replicator's side of to_publisher (its `applied` debug lines):
     // first event of the transaction → its XID read → replica committed.
     let applied = log_fields(daemon, "applied");
     let applied = &applied[applied.len().saturating_sub(n)..];
     for stage in ["received_us", "committed_us"] {
-        let mut v: Vec<Duration> = applied.iter().filter_map(|x| get(x, stage)).map(Duration::from_micros).collect();
-        v.sort();
-        rep.info(
-            &format!("{l}: replicator {stage} p50/p99/max"),
-            format!(
-                "{:.3} / {:.3} / {:.3} ms",
-                ms(pct(&v, 50.0)),
-                ms(pct(&v, 99.0)),
-                ms(v.last().copied().unwrap_or_default())
-            ),
-        );
+        spread(rep, format!("{l}: replicator {stage} p50/p99/max"), applied, stage);
     }
     let mut slow: Vec<_> = last.iter().collect();
     slow.sort_by_key(|x| std::cmp::Reverse(get(x, "total_us").unwrap_or(0)));

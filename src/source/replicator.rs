@@ -82,8 +82,7 @@ pub fn spawn_replicator(
             let tables = cfg.mysql.table_refs();
             let sqlite = crate::replica::open_connection(&state_path, &tables)?;
             let applier = Applier::new(&sqlite, tables.clone())?;
-            let mut r = Replicator::new(cfg, tables, applier, notify, control, shutdown, status);
-            r.gate = gate;
+            let mut r = Replicator::new(cfg, tables, applier, notify, control, gate, shutdown, status);
             r.need_snapshot = force_resync.then(|| "forced by --resync".to_owned());
             r.run().await
         })
@@ -176,12 +175,14 @@ fn stop_requested(shutdown: &watch::Receiver<bool>) -> bool {
 }
 
 impl<'c> Replicator<'c> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         cfg: Arc<Config>,
         tables: Vec<TableRef>,
         applier: Applier<'c>,
         notify: Box<dyn FnMut(CommitNotice) + Send>,
         control: mpsc::UnboundedReceiver<Control>,
+        gate: watch::Receiver<bool>,
         shutdown: watch::Receiver<bool>,
         status: Arc<Status>,
     ) -> Self {
@@ -193,6 +194,7 @@ impl<'c> Replicator<'c> {
             notify,
             control,
             shutdown,
+            gate,
             schemas: vec![None; n],
             table_ids: HashMap::new(),
             codecs: HashMap::new(),
@@ -209,8 +211,6 @@ impl<'c> Replicator<'c> {
             resnapshot_tables: Vec::new(),
             fde: Rc::new(FormatDescriptionEvent::new(BinlogVersion::Version4)),
             inner_buf: Vec::new(),
-            // Open unless spawn_replicator says otherwise.
-            gate: watch::channel(true).1,
             status,
             last_event_ts: 0,
         }
@@ -891,7 +891,8 @@ impl<'c> Replicator<'c> {
             // below are not on a commit's way to memcached.
             let received_us = ended.saturating_duration_since(arrived).as_micros() as u64;
             let committed_us = arrived.elapsed().as_micros() as u64;
-            let tables = touched.clone();
+            // Only the debug line needs the list once the notice has it.
+            let tables = tracing::enabled!(tracing::Level::DEBUG).then(|| touched.clone());
             let touched =
                 if became_consistent { self.tables.iter().map(TableRef::sqlite_name).collect() } else { touched };
             let changes = self.applier.take_changes();
@@ -906,7 +907,9 @@ impl<'c> Replicator<'c> {
             });
             // Stage timings from the first event of the batch: its last
             // XID read, and the replica commit done.
-            tracing::debug!(position = %cp, rows, tables = ?tables, received_us, committed_us, "applied");
+            if let Some(tables) = tables {
+                tracing::debug!(position = %cp, rows, tables = ?tables, received_us, committed_us, "applied");
+            }
         }
         self.publish_position(&cp);
         Ok(())

@@ -681,6 +681,12 @@ impl Worker {
         tx.commit().map_err(sql("end read"))?;
         let computed_at = Instant::now();
         let incremental_views = computed.iter().filter(|c| c.incremental).count();
+        // For the stage line only (a bench with several views tells them apart).
+        let view_names: Vec<String> = if tracing::enabled!(tracing::Level::DEBUG) {
+            computed.iter().map(|c| c.view.clone()).collect()
+        } else {
+            Vec::new()
+        };
 
         // Servers that failed this round (the others are still written):
         // their keys are not recorded, and the round is retried.
@@ -735,6 +741,7 @@ impl Worker {
             record_us = us(Some(acked), recorded),
             total_us = us(pending.arrived, recorded),
             incremental_views,
+            views = ?view_names,
             changes = changes.len(),
             full,
             "publish stages"

@@ -306,6 +306,24 @@ fn cpu_ns(pid: u32, thread: &str) -> (u64, u64) {
     (one, all)
 }
 
+/// CPU time (ns, from schedstat) of each live thread of `pid`, by tid.
+fn thread_cpu_ns(pid: u32) -> std::collections::HashMap<String, u64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Default::default() };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let ns = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            Some((t.file_name().to_string_lossy().into_owned(), ns.split_whitespace().next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The most CPU any one thread of `pid` used since `before` (a server's
+/// binlog dump thread, during a catch-up).
+fn busiest_thread_ns(pid: u32, before: &std::collections::HashMap<String, u64>) -> u64 {
+    thread_cpu_ns(pid).iter().map(|(tid, ns)| ns - before.get(tid).copied().unwrap_or(0).min(*ns)).max().unwrap_or(0)
+}
+
 fn vm_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
@@ -656,14 +674,21 @@ async fn bench_catchup(rep: &mut Report, mc: &Memcached) {
     let mut to_stream = Vec::new();
     let mut replicator_cpu = Vec::new();
     let mut process_cpu = Vec::new();
+    // The server's busiest thread during each run: its binlog dump thread,
+    // sending the backlog (what no reader can go faster than).
+    let mut dump_cpu = Vec::new();
     for _ in 0..runs {
         restore_state(&backup, &state);
         let mut reader = StateReader::new(&state);
         let t0 = Instant::now();
         let wall0 = SystemTime::now();
+        let server_before = server.pid().map(thread_cpu_ns);
         let mut d = Daemon::start_args(&cfg, &["--log-format", "json"]);
         let t1 = reader.wait_reached(&end, Duration::from_secs(300), Duration::from_millis(1), &d);
         tc.push(t1 - t0);
+        if let (Some(pid), Some(before)) = (server.pid(), &server_before) {
+            dump_cpu.push(Duration::from_nanos(busiest_thread_ns(pid, before)));
+        }
         let (thread_ns, process_ns) = cpu_ns(d.pid(), "replicator");
         replicator_cpu.push(Duration::from_nanos(thread_ns));
         process_cpu.push(Duration::from_nanos(process_ns));
@@ -708,6 +733,7 @@ async fn bench_catchup(rep: &mut Report, mc: &Memcached) {
 
     // mariadb-binlog pulling the same byte range, raw, to a temp dir.
     let mut mb = Vec::new();
+    let mut mb_dump_cpu = Vec::new();
     let mut out_size = 0;
     for r in 0..runs {
         let out = dir.path().join(format!("raw{r}"));
@@ -725,9 +751,13 @@ async fn bench_catchup(rep: &mut Report, mc: &Memcached) {
             cmd.arg("--to-last-log");
         }
         cmd.arg(&start.file).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let server_before = server.pid().map(thread_cpu_ns);
         let t0 = Instant::now();
         let o = cmd.output().expect("run mariadb-binlog");
         mb.push(t0.elapsed());
+        if let (Some(pid), Some(before)) = (server.pid(), &server_before) {
+            mb_dump_cpu.push(Duration::from_nanos(busiest_thread_ns(pid, before)));
+        }
         assert!(o.status.success(), "mariadb-binlog failed: {}", String::from_utf8_lossy(&o.stderr));
         out_size = std::fs::read_dir(&out).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum::<u64>();
     }
@@ -736,8 +766,18 @@ async fn bench_catchup(rep: &mut Report, mc: &Memcached) {
     let fmt = |v: &[Duration]| v.iter().map(|d| format!("{:.0}", ms(*d))).collect::<Vec<_>>().join("/");
     rep.info("catchup: tailcache start -> checkpoint at end", format!("{:.0} ms", ms(tc_med)));
     println!("  (tailcache runs {} ms; start -> 'streaming binlog' {} ms)", fmt(&tc), fmt(&to_stream));
+    if !dump_cpu.is_empty() {
+        println!(
+            "  (server's busiest thread, i.e. its binlog dump thread, CPU during the tailcache runs: {} ms)",
+            fmt(&dump_cpu)
+        );
+        rep.info("catchup: server's dump thread CPU while tailcache reads", format!("{:.0} ms", ms(median(dump_cpu))));
+    }
     rep.info("catchup: mariadb-binlog --raw same range", format!("{:.0} ms", ms(mb_med)));
     println!("  (mariadb-binlog runs {} ms, {out_size} bytes written incl. its header)", fmt(&mb));
+    if !mb_dump_cpu.is_empty() {
+        println!("  (server's busiest thread CPU during the mariadb-binlog runs: {} ms)", fmt(&mb_dump_cpu));
+    }
     rep.metric("catchup: tailcache / mariadb-binlog", format!("{ratio:.2}x"), "<= 0.5x", Some(ratio <= 0.5));
     let million = (txns * per_txn) as f64 / 1e6;
     let per_m = |d: Duration| d.as_secs_f64() / million;

@@ -374,6 +374,13 @@ fn sanitize_ident(hint: &str, max: usize) -> String {
 }
 
 impl MysqlServer {
+    /// The server process's pid, for a private server (benchmarks read its
+    /// threads' CPU time).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.proc_.as_ref().map(|p| p.child.lock().unwrap_or_else(|e| e.into_inner()).id())
+    }
+
     /// `mysql://root:pw@127.0.0.1:port/db` (`db` empty when `None`).
     pub fn root_url(&self, db: Option<&str>) -> String {
         format!("{}/{}{}", self.root_base, db.unwrap_or(""), self.root_query)

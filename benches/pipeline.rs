@@ -488,14 +488,22 @@ async fn bench_latency(
             format!("{:.3} / {:.3} ms", ms(pct(commit_rtt, 50.0)), ms(pct(commit_rtt, 99.0))),
         );
         let tgt = |t: &str| if target { t.to_owned() } else { format!("{t}, info only") };
-        rep.metric(&format!("{l}: commit -> memcached p50"), format!("{:.3} ms", ms(p50)), &tgt("<= 0.6 ms"), ok(p50, 600));
+        rep.metric(
+            &format!("{l}: commit -> memcached p50"),
+            format!("{:.3} ms", ms(p50)),
+            &tgt("<= 0.6 ms"),
+            ok(p50, 600),
+        );
         rep.metric(
             &format!("{l}: commit -> memcached p99"),
             format!("{:.3} ms", ms(p99)),
             &tgt("<= 1.5 ms"),
             ok(p99, 1500),
         );
-        rep.info(&format!("{l}: commit -> memcached max"), format!("{:.3} ms", ms(*lat.last().unwrap_or(&Duration::ZERO))));
+        rep.info(
+            &format!("{l}: commit -> memcached max"),
+            format!("{:.3} ms", ms(*lat.last().unwrap_or(&Duration::ZERO))),
+        );
         let view = (k > 1).then_some(tables[which].as_str());
         stage_report(rep, &l, &daemon, n, ckpt_before, view);
         out.push((p50, p99));
@@ -734,8 +742,13 @@ async fn bench_catchup(rep: &mut Report, mc: &Memcached) {
     // mariadb-binlog pulling the same byte range, raw, to a temp dir.
     let mut mb = Vec::new();
     let mut mb_dump_cpu = Vec::new();
+    // The same command for an empty range (from the end): its own fixed
+    // cost (process start, connection), to set against tailcache's
+    // start-up when comparing the streaming alone.
+    let mut mb_empty = Vec::new();
     let mut out_size = 0;
-    for r in 0..runs {
+    for r in 0..runs * 2 {
+        let empty = r >= runs;
         let out = dir.path().join(format!("raw{r}"));
         std::fs::create_dir_all(&out).unwrap();
         let mut cmd = Command::new("mariadb-binlog");
@@ -745,20 +758,28 @@ async fn bench_catchup(rep: &mut Report, mc: &Memcached) {
             .arg(format!("--port={}", server.port))
             .arg(format!("--user={}", db.user))
             .arg(format!("--password={}", db.password))
-            .arg(format!("--start-position={}", start.off))
+            .arg(format!("--start-position={}", if empty { end.off } else { start.off }))
             .arg(format!("--result-file={}/", out.display()));
-        if !same_file {
+        if !same_file && !empty {
             cmd.arg("--to-last-log");
         }
-        cmd.arg(&start.file).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.arg(if empty { &end.file } else { &start.file })
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let server_before = server.pid().map(thread_cpu_ns);
         let t0 = Instant::now();
         let o = cmd.output().expect("run mariadb-binlog");
-        mb.push(t0.elapsed());
+        let took = t0.elapsed();
+        assert!(o.status.success(), "mariadb-binlog failed: {}", String::from_utf8_lossy(&o.stderr));
+        if empty {
+            mb_empty.push(took);
+            continue;
+        }
+        mb.push(took);
         if let (Some(pid), Some(before)) = (server.pid(), &server_before) {
             mb_dump_cpu.push(Duration::from_nanos(busiest_thread_ns(pid, before)));
         }
-        assert!(o.status.success(), "mariadb-binlog failed: {}", String::from_utf8_lossy(&o.stderr));
         out_size = std::fs::read_dir(&out).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum::<u64>();
     }
     let (tc_med, mb_med) = (median(tc.clone()), median(mb.clone()));
@@ -779,6 +800,22 @@ async fn bench_catchup(rep: &mut Report, mc: &Memcached) {
         println!("  (server's busiest thread CPU during the mariadb-binlog runs: {} ms)", fmt(&mb_dump_cpu));
     }
     rep.metric("catchup: tailcache / mariadb-binlog", format!("{ratio:.2}x"), "<= 0.5x", Some(ratio <= 0.5));
+    // The streaming alone: tailcache from 'streaming binlog' to the end,
+    // mariadb-binlog minus its time for an empty range.
+    if to_stream.len() == tc.len() {
+        let tc_stream: Vec<Duration> = tc.iter().zip(&to_stream).map(|(t, s)| t.saturating_sub(*s)).collect();
+        let (tcs, mbe) = (median(tc_stream.clone()), median(mb_empty.clone()));
+        let mbs = mb_med.saturating_sub(mbe);
+        println!(
+            "  (streaming alone: tailcache {} ms; mariadb-binlog for an empty range {} ms)",
+            fmt(&tc_stream),
+            fmt(&mb_empty)
+        );
+        rep.info(
+            "catchup: streaming alone, tailcache / mariadb-binlog (both minus their start-up)",
+            format!("{:.0} / {:.0} ms = {:.2}x", ms(tcs), ms(mbs), tcs.as_secs_f64() / mbs.as_secs_f64().max(1e-9)),
+        );
+    }
     let million = (txns * per_txn) as f64 / 1e6;
     let per_m = |d: Duration| d.as_secs_f64() / million;
     let (rc, pc) = (median(replicator_cpu.clone()), median(process_cpu.clone()));
@@ -993,7 +1030,11 @@ fn main() {
             let (m50, m99) = bench_latency(&mut rep, &big_mc, &[100_000], n, true).await[0];
             rep.info(
                 "latency: 100k-row / 100-row view measured one after the other, p50 / p99",
-                format!("{:.2}x / {:.2}x", m50.as_secs_f64() / s50.as_secs_f64(), m99.as_secs_f64() / s99.as_secs_f64()),
+                format!(
+                    "{:.2}x / {:.2}x",
+                    m50.as_secs_f64() / s50.as_secs_f64(),
+                    m99.as_secs_f64() / s99.as_secs_f64()
+                ),
             );
             if env_usize("BENCH_LATENCY_1M", 1) > 0 {
                 let (b50, b99) = bench_latency(&mut rep, &big_mc, &[1_000_000], n, true).await[0];
@@ -1013,8 +1054,18 @@ fn main() {
             let both = bench_latency(&mut rep, &big_mc, &[100, 100_000], n, true).await;
             let r50 = both[1].0.as_secs_f64() / both[0].0.as_secs_f64();
             let r99 = both[1].1.as_secs_f64() / both[0].1.as_secs_f64();
-            rep.metric("latency: 100k-row / 100-row view side by side, p50", format!("{r50:.2}x"), "<= 1.3x", Some(r50 <= 1.3));
-            rep.metric("latency: 100k-row / 100-row view side by side, p99", format!("{r99:.2}x"), "<= 1.3x", Some(r99 <= 1.3));
+            rep.metric(
+                "latency: 100k-row / 100-row view side by side, p50",
+                format!("{r50:.2}x"),
+                "<= 1.3x",
+                Some(r50 <= 1.3),
+            );
+            rep.metric(
+                "latency: 100k-row / 100-row view side by side, p99",
+                format!("{r99:.2}x"),
+                "<= 1.3x",
+                Some(r99 <= 1.3),
+            );
         }
         if want("resync") {
             bench_resync(&mut rep, &mc).await;

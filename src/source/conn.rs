@@ -55,7 +55,11 @@ fn ssl_opts(cfg: &MysqlConfig, mode: TlsMode) -> Option<SslOpts> {
     let ca = || cfg.tls_ca_file.iter().map(|p| p.clone().into()).collect::<Vec<_>>();
     Some(match mode {
         TlsMode::Disabled => return None,
-        TlsMode::Preferred | TlsMode::Required => ssl.with_danger_accept_invalid_certs(true),
+        // `preferred`: a server whose handshake offers no TLS gets a plain
+        // connection, decided in that same handshake (one connection, not a
+        // refused TLS attempt and a second plain one).
+        TlsMode::Preferred => ssl.with_danger_accept_invalid_certs(true).with_tls_optional(true),
+        TlsMode::Required => ssl.with_danger_accept_invalid_certs(true),
         TlsMode::VerifyCa => {
             ssl.with_root_certs(ca()).with_disable_built_in_roots(true).with_danger_skip_domain_validation(true)
         }
@@ -117,11 +121,7 @@ pub async fn connect(cfg: &MysqlConfig) -> Result<Conn> {
         let opts = opts_with_tls(cfg, ssl)?;
         Ok::<_, Error>(tokio::time::timeout(timeout, Conn::new(opts)).await)
     };
-    let mut res = attempt(ssl_opts(cfg, cfg.tls)).await?;
-    // `preferred`: a server without TLS gets a plain connection.
-    if cfg.tls == TlsMode::Preferred && matches!(&res, Ok(Err(e)) if no_tls_offered(e)) {
-        res = attempt(None).await?;
-    }
+    let res = attempt(ssl_opts(cfg, cfg.tls)).await?;
     let tls = cfg.tls;
     match res {
         Err(_) => Err(Error::Transient(format!(

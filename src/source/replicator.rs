@@ -325,7 +325,20 @@ impl<'c> Replicator<'c> {
         tracing::debug!("replicator connected");
         self.load_state(&mut conn, &info).await?;
         tracing::debug!("replica state loaded");
+        // A resumed start checks its stored position and sets up the dump
+        // session while the preflight runs (both only read or set session
+        // variables); registering and dumping wait for the gate.
+        let mut ready: Option<BinlogPosition> = None;
         if !*self.gate.borrow() {
+            if self.need_snapshot.is_none()
+                && self.resnapshot_tables.is_empty()
+                && let Some(cp) = self.checkpoint.clone()
+            {
+                self.verify_position(&mut conn, &cp.position).await?;
+                self.prepare_dump(&mut conn, &info).await?;
+                tracing::debug!("position verified");
+                ready = Some(cp.position);
+            }
             if !self.wait_for_gate().await {
                 return Ok(SessionEnd::Shutdown);
             }
@@ -356,9 +369,25 @@ impl<'c> Replicator<'c> {
         let Some(cp) = self.checkpoint.clone() else {
             return Err(Error::NeedsResync { reason: "no checkpoint".into(), table: None, position: None });
         };
-        self.verify_position(&mut conn, &cp.position).await?;
-        tracing::debug!("position verified");
-        self.stream(conn, &info, cp.position).await
+        // `ready` is this connection's, verified at this same position; a
+        // snapshot meanwhile reconnected and moved the checkpoint.
+        if ready.as_ref() != Some(&cp.position) {
+            self.verify_position(&mut conn, &cp.position).await?;
+            self.prepare_dump(&mut conn, &info).await?;
+            tracing::debug!("position verified");
+        }
+        self.stream(conn, cp.position).await
+    }
+
+    /// The dump session's variables: the heartbeat period and, on MariaDB,
+    /// real GTID events. One statement, one round trip.
+    async fn prepare_dump(&self, conn: &mut Conn, info: &ServerInfo) -> Result<()> {
+        let heartbeat = Duration::from_secs_f64(self.cfg.mysql.heartbeat_secs);
+        // On MariaDB, 4 = MARIA_SLAVE_CAPABILITY_GTID: send real GTID events.
+        let capability = if info.flavor == Flavor::MariaDb { "@mariadb_slave_capability = 4, " } else { "" };
+        conn.query_drop(format!("SET {capability}@master_heartbeat_period = {}", heartbeat.as_nanos()))
+            .await
+            .map_err(|e| Error::mysql("set heartbeat period and capabilities", e))
     }
 
     /// Waits until the preflight passed; false on shutdown (or when the
@@ -519,14 +548,9 @@ impl<'c> Replicator<'c> {
         }
     }
 
-    async fn stream(&mut self, mut conn: Conn, info: &ServerInfo, start: BinlogPosition) -> Result<SessionEnd> {
+    /// Streams from `start` on `conn`, set up by [`Self::prepare_dump`].
+    async fn stream(&mut self, conn: Conn, start: BinlogPosition) -> Result<SessionEnd> {
         let heartbeat = Duration::from_secs_f64(self.cfg.mysql.heartbeat_secs);
-        // One statement, one round trip. On MariaDB, 4 =
-        // MARIA_SLAVE_CAPABILITY_GTID: send real GTID events.
-        let capability = if info.flavor == Flavor::MariaDb { "@mariadb_slave_capability = 4, " } else { "" };
-        conn.query_drop(format!("SET {capability}@master_heartbeat_period = {}", heartbeat.as_nanos()))
-            .await
-            .map_err(|e| Error::mysql("set heartbeat period and capabilities", e))?;
         let req =
             BinlogStreamRequest::new(self.cfg.mysql.server_id).with_filename(start.file.as_bytes()).with_pos(start.pos);
         let dump_id = conn.id();

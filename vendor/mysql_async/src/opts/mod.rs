@@ -221,6 +221,9 @@ pub struct SslOpts {
     skip_domain_validation: bool,
     accept_invalid_certs: bool,
     tls_hostname_override: Option<Cow<'static, str>>,
+    /// tailcache patch: use TLS when the server offers it, go on in plain
+    /// text when it does not (libmysqlclient's `--ssl-mode=PREFERRED`).
+    tls_optional: bool,
 }
 
 impl SslOpts {
@@ -298,6 +301,19 @@ impl SslOpts {
     pub fn with_danger_accept_invalid_certs(mut self, value: bool) -> Self {
         self.accept_invalid_certs = value;
         self
+    }
+
+    /// tailcache patch: when the server's handshake does not offer TLS,
+    /// connect without it instead of failing with
+    /// `DriverError::NoClientSslFlagFromServer` (`--ssl-mode=PREFERRED`),
+    /// decided per connection from that connection's own handshake.
+    pub fn with_tls_optional(mut self, value: bool) -> Self {
+        self.tls_optional = value;
+        self
+    }
+
+    pub fn tls_optional(&self) -> bool {
+        self.tls_optional
     }
 
     /// If set, will override the hostname used to verify the server's certificate.

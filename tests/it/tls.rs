@@ -239,3 +239,24 @@ async fn daemon_replicates_to_memcached_over_tls() {
     assert!(daemon.log().contains("snapshot taken"), "{}", daemon.log());
     drop(daemon);
 }
+
+/// `preferred` (the default) against a server that offers no TLS: one
+/// plain connection, decided in its own handshake, not a refused TLS
+/// attempt followed by a second connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn preferred_without_tls_on_the_server_is_one_plain_connection() {
+    let server = tokio::task::spawn_blocking(|| harness::start_private_mariadb(&[]))
+        .await
+        .expect("start private MariaDB without TLS");
+    let db = server.create_db("tls preferred plain").await;
+    let mut root = db.root_conn().await;
+    let connections = |rows: Vec<(String, u64)>| rows[0].1;
+    let before = connections(root.query("SHOW GLOBAL STATUS LIKE 'Connections'").await.unwrap());
+    let cfg = config(&db.url, db.server_id, "preferred", "");
+    let mut conn = tailcache::source::conn::connect(&cfg.mysql).await.expect("preferred connects without TLS");
+    assert_eq!(tailcache::source::conn::tls_status(&mut conn).await.unwrap(), None, "the session is plain");
+    let after = connections(root.query("SHOW GLOBAL STATUS LIKE 'Connections'").await.unwrap());
+    assert_eq!(after - before, 1, "connection attempts the server counted for one connect");
+    conn.disconnect().await.unwrap();
+    root.disconnect().await.unwrap();
+}

@@ -262,9 +262,13 @@ async fn preflight_with(conn: &mut Conn, info: &ServerInfo, cfg: &Config, kill_l
     let mut c = Ctx { conn, info, cfg, t: query_timeout(cfg), broken: None, kill_leftovers, r: Report::default() };
     c.version();
     c.tls().await;
+    tracing::debug!("preflight: tls checked");
     c.binlog_settings().await;
+    tracing::debug!("preflight: binlog settings checked");
     let account = c.privileges().await;
+    tracing::debug!("preflight: privileges checked");
     c.tables(account.as_ref()).await;
+    tracing::debug!("preflight: tables checked");
     c.server_id().await;
     if let Some(why) = c.broken.take() {
         c.r.problem(

@@ -105,6 +105,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let _pid = PidFile::create(&pid_file(&cfg))?;
     let admin = if opts.once { None } else { crate::admin::bind(&cfg.admin).await? };
     let status = opts.status.clone().unwrap_or_else(|| Arc::new(crate::status::Status::new()));
+    // A start that stops before the preflight passed leaves no state file
+    // behind when there was none (the replica would be empty anyway).
+    let fresh_state = !state.path.exists();
     // Create the state schema once, before the replicator and the publisher
     // open the file concurrently (their opens then never write).
     {
@@ -136,9 +139,13 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     )
     .map_err(|e| Error::Fatal(format!("cannot start the replicator thread: {e}")))?;
     // Leaving before the gate opened: the replicator thread stops first.
+    let state_path = state.path.clone();
     let stop_early = |shutdown_tx: watch::Sender<bool>, thread: std::thread::JoinHandle<Result<()>>| async move {
         let _ = shutdown_tx.send(true);
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        if fresh_state {
+            remove_state_files(&state_path);
+        }
     };
     // Served from now on, so that readiness says why while the preflight
     // waits for a server that is down. The publisher exists iff memcached
@@ -209,6 +216,22 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Removes a state file and its SQLite companions (`-wal`, `-shm`,
+/// `-journal`) once nothing has them open.
+fn remove_state_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        match std::fs::remove_file(&p) {
+            Ok(()) => tracing::debug!(path = %Path::new(&p).display(), "removed the state file this start created"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %Path::new(&p).display(), error = %e, "cannot remove the state file this start created")
+            }
+        }
+    }
 }
 
 struct Signals {

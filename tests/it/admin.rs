@@ -383,7 +383,31 @@ async fn a_failed_preflight_stops_the_start_before_any_snapshot() {
     assert!(!status.success(), "exit status {status:?}:\n{log}");
     assert!(log.contains("preflight failed") && log.contains("nope"), "the failure names the table:\n{log}");
     assert!(!log.contains("taking a snapshot"), "a snapshot started before the preflight passed:\n{log}");
+    // There was no state file before: this start leaves none behind.
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("s.db") && !n.ends_with(".lock"))
+        .collect();
+    assert!(leftovers.is_empty(), "state files left by a start that never passed its preflight: {leftovers:?}\n{log}");
+
+    // An existing state file is the operator's: a failed start keeps it,
+    // untouched (no copy of any table in it).
+    rusqlite::Connection::open(&state).unwrap().execute_batch("CREATE TABLE kept (x)").unwrap();
+    let mut daemon = Daemon::start(&cfg);
+    let status =
+        harness::wait_until_blocking("the daemon to exit on the failed preflight", DEADLINE, || daemon.try_wait());
+    let log = daemon.log();
+    assert!(!status.success(), "exit status {status:?}:\n{log}");
     let c = rusqlite::Connection::open(&state).unwrap();
-    let copied: i64 = c.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'item'", [], |r| r.get(0)).unwrap();
-    assert_eq!(copied, 0, "the replica holds a copy of item:\n{log}");
+    let names: Vec<String> = c
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(names.iter().any(|n| n == "kept"), "the existing state file was replaced: {names:?}\n{log}");
+    assert!(!names.iter().any(|n| n.ends_with("item")), "the replica holds a copy of item: {names:?}\n{log}");
 }

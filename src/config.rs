@@ -785,7 +785,7 @@ impl Config {
                 );
             }
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            if let Some(why) = crate::sink::exptime_problem(mc.exptime, now) {
+            if let Some(why) = exptime_problem(mc.exptime, now) {
                 push(
                     "memcached.exptime".into(),
                     why,
@@ -886,6 +886,38 @@ impl Config {
         }
         p
     }
+}
+
+/// Relative exptimes above this many seconds (30 days) are read by
+/// memcached as absolute unix times; the sink sends `now + exptime` then.
+pub const MAX_RELATIVE_EXPTIME: u32 = 30 * 24 * 60 * 60;
+
+/// Why `memcached.exptime` (seconds from the write, 0 = never expires)
+/// cannot be sent, if it cannot: above 30 days the sink sends the absolute
+/// time `now + exptime`, which memcached parses as a signed 32-bit unix
+/// time, so it must not pass 2038-01-19 (`i32::MAX`). A value meant as an
+/// absolute unix time (memcached's own convention) lands there too: it is
+/// either beyond that limit or, read as an absolute time, in the past.
+pub fn exptime_problem(exptime: u32, now_unix: u64) -> Option<String> {
+    if exptime <= MAX_RELATIVE_EXPTIME {
+        return None;
+    }
+    let at = now_unix.saturating_add(u64::from(exptime));
+    if at <= i32::MAX as u64 {
+        return None;
+    }
+    let hint = if u64::from(exptime) <= now_unix {
+        format!(
+            "; as an absolute unix time (memcached's convention above 30 days) it would be in the past, {} s ago",
+            now_unix - u64::from(exptime)
+        )
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "{exptime} s from now is unix time {at}, beyond {} (2038-01-19), the latest memcached accepts{hint}",
+        i32::MAX
+    ))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod event_type;
 pub mod instance;
 pub mod metrics;
 pub mod notify;

@@ -303,7 +303,7 @@ impl Collector for EventCounters {
             for t in 0..=255u8 {
                 let v = c.get(t);
                 if v > 0 {
-                    let labels = [("type", crate::source::events::name(t))];
+                    let labels = [("type", crate::event_type::name(t))];
                     ConstCounter::new(v).encode(me.encode_family(&labels)?)?;
                 }
             }
@@ -403,17 +403,10 @@ pub fn keys_deleted(view: &str, n: u64) {
     }
 }
 
-/// An entry not written (rare: the labels are built each time).
-pub fn entry_rejected(e: &crate::views::EntryError) {
-    use crate::views::EntryError as E;
-    let (view, reason) = match e {
-        E::KeyColumn { view, .. } => (view, "key_column"),
-        E::BadKey { view, .. } => (view, "bad_key"),
-        E::MapKey { view, .. } => (view, "map_key"),
-        E::Json { view, .. } => (view, "json"),
-        E::TooLarge { view, .. } => (view, "too_large"),
-    };
-    METRICS.entries_rejected.get_or_create(&[("view", view.clone()), ("reason", reason.to_owned())]).inc();
+/// An entry not written (rare: the labels are built each time), by view
+/// and reason ([`crate::views::EntryError::reason`]).
+pub fn entry_rejected(view: &str, reason: &str) {
+    METRICS.entries_rejected.get_or_create(&[("view", view.to_owned()), ("reason", reason.to_owned())]).inc();
 }
 
 /// An entry memcached refused (e.g. larger than its item size limit):
@@ -471,7 +464,7 @@ mod tests {
         keys_deleted("v", 1);
         view_computed("v", Duration::from_millis(2));
         publish_latency(Duration::from_millis(7));
-        entry_rejected(&crate::views::EntryError::TooLarge { view: "v".into(), key: "k".into(), size: 9, limit: 1 });
+        entry_rejected("v", "too_large");
         publish_failed();
         memcached_error("127.0.0.1:11211");
         resync_finished("start", &Default::default());

@@ -186,7 +186,6 @@ impl Status {
     pub fn resync_finished(&self, mut report: ResyncReport) {
         let seq = *self.resync_done.borrow() + 1;
         report.seq = seq;
-        crate::metrics::resync_finished(&report.trigger, &report.total);
         self.update(|s| s.last_resync = Some(report));
         self.resync_done.send_replace(seq);
     }

@@ -149,6 +149,19 @@ pub enum EntryError {
     TooLarge { view: String, key: String, size: usize, limit: usize },
 }
 
+impl EntryError {
+    /// The `reason` label of `tailcache_entries_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EntryError::KeyColumn { .. } => "key_column",
+            EntryError::BadKey { .. } => "bad_key",
+            EntryError::MapKey { .. } => "map_key",
+            EntryError::Json { .. } => "json",
+            EntryError::TooLarge { .. } => "too_large",
+        }
+    }
+}
+
 impl fmt::Display for EntryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

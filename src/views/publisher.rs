@@ -661,7 +661,7 @@ impl Worker {
                     }
                     metrics::view_computed(&c.view, t0.elapsed());
                     for r in &c.rejected {
-                        metrics::entry_rejected(r);
+                        metrics::entry_rejected(r.view(), r.reason());
                         tracing::error!(view = %c.view, "{r}");
                     }
                     if c.duplicate_keys > 0 {
@@ -823,6 +823,7 @@ impl Worker {
                 position = %position,
                 "resync finished"
             );
+            metrics::resync_finished(&trigger, &total);
             self.status.resync_finished(ResyncReport {
                 seq: 0,
                 trigger,

@@ -7,7 +7,7 @@
 //!
 //! ```sh
 //! cargo bench --bench pipeline                 # everything
-//! cargo bench --bench pipeline -- latency      # only some: idle latency resync catchup bulk
+//! cargo bench --bench pipeline -- latency      # only some: idle latency resync catchup bulk backlog
 //! ```
 //!
 //! Sizes can be shrunk for profiling: `BENCH_LATENCY_N`, `BENCH_CATCHUP_ROWS`,
@@ -938,6 +938,63 @@ async fn bench_bulk(rep: &mut Report) {
     drop(daemon);
 }
 
+/// A backlog of watched rows in many transactions, read by a view published
+/// to memcached: the catch-up after a stop while the admin app kept
+/// writing. Times the apply (start → checkpoint at the end) and the publish
+/// (→ the last row's key in memcached), and the peak RSS, which must not
+/// follow the backlog (the replicator's notices queue up while the
+/// publisher works on the previous ones).
+async fn bench_backlog(rep: &mut Report, mc: &Memcached) {
+    let rows = env_usize("BENCH_BACKLOG_ROWS", 1_000_000);
+    let per_txn = env_usize("BENCH_BACKLOG_TXN_ROWS", 1_000).max(1);
+    let db = harness::server().create_db("backlog").await;
+    let mut conn = db.root_conn().await;
+    exec(&mut conn, "CREATE TABLE bk (id INT PRIMARY KEY, v INT NOT NULL, s VARCHAR(32) NOT NULL)").await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let views = "[[views]]\nname = \"bk\"\nkey = \"bk:{id}\"\nquery = \"SELECT id, v, s FROM bk\"\n";
+    let cfg = config(&db, &state, &["bk"], Some((mc, "backlog:")), views);
+    let mut reader = StateReader::new(&state);
+    {
+        // The first start: snapshot of the empty table, then stop.
+        let mut d = Daemon::start(&cfg);
+        let here = master_pos(&mut conn).await;
+        reader.wait_reached(&here, Duration::from_secs(30), Duration::from_millis(5), &d);
+        d.stop();
+    }
+    let wrote = Instant::now();
+    let mut first = 1;
+    while first <= rows {
+        let last = (first + per_txn - 1).min(rows);
+        exec(&mut conn, &format!("INSERT INTO bk SELECT seq, seq, 'abcdefghijklmnop' FROM seq_{first}_to_{last}"))
+            .await;
+        first = last + 1;
+    }
+    let end = master_pos(&mut conn).await;
+    let txns = rows.div_ceil(per_txn);
+    println!("  (backlog: {rows} rows in {txns} transactions, written in {:.0} ms)", ms(wrote.elapsed()));
+    let t0 = Instant::now();
+    let d = Daemon::start(&cfg);
+    let applied = reader.wait_reached(&end, Duration::from_secs(600), Duration::from_millis(2), &d) - t0;
+    let mut mg = Mg::connect(&mc.addr());
+    mg.wait_present(&format!("backlog:bk:{rows}"), Duration::from_secs(600), &d);
+    let published = t0.elapsed();
+    let hwm = vm_kb(d.pid(), "VmHWM:").unwrap_or(0);
+    let rate = rows as f64 / applied.as_secs_f64();
+    rep.info(
+        &format!("backlog: {rows} watched rows in {txns} txns, start -> checkpoint at end"),
+        format!("{:.0} ms = {:.2} M rows/s", ms(applied), rate / 1e6),
+    );
+    rep.info("backlog: start -> last row's key in memcached", format!("{:.0} ms", ms(published)));
+    rep.metric(
+        "backlog: peak RSS (VmHWM)",
+        format!("{:.1} MB", hwm as f64 / 1024.0),
+        "<= 30 MB",
+        Some(hwm <= 30 * 1024),
+    );
+    drop(d);
+}
+
 // ---------------------------------------------------------------------------
 // 4. Full resync of a 100k-row table
 // ---------------------------------------------------------------------------
@@ -1075,6 +1132,9 @@ fn main() {
         }
         if want("bulk") {
             bench_bulk(&mut rep).await;
+        }
+        if want("backlog") {
+            bench_backlog(&mut rep, &mc).await;
         }
         println!("\n=== summary ({:.0} s) ===", started.elapsed().as_secs_f64());
         for l in &rep.lines {

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::position::{BinlogPosition, Checkpoint};
+use crate::replica::action::{NoticeReceiver, NoticeSender};
 use crate::source::replicator::{CommitNotice, Control, spawn_replicator};
 use crate::views::{ViewSet, spawn_publisher};
 
@@ -117,7 +118,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (control_tx, control_rx) = mpsc::unbounded_channel::<Control>();
     let health = crate::admin::Health::new();
-    let (notice_tx, notice_rx) = mpsc::unbounded_channel::<CommitNotice>();
+    let (notice_tx, notice_rx) = crate::replica::action::notice_channel();
     // The replicator connects and reads its state while the preflight runs;
     // it snapshots or streams only once the gate opens.
     let (gate_tx, gate_rx) = watch::channel(false);
@@ -322,8 +323,8 @@ async fn preflight(cfg: &Config) -> Result<()> {
 fn start_publisher(
     cfg: Arc<Config>,
     state: PathBuf,
-    tx: &mpsc::UnboundedSender<CommitNotice>,
-    mut rx: mpsc::UnboundedReceiver<CommitNotice>,
+    tx: &NoticeSender,
+    mut rx: NoticeReceiver,
     shutdown: watch::Receiver<bool>,
     status: Arc<crate::status::Status>,
 ) -> Result<Option<std::thread::JoinHandle<Result<()>>>> {

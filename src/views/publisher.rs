@@ -69,7 +69,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::published::{Change, Plan, Published, read_epoch};
 use super::{ChangeSet, ComputedView, Scratch, ViewError, ViewSet};
@@ -77,7 +77,7 @@ use crate::config::{Config, MemcachedConfig};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::position::Checkpoint;
-use crate::replica::action::CHANGE_CAP;
+use crate::replica::action::{CHANGE_CAP, NoticeReceiver};
 use crate::sink::{Op, Rejection, Sink, SinkError};
 use crate::status::{PublishInfo, ResyncCounts, ResyncReport, Status, ViewStatus, unix_now};
 
@@ -119,7 +119,7 @@ pub fn compute_all(conn: &Connection, viewset: &ViewSet, now: SystemTime) -> Res
 pub fn spawn_publisher(
     cfg: Arc<Config>,
     state_path: PathBuf,
-    rx: mpsc::UnboundedReceiver<Committed>,
+    rx: NoticeReceiver,
     shutdown: watch::Receiver<bool>,
     status: Arc<crate::status::Status>,
 ) -> JoinHandle<Result<()>> {
@@ -318,7 +318,7 @@ struct Worker {
 /// publisher must act on a lone commit at once, not at its next tick.
 async fn pause(
     deadline: tokio::time::Instant,
-    rx: &mut mpsc::UnboundedReceiver<Committed>,
+    rx: &mut NoticeReceiver,
     closed: &mut bool,
     pending: &mut Pending,
     shutdown: &mut watch::Receiver<bool>,
@@ -378,7 +378,7 @@ async fn open_with_retry(
 async fn run(
     cfg: Arc<Config>,
     state_path: PathBuf,
-    mut rx: mpsc::UnboundedReceiver<Committed>,
+    mut rx: NoticeReceiver,
     mut shutdown: watch::Receiver<bool>,
     status: Arc<crate::status::Status>,
 ) -> Result<()> {

@@ -17,7 +17,7 @@ use tailcache::position::{BinlogPosition, Checkpoint};
 use tailcache::sink::{Op, Sink};
 use tailcache::status::Status;
 use tailcache::views::{Committed, spawn_publisher};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::harness::{self, Daemon, Memcached, TestDb, wait_until};
 
@@ -547,7 +547,7 @@ async fn one_restarted_server_is_repopulated_without_rewriting_the_others() {
     let cfg = publisher_config(&state, &[&a, &b, &c]);
     let conn = replica(&state, &cfg, 300);
     let status = Arc::new(Status::new());
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = tailcache::replica::action::notice_channel();
     let (_stop, stop_rx) = watch::channel(false);
     let worker = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, status.clone());
     let all = |servers: &[&Memcached]| (1..=300).all(|i| holder(servers, &format!("s:app:{i}")).len() == 1);
@@ -581,7 +581,7 @@ async fn a_server_down_keeps_its_keys_and_the_others_are_published() {
     let cfg = publisher_config(&state, &[&a, &b, &c]);
     let conn = replica(&state, &cfg, 60);
     let status = Arc::new(Status::new());
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = tailcache::replica::action::notice_channel();
     let (_stop, stop_rx) = watch::channel(false);
     let worker = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, status.clone());
     wait_until("60 keys", Duration::from_secs(15), || async {

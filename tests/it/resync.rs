@@ -12,7 +12,7 @@ use tailcache::config::Config;
 use tailcache::position::{BinlogPosition, Checkpoint};
 use tailcache::status::{ResyncCounts, ResyncReport, Status};
 use tailcache::views::{Committed, spawn_publisher};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::harness::{Memcached, wait_until};
 
@@ -87,7 +87,12 @@ fn delete_raw(m: &Memcached, key: &str) {
 }
 
 /// Asks for a full resync and waits for its report.
-async fn resync(status: &Status, tx: &mpsc::UnboundedSender<Committed>, pos: u64, trigger: &str) -> ResyncReport {
+async fn resync(
+    status: &Status,
+    tx: &tailcache::replica::action::NoticeSender,
+    pos: u64,
+    trigger: &str,
+) -> ResyncReport {
     let mut done = status.resync_done();
     let before = *done.borrow_and_update();
     tx.send(committed(pos, true, Some(trigger))).unwrap();
@@ -114,7 +119,7 @@ async fn resync_reads_back_counts_and_repairs_tampered_keys_on_every_server() {
     let cfg = config(&state, &[&a, &b], "");
     let conn = replica(&state, &cfg, 20);
     let status = Arc::new(Status::new());
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = tailcache::replica::action::notice_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, status.clone());
 
@@ -184,7 +189,7 @@ async fn resync_with_dogpile_ignores_the_creation_time_and_touches_ttls() {
     let cfg = config(&state, &[&m], "codec = \"dogpile\"\nexptime = 3600\n");
     let _conn = replica(&state, &cfg, 3);
     let status = Arc::new(Status::new());
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = tailcache::replica::action::notice_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, status.clone());
     wait_until("initial publish", WAIT, || async { status.snapshot().published_consistent.then_some(()) }).await;
@@ -214,7 +219,7 @@ async fn an_entry_memcached_refuses_is_rejected_alone() {
     let cfg = config(&state, &[&m], "max_item_size = 2097152\n");
     let conn = replica(&state, &cfg, 3);
     let status = Arc::new(Status::new());
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = tailcache::replica::action::notice_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, status.clone());
     wait_until("initial publish", WAIT, || async { status.snapshot().published_consistent.then_some(()) }).await;
@@ -288,7 +293,7 @@ async fn resync_100k_keys_counts_every_drift() {
     }
     conn.execute_batch("COMMIT").unwrap();
     let status = Arc::new(Status::new());
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = tailcache::replica::action::notice_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, status.clone());
     wait_until("initial publish", Duration::from_secs(120), || async {

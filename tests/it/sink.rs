@@ -11,7 +11,7 @@ use tailcache::config::{Codec, Config, MemcachedConfig};
 use tailcache::position::{BinlogPosition, Checkpoint};
 use tailcache::sink::{Op, Sink};
 use tailcache::views::{Committed, ITEM_OVERHEAD, spawn_publisher};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::harness::{Memcached, wait_until};
 
@@ -246,7 +246,7 @@ async fn publisher_publishes_repairs_and_survives_memcached_outages() {
     let mut m = Memcached::start();
     let cfg = publisher_config(&state, &m, VIEWS);
     let conn = replica(&state, &cfg);
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = tailcache::replica::action::notice_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, Default::default());
 
@@ -293,7 +293,7 @@ async fn publisher_publishes_repairs_and_survives_memcached_outages() {
     let cas_names = command(&m.addr(), "mg t:names c\r\n");
     let one_view = &VIEWS[VIEWS.find("[[views]]\nname = \"names\"").unwrap()..];
     let cfg = publisher_config(&state, &m, one_view);
-    let (_tx, rx) = mpsc::unbounded_channel();
+    let (_tx, rx) = tailcache::replica::action::notice_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let handle = spawn_publisher(cfg, state.clone(), rx, stop_rx, Default::default());
     wait_until("keys of the removed view deleted", WAIT, || async {
@@ -314,7 +314,7 @@ async fn publisher_reports_and_skips_views_that_do_not_compile() {
     let views = format!("{VIEWS}\n[[views]]\nname = \"bad\"\nkey = \"b:{{id}}\"\nquery = \"SELECT id FROM nope\"\n");
     let cfg = publisher_config(&state, &m, &views);
     let _conn = replica(&state, &cfg);
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = tailcache::replica::action::notice_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let status = Arc::new(tailcache::status::Status::new());
     let handle = spawn_publisher(cfg, state, rx, stop_rx, status.clone());
@@ -345,7 +345,7 @@ async fn publisher_waits_for_a_consistent_replica_before_compiling() {
     let state = dir.path().join("state.db");
     let m = Memcached::start();
     let cfg = publisher_config(&state, &m, VIEWS);
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = tailcache::replica::action::notice_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, Default::default());
     // No tables, no checkpoint yet: a message must not make the views fail.

@@ -67,7 +67,12 @@ pub fn open_connection(path: &Path, tables: &[TableRef]) -> Result<Connection> {
     if exists {
         return Ok(conn);
     }
-    conn.execute_batch(
+    // Table and row in one transaction: another connection opening the
+    // file meanwhile sees neither or both (it once saw the table without
+    // its row, and an UPDATE of the state then changed nothing).
+    let tx = rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| Error::sqlite("create _tailcache_state", e))?;
+    tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS _tailcache_state (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             file TEXT, pos INTEGER, gtid TEXT,
@@ -79,6 +84,7 @@ pub fn open_connection(path: &Path, tables: &[TableRef]) -> Result<Connection> {
         INSERT OR IGNORE INTO _tailcache_state (id) VALUES (1);",
     )
     .map_err(|e| Error::sqlite("create _tailcache_state", e))?;
+    tx.commit().map_err(|e| Error::sqlite("create _tailcache_state", e))?;
     Ok(conn)
 }
 

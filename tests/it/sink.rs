@@ -357,10 +357,11 @@ async fn publisher_waits_for_a_consistent_replica_before_compiling() {
     assert!(!handle.is_finished(), "the publisher stopped before the replica existed");
     conn.execute_batch(
         "CREATE TABLE application (id INTEGER PRIMARY KEY, name TEXT);
-         INSERT INTO application VALUES (1, 'ann');
-         UPDATE _tailcache_state SET file = 'bin.000001', pos = 4, consistent = 1;",
+         INSERT INTO application VALUES (1, 'ann');",
     )
     .unwrap();
+    let updated = conn.execute("UPDATE _tailcache_state SET file = 'bin.000001', pos = 4, consistent = 1", []).unwrap();
+    assert_eq!(updated, 1, "the state file opened without its state row");
     tx.send(Committed { full: true, ..committed(5) }).unwrap();
     wait_until("publish once consistent", WAIT, || async { names_are(&m, &["ann"]) }).await;
     stop_tx.send(true).unwrap();

@@ -220,3 +220,44 @@ pub async fn tls_status(conn: &mut Conn) -> Result<Option<(String, String)>> {
     let (version, cipher) = (find("Ssl_version"), find("Ssl_cipher"));
     Ok(if version.is_empty() && cipher.is_empty() { None } else { Some((version, cipher)) })
 }
+
+#[cfg(test)]
+mod tests {
+    /// The vendored driver parses the handshake's server version by hand
+    /// (vendor/mysql_async/PATCHED.md, sixth patch); it must read what
+    /// mysql_common's regex-based parsers read.
+    #[test]
+    fn server_version_parsing_matches_mysql_common() {
+        for v in [
+            "5.5.5-10.11.19-MariaDB-0+deb12u1-log",
+            "10.11.19-MariaDB",
+            "5.5.5-MariaDB",
+            "11.4.2-MariaDB-ubu2404",
+            "9.7.4",
+            "8.0.36-0ubuntu0.22.04.1",
+            "5.7.44-log",
+            "8.0.1234",
+            "10.6.999-MariaDB",
+            "garbage",
+            "",
+            "5.5.5-10.11",
+        ] {
+            let h = mysql_common::packets::HandshakePacket::new(
+                10u8,
+                v.as_bytes().to_vec(),
+                1u32,
+                [0u8; 8],
+                None::<Vec<u8>>,
+                mysql_common::constants::CapabilityFlags::empty(),
+                0u8,
+                mysql_common::constants::StatusFlags::empty(),
+                None::<Vec<u8>>,
+            );
+            let expected = match h.maria_db_server_version_parsed() {
+                Some(t) => (t, true),
+                None => (h.server_version_parsed().unwrap_or((0, 0, 0)), false),
+            };
+            assert_eq!(mysql_async::parse_server_version(v.as_bytes()), expected, "{v}");
+        }
+    }
+}

@@ -469,6 +469,11 @@ pub use self::conn::binlog_stream::{
 #[doc(inline)]
 pub use self::conn::Conn;
 
+/// tailcache patch: the hand-written server version parser, public so the
+/// application's own tests can hold it against mysql_common's regexes.
+#[doc(hidden)]
+pub use self::conn::parse_server_version;
+
 #[doc(inline)]
 pub use self::conn::pool::Pool;
 

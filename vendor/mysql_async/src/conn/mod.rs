@@ -1400,7 +1400,7 @@ impl Conn {
 /// `^(?:5.5.5-)?(\d{1,2})\.(\d{1,2})\.(\d{1,3})-MariaDB`, then `is_mariadb`)
 /// or else `server_version_parsed` (`^(\d{1,2})\.(\d{1,2})\.(\d{1,3})`)
 /// would read it; `(0, 0, 0)` when neither matches.
-fn parse_server_version(v: &[u8]) -> ((u16, u16, u16), bool) {
+pub fn parse_server_version(v: &[u8]) -> ((u16, u16, u16), bool) {
     // `x.y.z` at the start of `v` (1-2, 1-2 and 1-3 digits) and the rest.
     fn triple(v: &[u8]) -> Option<((u16, u16, u16), &[u8])> {
         fn number(v: &[u8], max: usize) -> Option<(u16, &[u8])> {
@@ -1427,45 +1427,6 @@ fn parse_server_version(v: &[u8]) -> ((u16, u16, u16), bool) {
         return (t, true);
     }
     (triple(v).map(|(t, _)| t).unwrap_or((0, 0, 0)), false)
-}
-
-#[cfg(test)]
-mod parse_server_version_tests {
-    use super::parse_server_version;
-
-    #[test]
-    fn reads_what_the_regexes_read() {
-        for v in [
-            "5.5.5-10.11.19-MariaDB-0+deb12u1-log",
-            "10.11.19-MariaDB",
-            "5.5.5-MariaDB",
-            "11.4.2-MariaDB-ubu2404",
-            "9.7.4",
-            "8.0.36-0ubuntu0.22.04.1",
-            "5.7.44-log",
-            "8.0.1234",
-            "garbage",
-            "",
-            "5.5.5-10.11",
-        ] {
-            let h = mysql_common::packets::HandshakePacket::new(
-                10u8,
-                v.as_bytes().to_vec(),
-                1u32,
-                [0u8; 8],
-                None::<Vec<u8>>,
-                mysql_common::constants::CapabilityFlags::empty(),
-                0u8,
-                mysql_common::constants::StatusFlags::empty(),
-                None::<Vec<u8>>,
-            );
-            let expected = match h.maria_db_server_version_parsed() {
-                Some(t) => (t, true),
-                None => (h.server_version_parsed().unwrap_or((0, 0, 0)), false),
-            };
-            assert_eq!(parse_server_version(v.as_bytes()), expected, "{v}");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -974,7 +974,7 @@ async fn bench_backlog(rep: &mut Report, mc: &Memcached) {
     let txns = rows.div_ceil(per_txn);
     println!("  (backlog: {rows} rows in {txns} transactions, written in {:.0} ms)", ms(wrote.elapsed()));
     let t0 = Instant::now();
-    let d = Daemon::start(&cfg);
+    let mut d = Daemon::start(&cfg);
     let applied = reader.wait_reached(&end, Duration::from_secs(600), Duration::from_millis(2), &d) - t0;
     let mut mg = Mg::connect(&mc.addr());
     mg.wait_present(&format!("backlog:bk:{rows}"), Duration::from_secs(600), &d);
@@ -992,7 +992,7 @@ async fn bench_backlog(rep: &mut Report, mc: &Memcached) {
         "<= 30 MB",
         Some(hwm <= 30 * 1024),
     );
-    drop(d);
+    d.stop();
 }
 
 // ---------------------------------------------------------------------------

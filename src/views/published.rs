@@ -15,6 +15,7 @@
 //! last acknowledged full republish (see [`crate::sink`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 
@@ -48,11 +49,13 @@ pub fn read_epoch(conn: &Connection) -> Result<Option<Vec<u8>>> {
         .map_err(|e| Error::sqlite("read _tailcache_epoch", e))
 }
 
-/// A change to the bookkeeping, applied once memcached acknowledged.
+/// A change to the bookkeeping, applied once memcached acknowledged. The
+/// view name is shared by all changes of one view (one per entry of a full
+/// publish: a copy each would cost an allocation per entry).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Put { view: String, key: Vec<u8>, hash: [u8; 16] },
-    Remove { view: String, key: Vec<u8> },
+    Put { view: Arc<str>, key: Vec<u8>, hash: [u8; 16] },
+    Remove { view: Arc<str>, key: Vec<u8> },
 }
 
 /// Per-view counts of a plan, for the publish log line.
@@ -93,13 +96,13 @@ impl Plan {
         for c in &mut self.changes {
             if let Change::Put { view, key, .. } = c {
                 if keys.contains(key.as_slice()) {
-                    out.push((view.clone(), key.clone()));
+                    out.push((view.to_string(), key.clone()));
                     *c = Change::Remove { view: view.clone(), key: std::mem::take(key) };
                 }
             }
         }
         for (view, _) in &out {
-            if let Some(c) = self.counts.iter_mut().find(|c| &c.view == view) {
+            if let Some(c) = self.counts.iter_mut().find(|c| c.view == *view) {
                 c.set = c.set.saturating_sub(1);
             }
         }
@@ -185,6 +188,7 @@ impl Resync {
         let mut counts: Vec<ResyncCounts> = vec![ResyncCounts::default(); self.views.len()];
         let mut view_counts: Vec<ViewCounts> =
             self.views.iter().map(|v| ViewCounts { view: v.clone(), ..Default::default() }).collect();
+        let names: Vec<Arc<str>> = self.views.iter().map(|v| Arc::from(v.as_str())).collect();
         let n = self.entries.len();
         for (i, (v, e, recorded)) in self.entries.into_iter().enumerate() {
             let c = &mut counts[v];
@@ -204,7 +208,7 @@ impl Resync {
             // Rewritten entries are recorded even when their hash is, so a
             // refusal of the rewrite (Plan::reject) can unrecord them.
             if !recorded || h != Held::Same {
-                plan.changes.push(Change::Put { view: self.views[v].clone(), key, hash: e.hash });
+                plan.changes.push(Change::Put { view: names[v].clone(), key, hash: e.hash });
             }
         }
         for (j, (v, key)) in self.stale.into_iter().enumerate() {
@@ -214,7 +218,7 @@ impl Resync {
                 view_counts[v].deleted += 1;
                 view_counts[v].drift += 1;
             }
-            plan.changes.push(Change::Remove { view: self.views[v].clone(), key });
+            plan.changes.push(Change::Remove { view: names[v].clone(), key });
         }
         plan.counts = view_counts;
         let report = self.views.into_iter().zip(counts).collect();
@@ -290,6 +294,7 @@ impl Published {
         for c in computed {
             let published = self.views.get(&c.view).unwrap_or(&empty);
             let mut counts = ViewCounts { view: c.view.clone(), ..Default::default() };
+            let name: Arc<str> = Arc::from(c.view.as_str());
             let mut gone: Vec<&Vec<u8>> = {
                 let present: HashSet<&[u8]> = c.entries.iter().map(|e| e.key.as_bytes()).collect();
                 match &c.scope {
@@ -310,14 +315,14 @@ impl Published {
                 }
                 if full || differs {
                     let key = e.key.into_bytes();
-                    plan.changes.push(Change::Put { view: c.view.clone(), key: key.clone(), hash: e.hash });
+                    plan.changes.push(Change::Put { view: name.clone(), key: key.clone(), hash: e.hash });
                     plan.ops.push(Op::Set { key, value: e.value, flags: e.flags, exptime });
                     counts.set += 1;
                 }
             }
             for k in gone {
                 plan.ops.push(Op::Delete { key: k.clone() });
-                plan.changes.push(Change::Remove { view: c.view.clone(), key: k.clone() });
+                plan.changes.push(Change::Remove { view: name.clone(), key: k.clone() });
                 counts.deleted += 1;
                 counts.drift += usize::from(full);
             }
@@ -325,12 +330,13 @@ impl Published {
         }
         for view in self.orphan_views(viewset) {
             let mut counts = ViewCounts { view: view.clone(), ..Default::default() };
+            let name: Arc<str> = Arc::from(view.as_str());
             if let Some(keys) = self.views.get(&view) {
                 let mut keys: Vec<&Vec<u8>> = keys.keys().collect();
                 keys.sort();
                 for k in keys {
                     plan.ops.push(Op::Delete { key: k.clone() });
-                    plan.changes.push(Change::Remove { view: view.clone(), key: k.clone() });
+                    plan.changes.push(Change::Remove { view: name.clone(), key: k.clone() });
                     counts.deleted += 1;
                 }
             }
@@ -393,8 +399,8 @@ impl Published {
                 tx.prepare_cached("DELETE FROM _tailcache_published WHERE view = ?1 AND key = ?2").map_err(ctx)?;
             for c in changes {
                 match c {
-                    Change::Put { view, key, hash } => put.execute((view, key, &hash[..])).map_err(ctx)?,
-                    Change::Remove { view, key } => remove.execute((view, key)).map_err(ctx)?,
+                    Change::Put { view, key, hash } => put.execute((&**view, key, &hash[..])).map_err(ctx)?,
+                    Change::Remove { view, key } => remove.execute((&**view, key)).map_err(ctx)?,
                 };
             }
             if let Some(token) = epoch {
@@ -410,13 +416,17 @@ impl Published {
         for c in changes {
             match c {
                 Change::Put { view, key, hash } => {
-                    self.views.entry(view.clone()).or_default().insert(key.clone(), *hash);
+                    // The view's name is allocated once, not per key.
+                    match self.views.get_mut(&**view) {
+                        Some(keys) => keys.insert(key.clone(), *hash),
+                        None => self.views.entry(view.to_string()).or_default().insert(key.clone(), *hash),
+                    };
                 }
                 Change::Remove { view, key } => {
-                    if let Some(keys) = self.views.get_mut(view) {
+                    if let Some(keys) = self.views.get_mut(&**view) {
                         keys.remove(key);
                         if keys.is_empty() {
-                            self.views.remove(view);
+                            self.views.remove(&**view);
                         }
                     }
                 }

@@ -252,28 +252,50 @@ fn client_host(host: &str) -> String {
     }
 }
 
+/// One row of `SHOW PROCESSLIST`: id, user, client host (`addr:port`),
+/// command, seconds in that state.
+type Process = (u64, String, String, String, i64);
+
+/// The connections this session may see (without the PROCESS privilege:
+/// those of its own user). `SHOW PROCESSLIST`, not
+/// `information_schema.PROCESSLIST`: MySQL fills the latter's statement
+/// column converted to utf8mb3 and fails the whole query (error 3854) when
+/// any visible session runs a statement whose text is not valid UTF-8, such
+/// as a `_binary` literal with raw bytes.
+async fn processlist(conn: &mut Conn, context: &str) -> Result<Vec<Process>> {
+    let rows: Vec<mysql_async::Row> = conn.query("SHOW PROCESSLIST").await.map_err(|e| Error::mysql(context, e))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let text = |name: &str| {
+                r.get_opt::<Option<Vec<u8>>, _>(name)
+                    .and_then(Result::ok)
+                    .flatten()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default()
+            };
+            let number = |name: &str| r.get_opt::<Option<i64>, _>(name).and_then(Result::ok).flatten().unwrap_or(0);
+            (number("Id") as u64, text("User"), text("Host"), text("Command"), number("Time"))
+        })
+        .collect())
+}
+
 /// This session's client address as the server sees it.
 async fn own_client(conn: &mut Conn) -> Result<Option<String>> {
-    let host: Option<String> = conn
-        .query_first("SELECT CAST(HOST AS CHAR) FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()")
-        .await
-        .map_err(|e| Error::mysql("read own process list entry", e))?;
-    Ok(host.map(|h| client_host(&h)))
+    let me = u64::from(conn.id());
+    let list = processlist(conn, "read own process list entry").await?;
+    Ok(list.into_iter().find(|p| p.0 == me).map(|p| client_host(&p.2)))
 }
 
 /// The binlog dump connections visible to this session other than itself
 /// (without the PROCESS privilege: those of its own user).
 pub async fn dump_threads(conn: &mut Conn) -> Result<Vec<DumpThread>> {
-    let rows: Vec<(u64, String, String, Option<i64>)> = conn
-        .query(
-            "SELECT ID, CAST(USER AS CHAR), CAST(HOST AS CHAR), TIME FROM information_schema.PROCESSLIST \
-             WHERE COMMAND LIKE 'Binlog Dump%' AND ID <> CONNECTION_ID()",
-        )
-        .await
-        .map_err(|e| Error::mysql("list binlog dump connections", e))?;
-    Ok(rows
+    let me = u64::from(conn.id());
+    let list = processlist(conn, "list binlog dump connections").await?;
+    Ok(list
         .into_iter()
-        .map(|(id, user, host, time)| DumpThread { id, user, client: client_host(&host), seconds: time.unwrap_or(0) })
+        .filter(|(id, _, _, command, _)| *id != me && command.starts_with("Binlog Dump"))
+        .map(|(id, user, host, _, seconds)| DumpThread { id, user, client: client_host(&host), seconds })
         .collect())
 }
 

@@ -497,6 +497,41 @@ extern "C" fn cleanup_at_exit() {
 /// The server shared by all tests of this binary (started on first use): a
 /// private MariaDB or MySQL as chosen by `TAILCACHE_TEST_FLAVOR` (see
 /// [`flavor`]), or the server from `TAILCACHE_TEST_MYSQL_URL`, which wins.
+/// One connection of `SHOW PROCESSLIST`, seen by root.
+#[allow(dead_code)]
+#[derive(Debug, Clone)]
+pub struct Process {
+    pub id: u64,
+    pub user: String,
+    pub command: String,
+    pub state: String,
+}
+
+/// The server's connections, by `SHOW PROCESSLIST`: unlike
+/// `information_schema.PROCESSLIST`, it does not fail on MySQL when another
+/// session's statement text is not valid UTF-8 (error 3854), which other
+/// tests' statements can be.
+#[allow(dead_code)]
+pub async fn processlist(conn: &mut mysql_async::Conn) -> Vec<Process> {
+    use mysql_async::prelude::Queryable;
+    let rows: Vec<mysql_async::Row> = conn.query("SHOW PROCESSLIST").await.expect("SHOW PROCESSLIST");
+    let text = |r: &mysql_async::Row, name: &str| {
+        r.get_opt::<Option<Vec<u8>>, _>(name)
+            .and_then(Result::ok)
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    rows.iter()
+        .map(|r| Process {
+            id: r.get_opt::<u64, _>("Id").and_then(Result::ok).unwrap_or(0),
+            user: text(r, "User"),
+            command: text(r, "Command"),
+            state: text(r, "State"),
+        })
+        .collect()
+}
+
 pub fn server() -> &'static MysqlServer {
     let res = SHARED_SERVER.get_or_init(|| {
         register_exit_cleanup();

@@ -568,13 +568,12 @@ async fn killed_binlog_connection_reconnects_and_resumes() {
 
 /// Server-side ids of the binlog dump connections of the test's user.
 async fn dump_connections(db: &TestDb) -> Vec<u64> {
-    let mut conn = db.root_conn().await;
-    conn.exec(
-        "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ? AND COMMAND LIKE 'Binlog Dump%'",
-        (&db.user,),
-    )
-    .await
-    .unwrap()
+    harness::processlist(&mut db.root_conn().await)
+        .await
+        .into_iter()
+        .filter(|p| p.user == db.user && p.command.starts_with("Binlog Dump"))
+        .map(|p| p.id)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -662,4 +661,25 @@ async fn million_row_transaction_in_bounded_memory() {
         "memory grew by {} kB with a 1M-row transaction ({baseline} kB → {peak} kB)",
         peak - baseline
     );
+}
+
+/// A session whose statement text is not valid UTF-8 (a `_binary` literal
+/// with raw bytes, as an application may send): MySQL cannot convert it
+/// for `information_schema.PROCESSLIST` (error 3854), yet listing the
+/// binlog dump connections, which every start does, must still work.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_that_is_not_utf8_does_not_break_listing_dump_connections() {
+    let db = harness::server().create_db("processlist_bytes").await;
+    let mut sleeper = db.root_conn().await;
+    let query: Vec<u8> = [&b"SELECT SLEEP(3), _binary'"[..], &[0x8b, 0xff, 0xfe][..], &b"' AS bytes"[..]].concat();
+    let running = tokio::spawn(async move { sleeper.query_drop(query.as_slice()).await });
+    let mut conn = db.root_conn().await;
+    harness::wait_until("the sleeping statement to run", Duration::from_secs(10), || async {
+        let list = harness::processlist(&mut db.root_conn().await).await;
+        list.iter().any(|p| p.command == "Query" && p.state.contains("sleep")).then_some(())
+    })
+    .await;
+    let dumps = tailcache::source::server::dump_threads(&mut conn).await;
+    assert!(dumps.is_ok(), "listing the dump connections failed: {dumps:?}");
+    running.await.unwrap().unwrap();
 }

@@ -74,18 +74,7 @@ async fn mysql_snapshot_waits_for_open_writers_before_reading_its_start_position
         // metadata lock before the writer commits.
         harness::wait_until("the snapshot to wait for the open transaction", Duration::from_secs(30), || {
             let db = &db;
-            async move {
-                let n: Option<u64> = db
-                    .root_conn()
-                    .await
-                    .exec_first(
-                        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = ? AND STATE LIKE 'Waiting for table metadata lock%'",
-                        (&db.user,),
-                    )
-                    .await
-                    .unwrap();
-                (n.unwrap_or(0) > 0).then_some(())
-            }
+            async move { (!lock_waiters(db).await.is_empty()).then_some(()) }
         })
         .await;
         writer.query_drop("COMMIT").await.unwrap();
@@ -116,14 +105,12 @@ async fn mysql_snapshot_without_lock_tables_still_works() {
 
 /// The connection ids of `user` waiting for a table metadata lock.
 async fn lock_waiters(db: &TestDb) -> Vec<u64> {
-    db.root_conn()
+    harness::processlist(&mut db.root_conn().await)
         .await
-        .exec(
-            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ? AND STATE LIKE 'Waiting for table metadata lock%'",
-            (&db.user,),
-        )
-        .await
-        .unwrap()
+        .into_iter()
+        .filter(|p| p.user == db.user && p.state.starts_with("Waiting for table metadata lock"))
+        .map(|p| p.id)
+        .collect()
 }
 
 /// Waits until two different snapshot connections have waited for a

@@ -657,6 +657,49 @@ impl ViewSet {
         (0..self.views.len()).filter(|&i| self.views[i].reads.iter().any(|t| touched.contains(t))).collect()
     }
 
+    /// The query of view `index`, prepared on `conn`, once its result
+    /// columns are checked against the compiled ones (a DDL may have
+    /// changed them).
+    pub fn full_query<'c>(
+        &self,
+        conn: &'c Connection,
+        index: usize,
+    ) -> Result<rusqlite::CachedStatement<'c>, ViewError> {
+        let v = &self.views[index];
+        let stmt =
+            conn.prepare_cached(&v.query).map_err(|source| ViewError::Sqlite { view: v.name.clone(), source })?;
+        if stmt.column_count() != v.columns.len() || stmt.column_names().zip(&v.columns).any(|(a, b)| a != b) {
+            return Err(ViewError::ColumnsChanged {
+                view: v.name.clone(),
+                expected: v.columns.join(", "),
+                found: stmt.column_names().collect::<Vec<_>>().join(", "),
+            });
+        }
+        Ok(stmt)
+    }
+
+    /// The entries of the next (at most) `max` rows of `row` view `index`
+    /// from `rows`, its [`full_query`](Self::full_query): a view computed
+    /// piece by piece, so that its size does not decide the memory it
+    /// takes. Rows of one piece rendering the same key: the later wins
+    /// (across pieces, see [`published::Sweep`]). The bool is true once
+    /// the rows are exhausted.
+    pub fn row_piece(
+        &self,
+        index: usize,
+        rows: &mut rusqlite::Rows<'_>,
+        now: SystemTime,
+        s: &mut Scratch,
+        max: usize,
+    ) -> Result<(ComputedView, bool), ViewError> {
+        let v = &self.views[index];
+        let created = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let mut out = ComputedView { view: v.name.clone(), ..Default::default() };
+        let done = self.row_entries(v, rows, s, created, &mut out, max)?;
+        out.duplicate_keys = dedup_later_wins(&mut out.entries);
+        Ok((out, done))
+    }
+
     /// Runs view `index` on `conn` and builds its entries. Call it inside a
     /// read transaction so all views see one committed state. `now` is the
     /// dogpile creation time.
@@ -669,22 +712,12 @@ impl ViewSet {
     ) -> Result<ComputedView, ViewError> {
         let v = &self.views[index];
         let sql_err = |source| ViewError::Sqlite { view: v.name.clone(), source };
-        let mut stmt = conn.prepare_cached(&v.query).map_err(sql_err)?;
-        if stmt.column_count() != v.columns.len() || stmt.column_names().zip(&v.columns).any(|(a, b)| a != b) {
-            return Err(ViewError::ColumnsChanged {
-                view: v.name.clone(),
-                expected: v.columns.join(", "),
-                found: stmt.column_names().collect::<Vec<_>>().join(", "),
-            });
-        }
+        let mut stmt = self.full_query(conn, index)?;
         let created = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         let mut out = ComputedView { view: v.name.clone(), ..Default::default() };
         let mut rows = stmt.query([]).map_err(sql_err)?;
         match v.shape {
-            Shape::Row => {
-                self.row_entries(v, &mut rows, s, created, &mut out)?;
-                out.duplicate_keys = dedup_later_wins(&mut out.entries);
-            }
+            Shape::Row => return self.row_piece(index, &mut rows, now, s, usize::MAX).map(|(out, _)| out),
             Shape::List | Shape::Map => {
                 // Rebuilt below when the view can be patched and the rows allow.
                 s.ordered.remove(&v.name);
@@ -875,7 +908,8 @@ impl ViewSet {
         Ok(Some(out))
     }
 
-    /// Builds the entries of a `row` view's result rows.
+    /// Builds the entries of (at most `max` of) a `row` view's result
+    /// rows; true once `rows` is exhausted.
     fn row_entries(
         &self,
         v: &CompiledView,
@@ -883,9 +917,16 @@ impl ViewSet {
         s: &mut Scratch,
         created: f64,
         out: &mut ComputedView,
-    ) -> Result<(), ViewError> {
+        max: usize,
+    ) -> Result<bool, ViewError> {
         let sql_err = |source| ViewError::Sqlite { view: v.name.clone(), source };
-        while let Some(row) = rows.next().map_err(sql_err)? {
+        let mut taken = 0usize;
+        loop {
+            if taken == max {
+                return Ok(false);
+            }
+            let Some(row) = rows.next().map_err(sql_err)? else { return Ok(true) };
+            taken += 1;
             if let Err(e) = v.key.render(&self.prefix, |i| row.get_ref(i).ok(), &mut s.key) {
                 out.rejected.push(key_error(&v.name, e));
                 continue;
@@ -904,7 +945,6 @@ impl ViewSet {
                 Err(e) => out.rejected.push(e),
             }
         }
-        Ok(())
     }
 
     /// Whether view `index` can be maintained incrementally for a batch
@@ -1004,7 +1044,7 @@ impl ViewSet {
                 return Ok(None);
             }
             let mut rows = stmt.query([]).map_err(sql_err)?;
-            self.row_entries(v, &mut rows, s, created, &mut out)?;
+            self.row_entries(v, &mut rows, s, created, &mut out, usize::MAX)?;
         }
         let mut seen = HashSet::with_capacity(out.entries.len());
         for e in &out.entries {

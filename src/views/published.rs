@@ -8,8 +8,16 @@
 //! hashes and forgets the deleted keys in one write transaction. A restart
 //! thus neither rewrites unchanged keys nor forgets what to delete.
 //!
+//! Nothing here holds a view's keys in memory: a view of a million keys
+//! would cost hundreds of MB. Hashes are looked up in the table, on a
+//! connection of their own (the "book"), and a view computed in full is
+//! diffed piece by piece, in a [`Sweep`]: each piece's keys are marked in a
+//! TEMP table (kept in a temporary file, not in memory), and once the view
+//! is complete the published keys it did not mark are the ones that left.
+//! Only per-view key counts are kept, for the status.
+//!
 //! Keys of a view that is no longer configured are deleted by the first
-//! publish after start-up (every diff includes them until they are gone).
+//! publish after start-up (every round includes them until they are gone).
 //!
 //! `_tailcache_epoch` holds the token of the sink's sentinel key after the
 //! last acknowledged full republish (see [`crate::sink`]).
@@ -24,6 +32,9 @@ use crate::config::Codec;
 use crate::error::{Error, Result};
 use crate::sink::{Held, Op, Rejection};
 use crate::status::ResyncCounts;
+
+/// The keys a [`Sweep`] has marked; TEMP, so per connection.
+const SEEN_TABLE: &str = "CREATE TEMP TABLE IF NOT EXISTS _tailcache_seen (key BLOB PRIMARY KEY) WITHOUT ROWID";
 
 /// Creates the bookkeeping tables when missing.
 pub fn ensure_tables(conn: &Connection) -> Result<()> {
@@ -58,6 +69,14 @@ pub enum Change {
     Remove { view: Arc<str>, key: Vec<u8> },
 }
 
+impl Change {
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Change::Put { key, .. } | Change::Remove { key, .. } => key,
+        }
+    }
+}
+
 /// Per-view counts of a plan, for the publish log line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ViewCounts {
@@ -70,6 +89,14 @@ pub struct ViewCounts {
     pub drift: usize,
 }
 
+impl ViewCounts {
+    pub fn add(&mut self, o: &ViewCounts) {
+        self.set += o.set;
+        self.deleted += o.deleted;
+        self.drift += o.drift;
+    }
+}
+
 /// Ops for memcached plus the bookkeeping they imply.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
@@ -78,9 +105,56 @@ pub struct Plan {
     pub counts: Vec<ViewCounts>,
 }
 
+/// What a [`Sweep`] found for one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    /// The hash recorded for the key, if any.
+    pub published: Option<[u8; 16]>,
+    /// An earlier piece of the same sweep had the key (rows rendering the
+    /// same key: the later one wins, so it is written again).
+    pub repeated: bool,
+}
+
+impl Mark {
+    /// Whether the key is recorded with `hash` (and was not just written
+    /// with another value by an earlier piece).
+    pub fn current(&self, hash: &[u8; 16]) -> bool {
+        !self.repeated && self.published.as_ref() == Some(hash)
+    }
+}
+
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+
+    /// One piece of a view computed in full (see [`Sweep`]): a set for each
+    /// entry not recorded with its hash.
+    pub fn sets(view: &Arc<str>, entries: Vec<Entry>, marks: &[Mark], exptime: u32) -> Plan {
+        let mut plan = Plan::default();
+        let mut counts = ViewCounts { view: view.to_string(), ..Default::default() };
+        for (e, m) in entries.into_iter().zip(marks) {
+            if !m.current(&e.hash) {
+                let key = e.key.into_bytes();
+                plan.changes.push(Change::Put { view: view.clone(), key: key.clone(), hash: e.hash });
+                plan.ops.push(Op::Set { key, value: e.value, flags: e.flags, exptime });
+                counts.set += 1;
+            }
+        }
+        plan.counts.push(counts);
+        plan
+    }
+
+    /// Deletes of published keys that left `view`.
+    pub fn deletes(view: &Arc<str>, keys: Vec<Vec<u8>>) -> Plan {
+        let mut plan = Plan::default();
+        let counts = ViewCounts { view: view.to_string(), deleted: keys.len(), ..Default::default() };
+        for k in keys {
+            plan.ops.push(Op::Delete { key: k.clone() });
+            plan.changes.push(Change::Remove { view: view.clone(), key: k });
+        }
+        plan.counts.push(counts);
+        plan
     }
 
     /// Takes memcached's per-entry refusals into account once the ops were
@@ -110,15 +184,15 @@ impl Plan {
     }
 }
 
-/// A full resync between computing the views and writing: every entry
-/// produced and every key published before that no longer belongs, waiting
-/// for what memcached holds ([`crate::sink::Sink::read_back`]).
+/// A piece of a full resync of one view between computing and writing:
+/// entries produced and keys published before that no longer belong,
+/// waiting for what memcached holds ([`crate::sink::Sink::read_back`]).
 #[derive(Debug)]
 pub struct Resync {
-    views: Vec<String>,
-    /// (view index, entry, already recorded with this hash)
-    entries: Vec<(usize, Entry, bool)>,
-    stale: Vec<(usize, Vec<u8>)>,
+    view: Arc<str>,
+    /// (entry, already recorded with this hash)
+    entries: Vec<(Entry, bool)>,
+    stale: Vec<Vec<u8>>,
     codec: Codec,
     exptime: u32,
 }
@@ -149,18 +223,32 @@ pub fn same_value(codec: Codec, expected: &[u8], flags: u32, found: &[u8], found
 }
 
 impl Resync {
+    /// A piece of `view`: `entries` with their [`Mark`]s (one each), and
+    /// `stale` published keys the view no longer produces.
+    pub fn new(view: Arc<str>, viewset: &ViewSet, entries: Vec<Entry>, marks: &[Mark], stale: Vec<Vec<u8>>) -> Resync {
+        let entries = entries
+            .into_iter()
+            .zip(marks)
+            .map(|(e, m)| {
+                let recorded = m.current(&e.hash);
+                (e, recorded)
+            })
+            .collect();
+        Resync { view, entries, stale, codec: viewset.codec(), exptime: viewset.exptime() }
+    }
+
+    pub fn view(&self) -> &Arc<str> {
+        &self.view
+    }
+
     /// Keys to read back: the entries' keys, then the stale keys.
     pub fn keys(&self) -> Vec<&[u8]> {
-        self.entries
-            .iter()
-            .map(|(_, e, _)| e.key.as_bytes())
-            .chain(self.stale.iter().map(|(_, k)| k.as_slice()))
-            .collect()
+        self.entries.iter().map(|(e, _)| e.key.as_bytes()).chain(self.stale.iter().map(|k| k.as_slice())).collect()
     }
 
     /// The value size each key of [`keys`](Self::keys) should hold.
     pub fn expected_len(&self) -> Vec<usize> {
-        self.entries.iter().map(|(_, e, _)| e.value.len()).chain(self.stale.iter().map(|_| 0)).collect()
+        self.entries.iter().map(|(e, _)| e.value.len()).chain(self.stale.iter().map(|_| 0)).collect()
     }
 
     /// Whether `value`/`flags` read back for key `i` of
@@ -168,7 +256,7 @@ impl Resync {
     /// checked for presence).
     pub fn same(&self, i: usize, value: &[u8], flags: u32) -> bool {
         match self.entries.get(i) {
-            Some((_, e, _)) => same_value(self.codec, &e.value, e.flags, value, flags),
+            Some((e, _)) => same_value(self.codec, &e.value, e.flags, value, flags),
             None => true,
         }
     }
@@ -182,84 +270,101 @@ impl Resync {
     /// into the ops and bookkeeping: a set for each missing or different
     /// entry, a delete for each stale key still present, and a record of
     /// every entry not recorded with its hash yet (identical ones
-    /// included) and the removal of every stale key. Also returns the per-view counts of the report.
-    pub fn plan(self, held: &[Held]) -> (Plan, BTreeMap<String, ResyncCounts>) {
+    /// included) and the removal of every stale key. Also returns the
+    /// counts of the report.
+    pub fn plan(self, held: &[Held]) -> (Plan, ResyncCounts) {
         let mut plan = Plan::default();
-        let mut counts: Vec<ResyncCounts> = vec![ResyncCounts::default(); self.views.len()];
-        let mut view_counts: Vec<ViewCounts> =
-            self.views.iter().map(|v| ViewCounts { view: v.clone(), ..Default::default() }).collect();
-        let names: Vec<Arc<str>> = self.views.iter().map(|v| Arc::from(v.as_str())).collect();
+        let mut counts = ResyncCounts::default();
+        let mut view_counts = ViewCounts { view: self.view.to_string(), ..Default::default() };
         let n = self.entries.len();
-        for (i, (v, e, recorded)) in self.entries.into_iter().enumerate() {
-            let c = &mut counts[v];
-            c.checked += 1;
+        for (i, (e, recorded)) in self.entries.into_iter().enumerate() {
+            counts.checked += 1;
             let h = held.get(i).copied().unwrap_or(Held::Missing);
             match h {
-                Held::Same => c.unchanged += 1,
-                Held::Missing => c.missing += 1,
-                Held::Differs => c.differed += 1,
+                Held::Same => counts.unchanged += 1,
+                Held::Missing => counts.missing += 1,
+                Held::Differs => counts.differed += 1,
             }
             let key = e.key.into_bytes();
             if h != Held::Same {
                 plan.ops.push(Op::Set { key: key.clone(), value: e.value, flags: e.flags, exptime: self.exptime });
-                view_counts[v].set += 1;
-                view_counts[v].drift += 1;
+                view_counts.set += 1;
+                view_counts.drift += 1;
             }
             // Rewritten entries are recorded even when their hash is, so a
             // refusal of the rewrite (Plan::reject) can unrecord them.
             if !recorded || h != Held::Same {
-                plan.changes.push(Change::Put { view: names[v].clone(), key, hash: e.hash });
+                plan.changes.push(Change::Put { view: self.view.clone(), key, hash: e.hash });
             }
         }
-        for (j, (v, key)) in self.stale.into_iter().enumerate() {
+        for (j, key) in self.stale.into_iter().enumerate() {
             if held.get(n + j).copied().unwrap_or(Held::Same) != Held::Missing {
                 plan.ops.push(Op::Delete { key: key.clone() });
-                counts[v].deleted += 1;
-                view_counts[v].deleted += 1;
-                view_counts[v].drift += 1;
+                counts.deleted += 1;
+                view_counts.deleted += 1;
+                view_counts.drift += 1;
             }
-            plan.changes.push(Change::Remove { view: names[v].clone(), key });
+            plan.changes.push(Change::Remove { view: self.view.clone(), key });
         }
-        plan.counts = view_counts;
-        let report = self.views.into_iter().zip(counts).collect();
-        (plan, report)
+        plan.counts.push(view_counts);
+        (plan, counts)
     }
 }
 
-/// In-memory mirror of `_tailcache_published`.
+/// One pass over a view computed in full, piece by piece (see the module
+/// docs): [`Published::mark`] each piece, then [`Published::unseen`] gives
+/// the published keys that left.
+#[derive(Debug)]
+pub struct Sweep {
+    view: Arc<str>,
+    /// Entries whose key an earlier piece already had.
+    pub repeated: usize,
+}
+
+impl Sweep {
+    pub fn view(&self) -> &Arc<str> {
+        &self.view
+    }
+}
+
+const LOOKUP: &str = "SELECT hash FROM main._tailcache_published WHERE view = ?1 AND key = ?2";
+
+fn hash_of(stmt: &mut rusqlite::CachedStatement<'_>, view: &str, key: &[u8]) -> rusqlite::Result<Option<[u8; 16]>> {
+    // A malformed hash just compares unequal: the entry is rewritten.
+    stmt.query_row((view, key), |r| r.get::<_, Vec<u8>>(0))
+        .optional()
+        .map(|h| h.map(|h| <[u8; 16]>::try_from(h.as_slice()).unwrap_or_default()))
+}
+
+/// The per-view key counts of `_tailcache_published` (the keys themselves
+/// stay in the table).
 #[derive(Debug, Clone, Default)]
 pub struct Published {
-    views: HashMap<String, HashMap<Vec<u8>, [u8; 16]>>,
+    counts: HashMap<String, u64>,
 }
 
 impl Published {
-    /// Loads the table (creating it when missing).
-    pub fn load(conn: &Connection) -> Result<Published> {
-        ensure_tables(conn)?;
-        let mut p = Published::default();
-        let mut stmt = conn
-            .prepare("SELECT view, key, hash FROM _tailcache_published")
-            .map_err(|e| Error::sqlite("read _tailcache_published", e))?;
-        let mut rows = stmt.query([]).map_err(|e| Error::sqlite("read _tailcache_published", e))?;
-        while let Some(r) = rows.next().map_err(|e| Error::sqlite("read _tailcache_published", e))? {
-            let view: String = r.get(0).map_err(|e| Error::sqlite("read _tailcache_published", e))?;
-            let key: Vec<u8> = r.get(1).map_err(|e| Error::sqlite("read _tailcache_published", e))?;
-            let hash: Vec<u8> = r.get(2).map_err(|e| Error::sqlite("read _tailcache_published", e))?;
-            // A malformed hash just compares unequal: the entry is rewritten.
-            let hash = <[u8; 16]>::try_from(hash.as_slice()).unwrap_or_default();
-            p.views.entry(view).or_default().insert(key, hash);
-        }
-        Ok(p)
+    /// Creates the tables when missing and counts the keys of each view.
+    pub fn load(book: &Connection) -> Result<Published> {
+        ensure_tables(book)?;
+        let ctx = |e| Error::sqlite("read _tailcache_published", e);
+        let mut stmt = book.prepare("SELECT view, count(*) FROM _tailcache_published GROUP BY view").map_err(ctx)?;
+        let counts = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+            .map_err(ctx)?
+            .collect::<rusqlite::Result<HashMap<_, _>>>()
+            .map_err(ctx)?;
+        Ok(Published { counts })
     }
 
-    /// Keys published for `view`, with their hashes.
-    pub fn keys(&self, view: &str) -> Option<&HashMap<Vec<u8>, [u8; 16]>> {
-        self.views.get(view)
+    /// Number of keys published for `view`.
+    pub fn keys(&self, view: &str) -> u64 {
+        self.counts.get(view).copied().unwrap_or(0)
     }
 
     /// Number of published keys over all views.
-    pub fn len(&self) -> usize {
-        self.views.values().map(HashMap::len).sum()
+    pub fn len(&self) -> u64 {
+        self.counts.values().sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -269,12 +374,10 @@ impl Published {
     /// Views with published keys that `viewset` no longer has.
     pub fn orphan_views(&self, viewset: &ViewSet) -> Vec<String> {
         let mut v: Vec<String> = self
-            .views
+            .counts
             .iter()
-            .filter(|(name, keys)| {
-                !keys.is_empty()
-                    && !viewset.views().iter().any(|c| c.name() == name.as_str())
-                    && !viewset.keeps_keys_of(name)
+            .filter(|(name, n)| {
+                **n > 0 && !viewset.views().iter().any(|c| c.name() == name.as_str()) && !viewset.keeps_keys_of(name)
             })
             .map(|(name, _)| name.clone())
             .collect();
@@ -282,38 +385,120 @@ impl Published {
         v
     }
 
-    /// The ops turning what was published into `computed`: a set for each
-    /// new or changed entry (every entry when `full`), a delete for each
-    /// published key no longer produced (for an incremental result, among
-    /// the keys of its scope only), and deletes for every key of the
-    /// views `viewset` no longer has. Views not in `computed` are left alone.
-    pub fn diff(&self, computed: Vec<ComputedView>, viewset: &ViewSet, full: bool) -> Plan {
+    /// The hash recorded for `key` of `view`.
+    pub fn hash(book: &Connection, view: &str, key: &[u8]) -> Result<Option<[u8; 16]>> {
+        let ctx = |e| Error::sqlite("read _tailcache_published", e);
+        let mut stmt = book.prepare_cached(LOOKUP).map_err(ctx)?;
+        hash_of(&mut stmt, view, key).map_err(ctx)
+    }
+
+    /// Published keys of `view` after `after` (all when empty), in order,
+    /// at most `limit`.
+    pub fn keys_after(book: &Connection, view: &str, after: &[u8], limit: usize) -> Result<Vec<Vec<u8>>> {
+        let ctx = |e| Error::sqlite("read _tailcache_published", e);
+        let mut stmt = book
+            .prepare_cached(
+                "SELECT key FROM main._tailcache_published WHERE view = ?1 AND key > ?2 ORDER BY key LIMIT ?3",
+            )
+            .map_err(ctx)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        stmt.query_map((view, after, limit), |r| r.get(0)).map_err(ctx)?.collect::<rusqlite::Result<_>>().map_err(ctx)
+    }
+
+    /// Starts a [`Sweep`] of `view` on `book`.
+    pub fn begin(book: &Connection, view: &str) -> Result<Sweep> {
+        let ctx = |e| Error::sqlite("start a sweep of published keys", e);
+        book.execute_batch(SEEN_TABLE).map_err(ctx)?;
+        book.prepare_cached("DELETE FROM temp._tailcache_seen").and_then(|mut s| s.execute([])).map_err(ctx)?;
+        Ok(Sweep { view: Arc::from(view), repeated: 0 })
+    }
+
+    /// Marks the keys of one piece of the sweep's view and returns, for
+    /// each entry, what is recorded for its key.
+    pub fn mark(book: &Connection, sweep: &mut Sweep, entries: &[Entry]) -> Result<Vec<Mark>> {
+        let ctx = |e| Error::sqlite("mark published keys", e);
+        let tx = Transaction::new_unchecked(book, TransactionBehavior::Deferred).map_err(ctx)?;
+        let mut marks = Vec::with_capacity(entries.len());
+        {
+            let mut seen = tx
+                .prepare_cached("INSERT INTO temp._tailcache_seen (key) VALUES (?1) ON CONFLICT DO NOTHING")
+                .map_err(ctx)?;
+            let mut get = tx.prepare_cached(LOOKUP).map_err(ctx)?;
+            for e in entries {
+                let key = e.key.as_bytes();
+                let repeated = seen.execute([key]).map_err(ctx)? == 0;
+                sweep.repeated += usize::from(repeated);
+                marks.push(Mark { published: hash_of(&mut get, &sweep.view, key).map_err(ctx)?, repeated });
+            }
+        }
+        tx.commit().map_err(ctx)?;
+        Ok(marks)
+    }
+
+    /// Published keys of the sweep's view that no piece marked, after
+    /// `after` (all when empty), in order, at most `limit`.
+    pub fn unseen(book: &Connection, sweep: &Sweep, after: &[u8], limit: usize) -> Result<Vec<Vec<u8>>> {
+        let ctx = |e| Error::sqlite("read _tailcache_published", e);
+        let mut stmt = book
+            .prepare_cached(
+                "SELECT p.key FROM main._tailcache_published p
+                 WHERE p.view = ?1 AND p.key > ?2
+                   AND NOT EXISTS (SELECT 1 FROM temp._tailcache_seen s WHERE s.key = p.key)
+                 ORDER BY p.key LIMIT ?3",
+            )
+            .map_err(ctx)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        stmt.query_map((&*sweep.view, after, limit), |r| r.get(0))
+            .map_err(ctx)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(ctx)
+    }
+
+    /// Ends a sweep, forgetting its marks.
+    pub fn end(book: &Connection, sweep: Sweep) -> Result<()> {
+        drop(sweep);
+        book.prepare_cached("DELETE FROM temp._tailcache_seen")
+            .and_then(|mut s| s.execute([]))
+            .map(drop)
+            .map_err(|e| Error::sqlite("end a sweep of published keys", e))
+    }
+
+    /// The ops turning what was published into `computed`, whose views are
+    /// small: incremental results (published keys of their scope that are
+    /// not entries left the view) and single-entry `map`/`list` views (all
+    /// their published keys are read). A view computed in full in pieces
+    /// goes through a [`Sweep`] instead. Views not in `computed` are left
+    /// alone.
+    pub fn diff(&self, book: &Connection, computed: Vec<ComputedView>, viewset: &ViewSet) -> Result<Plan> {
+        let ctx = |e| Error::sqlite("read _tailcache_published", e);
         let mut plan = Plan::default();
         let exptime = viewset.exptime();
-        let empty = HashMap::new();
+        let mut get = book.prepare_cached(LOOKUP).map_err(ctx)?;
         for c in computed {
-            let published = self.views.get(&c.view).unwrap_or(&empty);
             let mut counts = ViewCounts { view: c.view.clone(), ..Default::default() };
             let name: Arc<str> = Arc::from(c.view.as_str());
-            let mut gone: Vec<&Vec<u8>> = {
+            let mut gone: Vec<Vec<u8>> = {
                 let present: HashSet<&[u8]> = c.entries.iter().map(|e| e.key.as_bytes()).collect();
                 match &c.scope {
                     // Incremental: only the keys in scope can have left.
-                    Some(scope) => scope
-                        .iter()
-                        .filter(|k| !present.contains(k.as_bytes()))
-                        .filter_map(|k| published.get_key_value(k.as_bytes()).map(|(k, _)| k))
+                    Some(scope) => {
+                        let mut gone = Vec::new();
+                        for k in scope.iter().map(String::as_bytes).filter(|k| !present.contains(k)) {
+                            if hash_of(&mut get, &c.view, k).map_err(ctx)?.is_some() {
+                                gone.push(k.to_vec());
+                            }
+                        }
+                        gone
+                    }
+                    None => Self::keys_after(book, &c.view, &[], usize::MAX)?
+                        .into_iter()
+                        .filter(|k| !present.contains(k.as_slice()))
                         .collect(),
-                    None => published.keys().filter(|k| !present.contains(k.as_slice())).collect(),
                 }
             };
             gone.sort();
             for e in c.entries {
-                let differs = published.get(e.key.as_bytes()) != Some(&e.hash);
-                if full && differs {
-                    counts.drift += 1;
-                }
-                if full || differs {
+                if hash_of(&mut get, &c.view, e.key.as_bytes()).map_err(ctx)? != Some(e.hash) {
                     let key = e.key.into_bytes();
                     plan.changes.push(Change::Put { view: name.clone(), key: key.clone(), hash: e.hash });
                     plan.ops.push(Op::Set { key, value: e.value, flags: e.flags, exptime });
@@ -322,86 +507,47 @@ impl Published {
             }
             for k in gone {
                 plan.ops.push(Op::Delete { key: k.clone() });
-                plan.changes.push(Change::Remove { view: name.clone(), key: k.clone() });
+                plan.changes.push(Change::Remove { view: name.clone(), key: k });
                 counts.deleted += 1;
-                counts.drift += usize::from(full);
             }
             plan.counts.push(counts);
         }
-        for view in self.orphan_views(viewset) {
-            let mut counts = ViewCounts { view: view.clone(), ..Default::default() };
-            let name: Arc<str> = Arc::from(view.as_str());
-            if let Some(keys) = self.views.get(&view) {
-                let mut keys: Vec<&Vec<u8>> = keys.keys().collect();
-                keys.sort();
-                for k in keys {
-                    plan.ops.push(Op::Delete { key: k.clone() });
-                    plan.changes.push(Change::Remove { view: name.clone(), key: k.clone() });
-                    counts.deleted += 1;
-                }
-            }
-            plan.counts.push(counts);
-        }
-        plan
+        Ok(plan)
     }
 
-    /// Prepares a full resync of `computed`: every entry is to be read
-    /// back and compared, and every key published for these views (or for
-    /// views no longer configured) that they no longer produce is stale.
-    /// Views not in `computed` (failed) are left alone.
-    pub fn resync(&self, computed: Vec<ComputedView>, viewset: &ViewSet) -> Resync {
-        let mut r = Resync {
-            views: Vec::new(),
-            entries: Vec::new(),
-            stale: Vec::new(),
-            codec: viewset.codec(),
-            exptime: viewset.exptime(),
-        };
-        let empty = HashMap::new();
-        for c in computed {
-            let v = r.views.len();
-            r.views.push(c.view.clone());
-            let published = self.views.get(&c.view).unwrap_or(&empty);
-            let present: HashSet<&[u8]> = c.entries.iter().map(|e| e.key.as_bytes()).collect();
-            let mut gone: Vec<&Vec<u8>> = published.keys().filter(|k| !present.contains(k.as_slice())).collect();
-            gone.sort();
-            r.stale.extend(gone.into_iter().map(|k| (v, k.clone())));
-            r.entries.extend(c.entries.into_iter().map(|e| {
-                let recorded = published.get(e.key.as_bytes()) == Some(&e.hash);
-                (v, e, recorded)
-            }));
+    /// Stores `changes` (and the sentinel token after a full republish) in
+    /// one write transaction on `book`, and keeps the key counts.
+    pub fn record(&mut self, book: &Connection, changes: &[Change], epoch: Option<&[u8]>) -> Result<()> {
+        if changes.is_empty() && epoch.is_none() {
+            return Ok(());
         }
-        for view in self.orphan_views(viewset) {
-            let v = r.views.len();
-            r.views.push(view.clone());
-            if let Some(keys) = self.views.get(&view) {
-                let mut keys: Vec<&Vec<u8>> = keys.keys().collect();
-                keys.sort();
-                r.stale.extend(keys.into_iter().map(|k| (v, k.clone())));
-            }
-        }
-        r
-    }
-
-    /// Stores the plan's changes (and the sentinel token after a full
-    /// republish) in one write transaction, then updates the mirror.
-    pub fn record(&mut self, conn: &Connection, changes: &[Change], epoch: Option<&[u8]>) -> Result<()> {
         let ctx = |e| Error::sqlite("record published keys", e);
-        let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate).map_err(ctx)?;
+        let tx = Transaction::new_unchecked(book, TransactionBehavior::Immediate).map_err(ctx)?;
+        // Counted as the rows change, so a key put twice counts once.
+        let mut delta: BTreeMap<&str, i64> = BTreeMap::new();
         {
-            let mut put = tx
-                .prepare_cached(
-                    "INSERT INTO _tailcache_published (view, key, hash) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (view, key) DO UPDATE SET hash = excluded.hash",
-                )
+            let mut update = tx
+                .prepare_cached("UPDATE _tailcache_published SET hash = ?3 WHERE view = ?1 AND key = ?2")
+                .map_err(ctx)?;
+            let mut insert = tx
+                .prepare_cached("INSERT INTO _tailcache_published (view, key, hash) VALUES (?1, ?2, ?3)")
                 .map_err(ctx)?;
             let mut remove =
                 tx.prepare_cached("DELETE FROM _tailcache_published WHERE view = ?1 AND key = ?2").map_err(ctx)?;
             for c in changes {
                 match c {
-                    Change::Put { view, key, hash } => put.execute((&**view, key, &hash[..])).map_err(ctx)?,
-                    Change::Remove { view, key } => remove.execute((&**view, key)).map_err(ctx)?,
-                };
+                    Change::Put { view, key, hash } => {
+                        let args = (&**view, key, &hash[..]);
+                        if update.execute(args).map_err(ctx)? == 0 {
+                            insert.execute(args).map_err(ctx)?;
+                            *delta.entry(view).or_default() += 1;
+                        }
+                    }
+                    Change::Remove { view, key } => {
+                        let n = remove.execute((&**view, key)).map_err(ctx)?;
+                        *delta.entry(view).or_default() -= n as i64;
+                    }
+                }
             }
             if let Some(token) = epoch {
                 tx.execute(
@@ -413,23 +559,11 @@ impl Published {
             }
         }
         tx.commit().map_err(ctx)?;
-        for c in changes {
-            match c {
-                Change::Put { view, key, hash } => {
-                    // The view's name is allocated once, not per key.
-                    match self.views.get_mut(&**view) {
-                        Some(keys) => keys.insert(key.clone(), *hash),
-                        None => self.views.entry(view.to_string()).or_default().insert(key.clone(), *hash),
-                    };
-                }
-                Change::Remove { view, key } => {
-                    if let Some(keys) = self.views.get_mut(&**view) {
-                        keys.remove(key);
-                        if keys.is_empty() {
-                            self.views.remove(&**view);
-                        }
-                    }
-                }
+        for (view, d) in delta {
+            let n = self.counts.entry(view.to_owned()).or_default();
+            *n = n.saturating_add_signed(d);
+            if *n == 0 {
+                self.counts.remove(view);
             }
         }
         Ok(())
@@ -466,32 +600,19 @@ mod tests {
 
     #[test]
     fn resync_plan_counts_and_ops() {
-        let mut p = Published::default();
-        let put = |p: &mut Published, k: &str, h: u8| {
-            p.views.entry("v".into()).or_default().insert(k.as_bytes().to_vec(), [h; 16]);
-        };
-        put(&mut p, "k1", 1);
-        put(&mut p, "k2", 2);
-        put(&mut p, "gone", 3);
-        put(&mut p, "gone2", 4);
-        let computed = ComputedView {
+        // k1 and k2 recorded with their hashes, k3 not; two stale keys.
+        let r = Resync {
             view: "v".into(),
-            entries: vec![entry("k1", b"a", 1), entry("k2", b"b", 2), entry("k3", b"c", 3)],
-            ..Default::default()
+            entries: vec![(entry("k1", b"a", 1), true), (entry("k2", b"b", 2), true), (entry("k3", b"c", 3), false)],
+            stale: vec![b"gone".to_vec(), b"gone2".to_vec()],
+            codec: Codec::Msgpack,
+            exptime: 0,
         };
-        let mut r = Resync { views: vec![], entries: vec![], stale: vec![], codec: Codec::Msgpack, exptime: 0 };
-        // what Published::resync does, without a ViewSet
-        r.views.push("v".into());
-        for e in computed.entries {
-            let recorded = p.keys("v").unwrap().get(e.key.as_bytes()) == Some(&e.hash);
-            r.entries.push((0, e, recorded));
-        }
-        r.stale = vec![(0, b"gone".to_vec()), (0, b"gone2".to_vec())];
         assert_eq!(r.keys(), vec![&b"k1"[..], b"k2", b"k3", b"gone", b"gone2"]);
         assert!(r.same(0, b"a", 0) && !r.same(0, b"x", 0) && r.same(4, b"whatever", 9));
         // k1 identical, k2 differs, k3 missing, gone present, gone2 absent
         let (mut plan, counts) = r.plan(&[Held::Same, Held::Differs, Held::Missing, Held::Same, Held::Missing]);
-        assert_eq!(counts["v"], ResyncCounts { checked: 3, missing: 1, differed: 1, deleted: 1, unchanged: 1 });
+        assert_eq!(counts, ResyncCounts { checked: 3, missing: 1, differed: 1, deleted: 1, unchanged: 1 });
         assert_eq!(
             plan.ops.iter().map(|o| (o.key().to_vec(), matches!(o, Op::Set { .. }))).collect::<Vec<_>>(),
             vec![(b"k2".to_vec(), true), (b"k3".to_vec(), true), (b"gone".to_vec(), false)]
@@ -509,5 +630,48 @@ mod tests {
         assert_eq!(refused, vec![("v".to_owned(), b"k3".to_vec())]);
         assert!(plan.changes.contains(&Change::Remove { view: "v".into(), key: b"k3".to_vec() }));
         assert_eq!(plan.counts[0].set, 1);
+    }
+
+    #[test]
+    fn a_sweep_marks_pieces_and_finds_the_keys_that_left() {
+        let c = Connection::open_in_memory().unwrap();
+        let mut p = Published::load(&c).unwrap();
+        let (v, w): (Arc<str>, Arc<str>) = ("v".into(), "w".into());
+        let put = |view: &Arc<str>, k: &str, h: u8| Change::Put { view: view.clone(), key: k.into(), hash: [h; 16] };
+        let changes: Vec<Change> = (1..=5).map(|i| put(&v, &format!("k{i}"), i)).chain([put(&w, "k1", 7)]).collect();
+        p.record(&c, &changes, None).unwrap();
+        assert_eq!((p.keys("v"), p.keys("w"), p.len()), (5, 1, 6));
+
+        let mut sweep = Published::begin(&c, "v").unwrap();
+        let marks = Published::mark(&c, &mut sweep, &[entry("k1", b"a", 1), entry("k2", b"b", 9)]).unwrap();
+        assert_eq!(marks[0], Mark { published: Some([1; 16]), repeated: false });
+        assert!(marks[0].current(&[1; 16]) && !marks[1].current(&[9; 16]));
+        // A later piece with k1 again: written again whatever is recorded.
+        let marks = Published::mark(&c, &mut sweep, &[entry("k1", b"a", 1), entry("k6", b"f", 6)]).unwrap();
+        assert!(marks[0].repeated && !marks[0].current(&[1; 16]));
+        assert_eq!(marks[1], Mark { published: None, repeated: false });
+        assert_eq!(sweep.repeated, 1);
+        // Unmarked keys of v only (w's k1 is another view), in pages.
+        let first = Published::unseen(&c, &sweep, &[], 2).unwrap();
+        assert_eq!(first, vec![b"k3".to_vec(), b"k4".to_vec()]);
+        assert_eq!(Published::unseen(&c, &sweep, b"k4", 2).unwrap(), vec![b"k5".to_vec()]);
+        let plan = Plan::sets(&v, vec![entry("k2", b"b", 9), entry("k1", b"a", 1)], &[marks[1], marks[0]], 0);
+        assert_eq!(plan.ops.len(), 2, "k2 not recorded with 9, k1 repeated");
+        Published::end(&c, sweep).unwrap();
+        let sweep = Published::begin(&c, "v").unwrap();
+        assert_eq!(Published::unseen(&c, &sweep, &[], 10).unwrap().len(), 5, "marks are forgotten");
+
+        // Counts follow the rows: a re-put is no new key, a missing key
+        // removed changes nothing.
+        let remove = |k: &str| Change::Remove { view: v.clone(), key: k.into() };
+        p.record(&c, &[put(&v, "k1", 2), remove("k3"), remove("nope"), put(&v, "k6", 6)], Some(b"tok")).unwrap();
+        assert_eq!(p.keys("v"), 5);
+        assert_eq!(Published::hash(&c, "v", b"k1").unwrap(), Some([2; 16]));
+        assert_eq!(Published::hash(&c, "v", b"k3").unwrap(), None);
+        assert_eq!(read_epoch(&c).unwrap(), Some(b"tok".to_vec()));
+        assert_eq!(Published::load(&c).unwrap().keys("v"), 5, "counted again from the table");
+        let removes: Vec<Change> = ["k1", "k2", "k4", "k5", "k6"].iter().map(|k| remove(k)).collect();
+        p.record(&c, &removes, None).unwrap();
+        assert_eq!((p.keys("v"), p.len()), (0, 1));
     }
 }

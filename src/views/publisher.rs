@@ -61,7 +61,7 @@
 //!   `_tailcache_published` is written (keys of views no longer configured
 //!   are deleted). Compile problems end the worker with an error.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -71,9 +71,9 @@ use rand::Rng;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::watch;
 
-use super::published::{Change, Plan, Published, read_epoch};
+use super::published::{Change, Plan, Published, Resync, Sweep, ViewCounts, read_epoch};
 use super::{ChangeSet, ComputedView, Scratch, ViewError, ViewSet};
-use crate::config::{Config, MemcachedConfig};
+use crate::config::{Config, MemcachedConfig, Shape};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::position::Checkpoint;
@@ -269,6 +269,11 @@ impl From<SinkError> for Failure {
     }
 }
 
+/// Entries per piece of a view computed in full: the memory a full
+/// publish takes (entries, read-back, ops, bookkeeping) follows this, not
+/// the size of the view.
+pub const PIECE: usize = 8192;
+
 /// Logs at most [`REJECT_LOG_BURST`] lines per [`REJECT_LOG_WINDOW`].
 struct RateLimit {
     window: Option<Instant>,
@@ -295,6 +300,227 @@ impl RateLimit {
             None
         }
     }
+
+    /// Logs refused entries (rate-limited) and counts them.
+    fn log_rejections(&mut self, rejected: &[Rejection], views: &[(String, Vec<u8>)]) {
+        let now = Instant::now();
+        for r in rejected {
+            let view = views.iter().find(|(_, k)| *k == r.key).map(|(v, _)| v.as_str()).unwrap_or("");
+            metrics::entry_refused(view);
+            if let Some(suppressed) = self.allow(now) {
+                tracing::error!(
+                    view,
+                    server = %r.server,
+                    key = %String::from_utf8_lossy(&r.key),
+                    reason = %r.reason,
+                    suppressed,
+                    "memcached refused the entry; it is not published (the rest is)"
+                );
+            }
+        }
+    }
+}
+
+/// One round's writing: its memcached exchanges and bookkeeping, piece by
+/// piece, and what they add up to.
+struct Round<'w> {
+    sink: &'w Sink,
+    book: &'w Connection,
+    published: &'w mut Published,
+    reject_log: &'w mut RateLimit,
+    needs_full: &'w mut HashSet<String>,
+    /// Bookkeeping held until the read transaction ends: under a rollback
+    /// journal (attached schemas) a write cannot commit while the replica
+    /// is read, as it can under WAL.
+    deferred: Option<Vec<Change>>,
+    /// Servers that failed this round (the others are still written):
+    /// their keys are not recorded, and the round is retried.
+    down: Vec<SinkError>,
+    counts: Vec<ViewCounts>,
+    resync: BTreeMap<String, ResyncCounts>,
+    changes: usize,
+    /// When memcached last acknowledged a write.
+    acked: Option<Instant>,
+    memcached: Duration,
+    record: Duration,
+}
+
+impl Round<'_> {
+    /// Applies `plan`'s ops and records what memcached acknowledged.
+    async fn write(&mut self, mut plan: Plan) -> Result<()> {
+        let t0 = Instant::now();
+        let partial = self.sink.apply_partial(&plan.ops).await;
+        self.down.extend(partial.failed);
+        let (applied, mut unapplied) = (partial.applied, partial.unapplied);
+        let refused = plan.reject(&applied.rejected);
+        self.needs_full.extend(refused.iter().map(|(v, _)| v.clone()));
+        if !applied.rejected.is_empty() {
+            self.reject_log.log_rejections(&applied.rejected, &refused);
+            // Do not leave the previous value of a refused set behind.
+            let deletes: Vec<Op> = refused.iter().map(|(_, k)| Op::Delete { key: k.clone() }).collect();
+            let more = self.sink.apply_partial(&deletes).await;
+            self.down.extend(more.failed);
+            unapplied.extend(more.unapplied);
+            self.reject_log.log_rejections(&more.applied.rejected, &refused);
+        }
+        let now = Instant::now();
+        self.acked = Some(now);
+        self.memcached += now - t0;
+        let Plan { mut changes, counts, .. } = plan;
+        if !unapplied.is_empty() {
+            changes.retain(|c| !unapplied.contains(c.key()));
+        }
+        for c in counts {
+            match self.counts.iter_mut().find(|o| o.view == c.view) {
+                Some(o) => o.add(&c),
+                None => self.counts.push(c),
+            }
+        }
+        self.changes += changes.len();
+        match &mut self.deferred {
+            Some(d) => d.extend(changes),
+            None => {
+                self.published.record(self.book, &changes, None)?;
+                self.record += now.elapsed();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads back what memcached holds for a piece of a full resync, then
+    /// writes what differs.
+    async fn resync(&mut self, r: Resync) -> Result<()> {
+        let t0 = Instant::now();
+        let keys = r.keys();
+        let lens = r.expected_len();
+        let touch = (r.exptime() > 0).then_some(r.exptime());
+        let (held, failed) = self.sink.read_back_partial(&keys, &lens, touch, |i, v, f| r.same(i, v, f)).await;
+        self.down.extend(failed);
+        drop(keys);
+        self.memcached += t0.elapsed();
+        let view = r.view().to_string();
+        let (plan, counts) = r.plan(&held);
+        self.resync.entry(view).or_default().add(&counts);
+        self.write(plan).await
+    }
+
+    /// Writes one piece of a sweep: what differs from the bookkeeping, or,
+    /// in a full resync, from what memcached holds.
+    async fn piece(&mut self, sweep: &mut Sweep, piece: ComputedView, resync: bool, viewset: &ViewSet) -> Result<()> {
+        note_computed(&piece);
+        let marks = Published::mark(self.book, sweep, &piece.entries)?;
+        if resync {
+            self.resync(Resync::new(sweep.view().clone(), viewset, piece.entries, &marks, Vec::new())).await
+        } else {
+            self.write(Plan::sets(sweep.view(), piece.entries, &marks, viewset.exptime())).await
+        }
+    }
+
+    /// Deletes `keys` that left `view` (after reading them back, in a
+    /// full resync, to count those still present).
+    async fn gone(&mut self, viewset: &ViewSet, view: &Arc<str>, keys: Vec<Vec<u8>>, resync: bool) -> Result<()> {
+        if resync {
+            self.resync(Resync::new(view.clone(), viewset, Vec::new(), &[], keys)).await
+        } else {
+            self.write(Plan::deletes(view, keys)).await
+        }
+    }
+}
+
+/// Logs a computed view's rejected entries.
+fn note_computed(c: &ComputedView) {
+    for r in &c.rejected {
+        metrics::entry_rejected(r.view(), r.reason());
+        tracing::error!(view = %c.view, "{r}");
+    }
+}
+
+/// A view that could not be computed: logged, counted, and computed in
+/// full next time. Returns its status entry.
+fn view_failed(round: &mut Round<'_>, name: &str, e: &ViewError) -> (String, Option<String>) {
+    metrics::VIEW_ERRORS.inc();
+    round.needs_full.insert(name.to_owned());
+    tracing::error!(view = %name, error = %e, "view not published");
+    (name.to_owned(), Some(e.to_string()))
+}
+
+/// Why a view computed in full was not published.
+enum WholeFailure {
+    /// The view's query failed: the other views go on.
+    View(ViewError),
+    /// The state file failed: the round stops.
+    State(Error),
+}
+
+impl From<ViewError> for WholeFailure {
+    fn from(e: ViewError) -> Self {
+        WholeFailure::View(e)
+    }
+}
+
+impl From<Error> for WholeFailure {
+    fn from(e: Error) -> Self {
+        WholeFailure::State(e)
+    }
+}
+
+/// Publishes view `index` computed in full on `conn` (inside the round's
+/// read transaction), a `row` view [`PIECE`] entries at a time, then
+/// deletes the published keys it no longer produces. A query failing
+/// midway leaves the pieces already written (they are from the same
+/// committed state) and deletes nothing.
+async fn publish_whole(
+    round: &mut Round<'_>,
+    conn: &Connection,
+    viewset: &ViewSet,
+    index: usize,
+    resync: bool,
+    now: SystemTime,
+    scratch: &mut Scratch,
+) -> std::result::Result<(), WholeFailure> {
+    let v = &viewset.views()[index];
+    let mut sweep = Published::begin(round.book, v.name())?;
+    let mut duplicates = 0;
+    if v.shape() == Shape::Row {
+        let mut stmt = viewset.full_query(conn, index)?;
+        let mut rows = stmt.query([]).map_err(|source| ViewError::Sqlite { view: v.name().to_owned(), source })?;
+        loop {
+            let (piece, done) = viewset.row_piece(index, &mut rows, now, scratch, PIECE)?;
+            duplicates += piece.duplicate_keys;
+            round.piece(&mut sweep, piece, resync, viewset).await?;
+            if done {
+                break;
+            }
+        }
+    } else {
+        let piece = viewset.compute(conn, index, now, scratch)?;
+        round.piece(&mut sweep, piece, resync, viewset).await?;
+    }
+    let mut after = Vec::new();
+    loop {
+        let gone = Published::unseen(round.book, &sweep, &after, PIECE)?;
+        let Some(last) = gone.last() else { break };
+        after = last.clone();
+        round.gone(viewset, sweep.view(), gone, resync).await?;
+    }
+    duplicates += sweep.repeated;
+    if duplicates > 0 {
+        tracing::warn!(view = %v.name(), duplicates, "rows rendered the same key; the later row won");
+    }
+    Published::end(round.book, sweep)?;
+    Ok(())
+}
+
+/// Deletes every key of `view`, a view no longer configured.
+async fn delete_all(round: &mut Round<'_>, viewset: &ViewSet, view: &str, resync: bool) -> Result<()> {
+    let name: Arc<str> = Arc::from(view);
+    let mut after = Vec::new();
+    loop {
+        let keys = Published::keys_after(round.book, view, &after, PIECE)?;
+        let Some(last) = keys.last() else { return Ok(()) };
+        after = last.clone();
+        round.gone(viewset, &name, keys, resync).await?;
+    }
 }
 
 struct Worker {
@@ -302,7 +528,12 @@ struct Worker {
     reject_log: RateLimit,
     cfg: Arc<Config>,
     mc: MemcachedConfig,
+    /// Reads the replica (one read transaction per round).
     conn: Connection,
+    /// The bookkeeping's own connection, which writes while `conn` reads.
+    book: Connection,
+    /// The state file is in WAL mode: `book` can commit during the read.
+    wal: bool,
     viewset: Option<ViewSet>,
     published: Published,
     sink: Sink,
@@ -391,13 +622,21 @@ async fn run(
             }
         }
     };
-    let Some(mut conn) = open_with_retry(&state_path, &cfg, &mut shutdown).await? else {
+    let Some(conn) = open_with_retry(&state_path, &cfg, &mut shutdown).await? else {
         return Ok(());
     };
-    super::checkpoint::start(&mut conn, &state_path, &cfg.mysql.table_refs());
-    let published = Published::load(&conn)?;
+    let Some(mut book) = open_with_retry(&state_path, &cfg, &mut shutdown).await? else {
+        return Ok(());
+    };
+    // A sweep marks every key of a view computed in full: in a temporary
+    // file (in SQLite's page cache up to its size), not in memory.
+    book.pragma_update(None, "temp_store", "FILE").map_err(|e| Error::sqlite("set temp_store", e))?;
+    let wal = book.query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0)).is_ok_and(|m| m == "wal");
+    // The bookkeeping's commits are the publisher's: its checkpoints too.
+    super::checkpoint::start(&mut book, &state_path, &cfg.mysql.table_refs());
+    let published = Published::load(&book)?;
     let sink = Sink::connect(&mc);
-    sink.set_expected_epoch(read_epoch(&conn)?);
+    sink.set_expected_epoch(read_epoch(&book)?);
     let mut pending = Pending { all: true, ..Default::default() };
     if matches!(crate::replica::read_checkpoint(&conn)?, Some((_, true))) {
         pending.ready = true;
@@ -408,6 +647,8 @@ async fn run(
         cfg,
         mc,
         conn,
+        book,
+        wal,
         viewset: None,
         published,
         sink,
@@ -533,25 +774,6 @@ impl Worker {
         }
     }
 
-    /// Logs refused entries (rate-limited) and counts them.
-    fn log_rejections(&mut self, rejected: &[Rejection], views: &[(String, Vec<u8>)]) {
-        let now = Instant::now();
-        for r in rejected {
-            let view = views.iter().find(|(_, k)| *k == r.key).map(|(v, _)| v.as_str()).unwrap_or("");
-            metrics::entry_refused(view);
-            if let Some(suppressed) = self.reject_log.allow(now) {
-                tracing::error!(
-                    view,
-                    server = %r.server,
-                    key = %String::from_utf8_lossy(&r.key),
-                    reason = %r.reason,
-                    suppressed,
-                    "memcached refused the entry; it is not published (the rest is)"
-                );
-            }
-        }
-    }
-
     /// With an exptime, a full republish refreshes entries before they
     /// expire.
     fn refresh_due(&self) -> bool {
@@ -611,8 +833,8 @@ impl Worker {
         let full = pending.full;
         let indices: Vec<usize> =
             if full || pending.all { (0..viewset.views().len()).collect() } else { viewset.affected(&pending.touched) };
-        let orphans = !self.published.orphan_views(viewset).is_empty();
-        if indices.is_empty() && !orphans && !full {
+        let orphans = self.published.orphan_views(viewset);
+        if indices.is_empty() && orphans.is_empty() && !full {
             return Ok(Outcome::Done);
         }
         // Probe memcached and move the sentinel before the (costly)
@@ -623,112 +845,105 @@ impl Worker {
             let what = what.to_owned();
             move |e| Error::sqlite(what, e)
         };
-        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Deferred).map_err(sql("begin read"))?;
-        let checkpoint = match crate::replica::read_checkpoint(&self.conn)? {
+        let Worker { ref conn, ref book, wal, ref mut published, ref sink, ref mut scratch, .. } = *self;
+        let tx = Transaction::new_unchecked(conn, TransactionBehavior::Deferred).map_err(sql("begin read"))?;
+        let checkpoint = match crate::replica::read_checkpoint(conn)? {
             Some((cp, true)) => cp,
             _ => return Ok(Outcome::NotConsistent),
         };
         let now = SystemTime::now();
+        let mut round = Round {
+            sink,
+            book,
+            published,
+            reject_log: &mut self.reject_log,
+            needs_full: &mut self.needs_full,
+            deferred: (!wal).then(Vec::new),
+            down: Vec::new(),
+            counts: Vec::new(),
+            resync: BTreeMap::new(),
+            changes: 0,
+            acked: None,
+            memcached: Duration::ZERO,
+            record: Duration::ZERO,
+        };
         let mut computed = Vec::with_capacity(indices.len());
+        let mut whole = Vec::new();
         let mut view_errors: Vec<(String, Option<String>)> = Vec::new();
         for i in indices {
             let t0 = Instant::now();
             let name = viewset.views()[i].name();
             let incremental = !full
                 && !pending.all
-                && !self.needs_full.contains(name)
+                && !round.needs_full.contains(name)
                 && viewset.can_increment(i, &pending.touched, &pending.changes);
-            let result = if incremental {
-                match viewset.compute_incremental(
-                    &self.conn,
-                    i,
-                    &pending.touched,
-                    &pending.changes,
-                    now,
-                    &mut self.scratch,
-                ) {
-                    Ok(Some(c)) => Ok(c),
-                    Ok(None) => viewset.compute(&self.conn, i, now, &mut self.scratch),
-                    Err(e) => Err(e),
-                }
-            } else {
-                viewset.compute(&self.conn, i, now, &mut self.scratch)
-            };
-            match result {
-                Ok(c) => {
+            if !incremental {
+                whole.push(i);
+                continue;
+            }
+            match viewset.compute_incremental(conn, i, &pending.touched, &pending.changes, now, scratch) {
+                Ok(Some(c)) => {
                     if c.scope.is_none() {
-                        self.needs_full.remove(&c.view);
+                        round.needs_full.remove(&c.view);
                     }
                     metrics::view_computed(&c.view, t0.elapsed());
-                    for r in &c.rejected {
-                        metrics::entry_rejected(r.view(), r.reason());
-                        tracing::error!(view = %c.view, "{r}");
-                    }
+                    note_computed(&c);
                     if c.duplicate_keys > 0 {
                         tracing::warn!(view = %c.view, duplicates = c.duplicate_keys, "rows rendered the same key; the later row won");
                     }
                     view_errors.push((c.view.clone(), None));
                     computed.push(c);
                 }
-                Err(e) => {
-                    metrics::VIEW_ERRORS.inc();
-                    self.needs_full.insert(name.to_owned());
-                    tracing::error!(view = %name, error = %e, "view not published");
-                    view_errors.push((name.to_owned(), Some(e.to_string())));
-                }
+                Ok(None) => whole.push(i),
+                Err(e) => view_errors.push(view_failed(&mut round, name, &e)),
             }
         }
-        tx.commit().map_err(sql("end read"))?;
         let computed_at = Instant::now();
         let incremental_views = computed.iter().filter(|c| c.incremental).count();
         // For the stage line only (a bench with several views tells them apart).
-        let view_names: Vec<String> = if tracing::enabled!(tracing::Level::DEBUG) {
+        let mut view_names: Vec<String> = if tracing::enabled!(tracing::Level::DEBUG) {
             computed.iter().map(|c| c.view.clone()).collect()
         } else {
             Vec::new()
         };
-
-        // Servers that failed this round (the others are still written):
-        // their keys are not recorded, and the round is retried.
-        let mut down: Vec<SinkError> = Vec::new();
-        let (mut plan, resync) = if full {
-            // Read back what memcached holds for every key concerned and
-            // write only what differs.
-            let r = self.published.resync(computed, viewset);
-            let keys = r.keys();
-            let lens = r.expected_len();
-            let touch = (r.exptime() > 0).then_some(r.exptime());
-            let (held, failed) = self.sink.read_back_partial(&keys, &lens, touch, |i, v, f| r.same(i, v, f)).await;
-            down.extend(failed);
-            drop(keys);
-            let (plan, counts) = r.plan(&held);
-            (plan, Some(counts))
-        } else {
-            (self.published.diff(computed, viewset, false), None)
-        };
-        let partial = self.sink.apply_partial(&plan.ops).await;
-        down.extend(partial.failed);
-        let (applied, mut unapplied) = (partial.applied, partial.unapplied);
-        let refused = plan.reject(&applied.rejected);
-        self.needs_full.extend(refused.iter().map(|(v, _)| v.clone()));
-        if !applied.rejected.is_empty() {
-            self.log_rejections(&applied.rejected, &refused);
-            // Do not leave the previous value of a refused set behind.
-            let deletes: Vec<Op> = refused.iter().map(|(_, k)| Op::Delete { key: k.clone() }).collect();
-            let more = self.sink.apply_partial(&deletes).await;
-            down.extend(more.failed);
-            unapplied.extend(more.unapplied);
-            self.log_rejections(&more.applied.rejected, &refused);
+        if !computed.is_empty() {
+            let plan = round.published.diff(round.book, computed, viewset)?;
+            round.write(plan).await?;
         }
-        let Plan { mut changes, counts, .. } = plan;
-        let acked = Instant::now();
-        if !unapplied.is_empty() {
-            changes.retain(|c| match c {
-                Change::Put { key, .. } | Change::Remove { key, .. } => !unapplied.contains(key),
-            });
+        // Views computed in full go piece by piece, from the same read
+        // transaction, so their size does not decide the memory they take.
+        for i in whole {
+            let t0 = Instant::now();
+            let name = viewset.views()[i].name();
+            match publish_whole(&mut round, conn, viewset, i, full, now, scratch).await {
+                Ok(()) => {
+                    round.needs_full.remove(name);
+                    metrics::view_computed(name, t0.elapsed());
+                    view_errors.push((name.to_owned(), None));
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        view_names.push(name.to_owned());
+                    }
+                }
+                Err(WholeFailure::View(e)) => view_errors.push(view_failed(&mut round, name, &e)),
+                Err(WholeFailure::State(e)) => return Err(e.into()),
+            }
         }
-        self.published.record(&self.conn, &changes, epoch.as_deref())?;
+        for view in orphans {
+            delete_all(&mut round, viewset, &view, full).await?;
+        }
+        tx.commit().map_err(sql("end read"))?;
+        if let Some(changes) = round.deferred.take() {
+            let t0 = Instant::now();
+            round.published.record(round.book, &changes, None)?;
+            round.record += t0.elapsed();
+        }
+        if let Some(token) = &epoch {
+            round.published.record(round.book, &[], Some(token))?;
+        }
         let recorded = Instant::now();
+        let Round { down, counts, resync, changes, acked, memcached, record, .. } = round;
+        let acked = acked.unwrap_or(recorded);
+        let resync = full.then_some(resync);
         // Per-stage timings of this publish, to tell where a slow commit ->
         // memcached sample spent its time (binlog + replica commit + hand-over,
         // waiting in the publisher, computing, memcached, bookkeeping).
@@ -737,12 +952,12 @@ impl Worker {
             to_publisher_us = us(pending.arrived, pending.received.unwrap_or(started)),
             waited_us = us(pending.received, started),
             compute_us = us(Some(started), computed_at),
-            memcached_us = us(Some(computed_at), acked),
-            record_us = us(Some(acked), recorded),
+            memcached_us = memcached.as_micros() as u64,
+            record_us = record.as_micros() as u64,
             total_us = us(pending.arrived, recorded),
             incremental_views,
             views = ?view_names,
-            changes = changes.len(),
+            changes,
             full,
             "publish stages"
         );
@@ -792,12 +1007,12 @@ impl Worker {
                 latency_ms: latency_us.unwrap_or(0) as f64 / 1000.0,
             });
             for (view, error) in view_errors {
-                let keys = published.keys(&view).map_or(0, |k| k.len() as u64);
+                let keys = published.keys(&view);
                 s.views.insert(view, ViewStatus { keys, last_error: error });
             }
             // Views that do not compile stay listed with their error.
             for (view, why, _) in viewset.broken() {
-                let keys = published.keys(view).map_or(0, |k| k.len() as u64);
+                let keys = published.keys(view);
                 s.views.insert(view.clone(), ViewStatus { keys, last_error: Some(format!("does not compile: {why}")) });
             }
             // Views no longer configured, once their keys are gone.

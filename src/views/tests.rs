@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rmpv::Value;
 use rusqlite::Connection;
 
-use super::published::{Change, Published};
+use super::published::{Change, Plan, Published};
 use super::*;
 use crate::config::{Codec, MemcachedConfig, Shape, TableRef, ViewConfig};
 use crate::sink::Op;
@@ -478,6 +478,33 @@ fn ops_summary(ops: &[Op]) -> Vec<String> {
         .collect()
 }
 
+/// What the publisher does for a `row` view computed in full: pieces of
+/// `piece` entries read on `reader`, each marked in a sweep on `c`, then
+/// the keys that left.
+pub(super) fn swept(reader: &Connection, c: &Connection, vs: &ViewSet, index: usize, piece: usize) -> Plan {
+    let name: std::sync::Arc<str> = vs.views()[index].name().into();
+    let mut sweep = Published::begin(c, &name).unwrap();
+    let mut plan = Plan::default();
+    let mut add = |p: Plan| {
+        plan.ops.extend(p.ops);
+        plan.changes.extend(p.changes);
+    };
+    let mut scratch = Scratch::default();
+    let mut stmt = vs.full_query(reader, index).unwrap();
+    let mut rows = stmt.query([]).unwrap();
+    loop {
+        let (computed, done) = vs.row_piece(index, &mut rows, now(), &mut scratch, piece).unwrap();
+        let marks = Published::mark(c, &mut sweep, &computed.entries).unwrap();
+        add(Plan::sets(&name, computed.entries, &marks, vs.exptime()));
+        if done {
+            break;
+        }
+    }
+    add(Plan::deletes(&name, Published::unseen(c, &sweep, &[], usize::MAX).unwrap()));
+    Published::end(c, sweep).unwrap();
+    plan
+}
+
 #[test]
 fn diff_against_published_state() {
     let c = db();
@@ -488,48 +515,76 @@ fn diff_against_published_state() {
     let mut published = Published::load(&c).unwrap();
     assert!(published.is_empty());
 
-    let plan = published.diff(compute_all(&c, &vs, now()).unwrap(), &vs, false);
+    let plan = published.diff(&c, compute_all(&c, &vs, now()).unwrap(), &vs).unwrap();
     assert_eq!(ops_summary(&plan.ops), ["set p:app:1", "set p:app:2", "set p:names"]);
     assert_eq!(plan.counts[0], published::ViewCounts { view: "app".into(), set: 2, deleted: 0, drift: 0 });
     published.record(&c, &plan.changes, None).unwrap();
+    assert_eq!((published.keys("app"), published.keys("names")), (2, 1));
 
-    // unchanged: nothing to do
-    let plan = published.diff(compute_all(&c, &vs, now()).unwrap(), &vs, false);
+    // unchanged: nothing to do, in one piece or in many
+    let plan = published.diff(&c, compute_all(&c, &vs, now()).unwrap(), &vs).unwrap();
     assert!(plan.is_empty(), "{:?}", ops_summary(&plan.ops));
-    // full: everything again, no deletes, and no drift since nothing was missed
-    let plan = published.diff(compute_all(&c, &vs, now()).unwrap(), &vs, true);
-    assert_eq!(ops_summary(&plan.ops), ["set p:app:1", "set p:app:2", "set p:names"]);
-    assert!(plan.counts.iter().all(|c| c.drift == 0), "{:?}", plan.counts);
-    // a change the incremental path never saw shows up as drift in a full pass
-    c.execute_batch("UPDATE application SET name = 'drifted' WHERE id = 1").unwrap();
-    let plan = published.diff(compute_all(&c, &vs, now()).unwrap(), &vs, true);
-    assert_eq!(plan.counts[0].drift, 1, "{:?}", plan.counts);
+    assert!(swept(&c, &c, &vs, 0, 1).is_empty());
 
     // a changed row and a removed row
     c.execute_batch("UPDATE application SET name = 'robert' WHERE id = 2; DELETE FROM application WHERE id = 1;")
         .unwrap();
-    let plan = published.diff(compute_all(&c, &vs, now()).unwrap(), &vs, false);
+    let plan = published.diff(&c, compute_all(&c, &vs, now()).unwrap(), &vs).unwrap();
     assert_eq!(ops_summary(&plan.ops), ["set p:app:2", "delete p:app:1", "set p:names"]);
     assert!(plan.changes.contains(&Change::Remove { view: "app".into(), key: b"p:app:1".to_vec() }));
+    // the same, piece by piece
+    let pieces = swept(&c, &c, &vs, 0, 1);
+    assert_eq!(ops_summary(&pieces.ops), ["set p:app:2", "delete p:app:1"]);
+    assert_eq!(pieces.changes, plan.changes[..2]);
     published.record(&c, &plan.changes, Some(b"tok")).unwrap();
     assert_eq!(published::read_epoch(&c).unwrap().as_deref(), Some(&b"tok"[..]));
 
     // the state survives a reload (restart)
-    let reloaded = Published::load(&c).unwrap();
-    assert_eq!(reloaded.keys("app").map(|k| k.len()), Some(1));
-    assert!(reloaded.diff(compute_all(&c, &vs, now()).unwrap(), &vs, false).is_empty());
+    let mut reloaded = Published::load(&c).unwrap();
+    assert_eq!(reloaded.keys("app"), 1);
+    assert!(reloaded.diff(&c, compute_all(&c, &vs, now()).unwrap(), &vs).unwrap().is_empty());
 
-    // a view removed from the config: its keys are deleted, even when no
-    // computed view is diffed
+    // a view removed from the config: its keys are to be deleted
     let fewer = compile(&c, &views[1..], Codec::Msgpack);
     assert_eq!(reloaded.orphan_views(&fewer), ["app"]);
-    let plan = reloaded.diff(vec![], &fewer, false);
+    let keys = Published::keys_after(&c, "app", &[], 100).unwrap();
+    let plan = Plan::deletes(&"app".into(), keys);
     assert_eq!(ops_summary(&plan.ops), ["delete p:app:2"]);
-    let mut reloaded = reloaded;
     reloaded.record(&c, &plan.changes, None).unwrap();
     assert!(reloaded.orphan_views(&fewer).is_empty());
     let n: i64 = c.query_row("SELECT count(*) FROM _tailcache_published WHERE view = 'app'", [], |r| r.get(0)).unwrap();
     assert_eq!(n, 0);
+}
+
+#[test]
+fn a_view_in_pieces_keeps_the_later_row_of_a_repeated_key() {
+    let c = db();
+    // Every row renders one of two keys; the later row of each wins.
+    let v = view("app", "app:{k}", "SELECT id % 2 AS k, name FROM application ORDER BY id");
+    let vs = compile(&c, &[v], Codec::Msgpack);
+    c.execute_batch("INSERT INTO application (id, name, doc) VALUES (3, 'carol', '{}'), (4, 'dave', '{}')").unwrap();
+    let whole = compute_all(&c, &vs, now()).unwrap().remove(0);
+    assert_eq!(whole.entries.len(), 2);
+    for piece in [1, 2, 3, 100] {
+        let mut published = Published::load(&c).unwrap();
+        let plan = swept(&c, &c, &vs, 0, piece);
+        // Replaying the sets in order leaves the whole computation's values.
+        let mut cache = HashMap::new();
+        for op in &plan.ops {
+            if let Op::Set { key, value, .. } = op {
+                cache.insert(key.clone(), value.clone());
+            }
+        }
+        let expected: HashMap<Vec<u8>, Vec<u8>> =
+            whole.entries.iter().map(|e| (e.key.as_bytes().to_vec(), e.value.clone())).collect();
+        assert_eq!(cache, expected, "pieces of {piece}");
+        published.record(&c, &plan.changes, None).unwrap();
+        for e in &whole.entries {
+            assert_eq!(Published::hash(&c, "app", e.key.as_bytes()).unwrap(), Some(e.hash), "pieces of {piece}");
+        }
+        assert_eq!(published.keys("app"), 2);
+        c.execute_batch("DELETE FROM _tailcache_published").unwrap();
+    }
 }
 
 #[test]
@@ -539,11 +594,11 @@ fn rejected_entry_deletes_the_previously_published_value() {
     v.json_columns = vec!["doc".into()];
     let vs = compile(&c, &[v], Codec::Msgpack);
     let mut published = Published::load(&c).unwrap();
-    let plan = published.diff(compute_all(&c, &vs, now()).unwrap(), &vs, false);
+    let plan = published.diff(&c, compute_all(&c, &vs, now()).unwrap(), &vs).unwrap();
     published.record(&c, &plan.changes, None).unwrap();
     c.execute("UPDATE application SET doc = 'oops' WHERE id = 1", []).unwrap();
     let computed = compute_all(&c, &vs, now()).unwrap();
     assert_eq!(computed[0].rejected.len(), 1);
-    let plan = published.diff(computed, &vs, false);
+    let plan = published.diff(&c, computed, &vs).unwrap();
     assert_eq!(ops_summary(&plan.ops), ["delete p:app:1"]);
 }

@@ -317,6 +317,10 @@ impl Resync {
 #[derive(Debug)]
 pub struct Sweep {
     view: Arc<str>,
+    /// The view had published keys when the sweep began. Without, every
+    /// key recorded meanwhile came from an earlier piece (and is
+    /// `repeated`): nothing to look up.
+    lookup: bool,
     /// Entries whose key an earlier piece already had.
     pub repeated: usize,
 }
@@ -406,11 +410,11 @@ impl Published {
     }
 
     /// Starts a [`Sweep`] of `view` on `book`.
-    pub fn begin(book: &Connection, view: &str) -> Result<Sweep> {
+    pub fn begin(&self, book: &Connection, view: &str) -> Result<Sweep> {
         let ctx = |e| Error::sqlite("start a sweep of published keys", e);
         book.execute_batch(SEEN_TABLE).map_err(ctx)?;
         book.prepare_cached("DELETE FROM temp._tailcache_seen").and_then(|mut s| s.execute([])).map_err(ctx)?;
-        Ok(Sweep { view: Arc::from(view), repeated: 0 })
+        Ok(Sweep { view: Arc::from(view), lookup: self.keys(view) > 0, repeated: 0 })
     }
 
     /// Marks the keys of one piece of the sweep's view and returns, for
@@ -428,7 +432,8 @@ impl Published {
                 let key = e.key.as_bytes();
                 let repeated = seen.execute([key]).map_err(ctx)? == 0;
                 sweep.repeated += usize::from(repeated);
-                marks.push(Mark { published: hash_of(&mut get, &sweep.view, key).map_err(ctx)?, repeated });
+                let published = if sweep.lookup { hash_of(&mut get, &sweep.view, key).map_err(ctx)? } else { None };
+                marks.push(Mark { published, repeated });
             }
         }
         tx.commit().map_err(ctx)?;
@@ -523,14 +528,15 @@ impl Published {
         }
         let ctx = |e| Error::sqlite("record published keys", e);
         let tx = Transaction::new_unchecked(book, TransactionBehavior::Immediate).map_err(ctx)?;
-        // Counted as the rows change, so a key put twice counts once.
+        // Counted as the rows change, so a key put twice counts once. A new
+        // key (every key, in a first publish) costs one statement.
         let mut delta: BTreeMap<&str, i64> = BTreeMap::new();
         {
             let mut update = tx
                 .prepare_cached("UPDATE _tailcache_published SET hash = ?3 WHERE view = ?1 AND key = ?2")
                 .map_err(ctx)?;
             let mut insert = tx
-                .prepare_cached("INSERT INTO _tailcache_published (view, key, hash) VALUES (?1, ?2, ?3)")
+                .prepare_cached("INSERT OR IGNORE INTO _tailcache_published (view, key, hash) VALUES (?1, ?2, ?3)")
                 .map_err(ctx)?;
             let mut remove =
                 tx.prepare_cached("DELETE FROM _tailcache_published WHERE view = ?1 AND key = ?2").map_err(ctx)?;
@@ -538,9 +544,10 @@ impl Published {
                 match c {
                     Change::Put { view, key, hash } => {
                         let args = (&**view, key, &hash[..]);
-                        if update.execute(args).map_err(ctx)? == 0 {
-                            insert.execute(args).map_err(ctx)?;
+                        if insert.execute(args).map_err(ctx)? == 1 {
                             *delta.entry(view).or_default() += 1;
+                        } else {
+                            update.execute(args).map_err(ctx)?;
                         }
                     }
                     Change::Remove { view, key } => {
@@ -642,7 +649,7 @@ mod tests {
         p.record(&c, &changes, None).unwrap();
         assert_eq!((p.keys("v"), p.keys("w"), p.len()), (5, 1, 6));
 
-        let mut sweep = Published::begin(&c, "v").unwrap();
+        let mut sweep = p.begin(&c, "v").unwrap();
         let marks = Published::mark(&c, &mut sweep, &[entry("k1", b"a", 1), entry("k2", b"b", 9)]).unwrap();
         assert_eq!(marks[0], Mark { published: Some([1; 16]), repeated: false });
         assert!(marks[0].current(&[1; 16]) && !marks[1].current(&[9; 16]));
@@ -658,8 +665,18 @@ mod tests {
         let plan = Plan::sets(&v, vec![entry("k2", b"b", 9), entry("k1", b"a", 1)], &[marks[1], marks[0]], 0);
         assert_eq!(plan.ops.len(), 2, "k2 not recorded with 9, k1 repeated");
         Published::end(&c, sweep).unwrap();
-        let sweep = Published::begin(&c, "v").unwrap();
+        let sweep = p.begin(&c, "v").unwrap();
         assert_eq!(Published::unseen(&c, &sweep, &[], 10).unwrap().len(), 5, "marks are forgotten");
+        Published::end(&c, sweep).unwrap();
+        // A view without keys looks nothing up; what an earlier piece
+        // recorded is caught as repeated.
+        let mut sweep = p.begin(&c, "new").unwrap();
+        let first = Published::mark(&c, &mut sweep, &[entry("n1", b"a", 1)]).unwrap();
+        p.record(&c, &[put(&"new".into(), "n1", 1)], None).unwrap();
+        let again = Published::mark(&c, &mut sweep, &[entry("n1", b"a", 1)]).unwrap();
+        assert_eq!((first[0].published, again[0].repeated), (None, true));
+        Published::end(&c, sweep).unwrap();
+        p.record(&c, &[Change::Remove { view: "new".into(), key: b"n1".to_vec() }], None).unwrap();
 
         // Counts follow the rows: a re-put is no new key, a missing key
         // removed changes nothing.

@@ -479,7 +479,7 @@ async fn publish_whole(
     scratch: &mut Scratch,
 ) -> std::result::Result<(), WholeFailure> {
     let v = &viewset.views()[index];
-    let mut sweep = Published::begin(round.book, v.name())?;
+    let mut sweep = round.published.begin(round.book, v.name())?;
     let mut duplicates = 0;
     if v.shape() == Shape::Row {
         let mut stmt = viewset.full_query(conn, index)?;

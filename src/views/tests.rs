@@ -483,7 +483,7 @@ fn ops_summary(ops: &[Op]) -> Vec<String> {
 /// the keys that left.
 pub(super) fn swept(reader: &Connection, c: &Connection, vs: &ViewSet, index: usize, piece: usize) -> Plan {
     let name: std::sync::Arc<str> = vs.views()[index].name().into();
-    let mut sweep = Published::begin(c, &name).unwrap();
+    let mut sweep = Published::load(c).unwrap().begin(c, &name).unwrap();
     let mut plan = Plan::default();
     let mut add = |p: Plan| {
         plan.ops.extend(p.ops);

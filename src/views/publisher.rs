@@ -16,6 +16,14 @@
 //!   transaction, after checking the replica is consistent
 //!   (`replica::read_checkpoint`); if it is not, nothing is published until
 //!   the next message.
+//! * **Pieces.** A view that is not maintained incrementally this round
+//!   (its query does not allow it, a start, a resync, a batch over
+//!   [`CHANGE_CAP`] rows) is read [`PIECE`] entries at a time from that same
+//!   read transaction; each piece is diffed against the bookkeeping, written
+//!   and recorded (on the bookkeeping's own connection, which WAL lets
+//!   commit during the read) before the next is read, and the published
+//!   keys the view no longer produces are found at the end (see
+//!   [`super::published`]). Memory follows the piece, not the view.
 //! * **Failures.** A failed memcached exchange ([`ErrorClass::Retriable`](crate::sink::ErrorClass::Retriable):
 //!   connection, timeout, garbled answer) is retried with capped, jittered
 //!   exponential backoff (50 ms → 5 s); the retry is a *full resync* (see

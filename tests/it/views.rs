@@ -636,3 +636,144 @@ query = "SELECT a.name, (SELECT count(*) FROM app_feature af WHERE af.app_id = a
     wait_for(&mc, "byname:test0", "the edit", &daemon, |v| v.is_some_and(|v| field(v, "n").as_i64() == Some(3))).await;
     assert_eq!(indexed(&state), want, "{}", daemon.log());
 }
+
+/// Values of `keys` that memcached holds, over one connection (`get` with
+/// many keys per request).
+fn get_many(addr: &str, keys: &[String]) -> std::collections::HashMap<String, Vec<u8>> {
+    let mut s = TcpStream::connect(addr).expect("connect to memcached");
+    let mut r = BufReader::new(s.try_clone().expect("clone the socket"));
+    let mut out = std::collections::HashMap::new();
+    for batch in keys.chunks(200) {
+        s.write_all(format!("get {}\r\n", batch.join(" ")).as_bytes()).expect("write get");
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).expect("read get response");
+            if line == "END\r\n" {
+                break;
+            }
+            let parts: Vec<&str> = line.trim_end().split(' ').collect();
+            let ["VALUE", key, _flags, len] = parts.as_slice() else { panic!("unexpected answer {line:?}") };
+            let mut data = vec![0u8; len.parse::<usize>().expect("length") + 2];
+            r.read_exact(&mut data).expect("read value");
+            data.truncate(data.len() - 2);
+            out.insert((*key).to_owned(), data);
+        }
+    }
+    out
+}
+
+/// A view of more rows than one piece of a full publish (8,192): the
+/// start's full publish, and a restart's after rows left, changed and
+/// arrived while tailcache was stopped, leave exactly the view in
+/// memcached. With a table of a second schema the state file uses a
+/// rollback journal, and the bookkeeping is recorded after the read.
+async fn large_view_is_published_whole(hint: &str, second_schema: bool) {
+    const ROWS: i64 = 20_000;
+    let db = harness::server().create_db(hint).await;
+    let mut conn = db.root_conn().await;
+    conn.query_drop("CREATE TABLE big (id INT PRIMARY KEY, v INT NOT NULL)").await.unwrap();
+    let other = format!("{}_x", db.name);
+    let (tables, join) = if second_schema {
+        let grant = match harness::flavor() {
+            harness::Flavor::MariaDb => "SELECT",
+            harness::Flavor::Mysql => "SELECT, LOCK TABLES",
+        };
+        conn.query_drop(format!(
+            "DROP DATABASE IF EXISTS `{other}`; CREATE DATABASE `{other}`;
+             CREATE TABLE `{other}`.extra (id INT PRIMARY KEY, tag VARCHAR(16) NOT NULL);
+             INSERT INTO `{other}`.extra VALUES (1, 'first');
+             GRANT {grant} ON `{other}`.* TO '{}'@'%'",
+            db.user
+        ))
+        .await
+        .unwrap();
+        (format!(r#""big", "{other}.extra""#), format!("LEFT JOIN {other}.extra e ON e.id = 1"))
+    } else {
+        (r#""big""#.to_owned(), String::new())
+    };
+    let tag = if second_schema { "e.tag" } else { "'first' AS tag" };
+    let insert = |from: i64, to: i64, plus: i64| {
+        let values: Vec<String> = (from..=to).map(|i| format!("({i}, {})", i + plus)).collect();
+        format!("INSERT INTO big VALUES {}", values.join(","))
+    };
+    for from in (1..=ROWS).step_by(5_000) {
+        conn.query_drop(insert(from, from + 4_999, 0)).await.unwrap();
+    }
+    let mc = Memcached::start();
+    let dir = tempfile::tempdir().unwrap();
+    let views = format!(
+        "[[views]]\nname = \"big\"\nkey = \"big:{{id}}\"\nquery = \"SELECT b.id, b.v, {tag} FROM big b {join}\"\n"
+    );
+    let cfg = format!(
+        "[mysql]\nurl = \"{url}\"\nserver_id = {sid}\ntables = [{tables}]\nheartbeat_secs = 0.5\n\n\
+         [state]\npath = \"{state}\"\n\n[memcached]\nservers = [\"{mc}\"]\nkey_prefix = \"\"\n\n{views}",
+        url = db.url,
+        sid = db.server_id,
+        state = dir.path().join("s.db").display(),
+        mc = mc.addr(),
+    );
+    let keys: Vec<String> = (1..=ROWS + 1_000).map(|i| format!("big:{i}")).collect();
+    // Waits until memcached holds exactly `want` (id -> v) for the view.
+    let converge = |want: std::collections::BTreeMap<i64, i64>, daemon: &Daemon, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let held = get_many(&mc.addr(), &keys);
+            let got: std::collections::BTreeMap<i64, i64> = held
+                .iter()
+                .map(|(k, b)| {
+                    let v = decode_msgpack(b);
+                    assert_eq!(field(&v, "tag").as_str(), Some("first"), "{k}");
+                    (k["big:".len()..].parse().unwrap(), field(&v, "v").as_i64().unwrap())
+                })
+                .collect();
+            if got == want {
+                return;
+            }
+            let differ = want.iter().filter(|(k, v)| got.get(k) != Some(v)).count();
+            let extra = got.keys().filter(|k| !want.contains_key(k)).count();
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {differ} keys missing or different, {extra} keys that should be gone\n{}",
+                daemon.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut want: std::collections::BTreeMap<i64, i64> = (1..=ROWS).map(|i| (i, i)).collect();
+    let mut daemon = Daemon::start(&cfg);
+    converge(want.clone(), &daemon, "first start");
+    daemon.stop();
+
+    // While stopped: rows leave from the first, middle and last pieces,
+    // others change, new ones arrive.
+    conn.query_drop(
+        "DELETE FROM big WHERE id <= 100 OR id BETWEEN 9000 AND 9500 OR id > 19900;
+         UPDATE big SET v = v + 1000000 WHERE id % 97 = 0",
+    )
+    .await
+    .unwrap();
+    conn.query_drop(insert(ROWS + 1, ROWS + 1_000, 7)).await.unwrap();
+    want.retain(|&id, _| !(id <= 100 || (9000..=9500).contains(&id) || id > 19900));
+    for (id, v) in want.iter_mut() {
+        if *id % 97 == 0 {
+            *v += 1_000_000;
+        }
+    }
+    want.extend((ROWS + 1..=ROWS + 1_000).map(|i| (i, i + 7)));
+    let daemon = Daemon::start(&cfg);
+    converge(want, &daemon, "restart after changes while stopped");
+    assert!(daemon.log().contains("published"), "{}", daemon.log());
+    if second_schema {
+        conn.query_drop(format!("DROP DATABASE `{other}`")).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_view_larger_than_a_piece_is_published_whole() {
+    large_view_is_published_whole("pieces", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_view_larger_than_a_piece_is_published_whole_across_schemas() {
+    large_view_is_published_whole("pieces2", true).await;
+}

@@ -914,6 +914,12 @@ impl Worker {
         } else {
             Vec::new()
         };
+        // Only incremental results (the commit -> memcached path): the read
+        // ends before writing, as nothing more is read.
+        let mut read = Some(tx);
+        if whole.is_empty() && orphans.is_empty() {
+            read.take().map(Transaction::commit).transpose().map_err(sql("end read"))?;
+        }
         if !computed.is_empty() {
             let plan = round.published.diff(round.book, computed, viewset)?;
             round.write(plan).await?;
@@ -939,7 +945,7 @@ impl Worker {
         for view in orphans {
             delete_all(&mut round, viewset, &view, full).await?;
         }
-        tx.commit().map_err(sql("end read"))?;
+        read.map(Transaction::commit).transpose().map_err(sql("end read"))?;
         if let Some(changes) = round.deferred.take() {
             let t0 = Instant::now();
             round.published.record(round.book, &changes, None)?;

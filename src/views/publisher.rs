@@ -280,7 +280,7 @@ impl From<SinkError> for Failure {
 /// Entries per piece of a view computed in full: the memory a full
 /// publish takes (entries, read-back, ops, bookkeeping) follows this, not
 /// the size of the view.
-pub const PIECE: usize = 8192;
+pub const PIECE: usize = 4096;
 
 /// Logs at most [`REJECT_LOG_BURST`] lines per [`REJECT_LOG_WINDOW`].
 struct RateLimit {

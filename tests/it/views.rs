@@ -662,7 +662,7 @@ fn get_many(addr: &str, keys: &[String]) -> std::collections::HashMap<String, Ve
     out
 }
 
-/// A view of more rows than one piece of a full publish (8,192): the
+/// A view of more rows than one piece of a full publish (4,096): the
 /// start's full publish, and a restart's after rows left, changed and
 /// arrived while tailcache was stopped, leave exactly the view in
 /// memcached. With a table of a second schema the state file uses a

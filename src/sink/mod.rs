@@ -348,7 +348,7 @@ impl Sink {
     /// it is listed in [`Applied::rejected`] and the rest of its batch is
     /// sent again. Only a [`ErrorClass::Retriable`] failure is an error.
     pub async fn apply(&self, ops: &[Op]) -> Result<Applied, SinkError> {
-        let p = self.apply_partial(ops).await;
+        let p = self.apply_partial(ops, &[]).await;
         let mut failed = p.failed.into_iter();
         match failed.next() {
             Some(first) => {
@@ -366,24 +366,33 @@ impl Sink {
     /// servers' errors and the keys of their ops are returned. The keys
     /// stay placed where they are (never moved to another server), so a
     /// caller retries them on the same server.
-    pub async fn apply_partial(&self, ops: &[Op]) -> Partial {
+    ///
+    /// Servers in `skip` (addresses that already failed in the caller's
+    /// round) are not contacted, so a server that times out costs one
+    /// timeout per round rather than one per call: their ops are returned
+    /// as unapplied, without an error.
+    pub async fn apply_partial(&self, ops: &[Op], skip: &[String]) -> Partial {
         let mut out = Partial::default();
         if ops.is_empty() {
             return out;
         }
         let per_server: Vec<Vec<&Op>> = self.per_server(ops.iter().map(|op| (op.key(), op)));
         let results = join_all(per_server.iter().enumerate().map(|(i, list)| async move {
+            if skip.contains(&self.addrs[i]) {
+                return None;
+            }
             let r = self.apply_on(i, list).await;
             if !list.is_empty() {
                 self.mark(i, &r);
             }
-            r
+            Some(r)
         }))
         .await;
         for (list, r) in per_server.iter().zip(results) {
             match r {
-                Ok(mut rejected) => out.applied.rejected.append(&mut rejected),
-                Err(e) => {
+                None => out.unapplied.extend(list.iter().map(|op| op.key().to_vec())),
+                Some(Ok(mut rejected)) => out.applied.rejected.append(&mut rejected),
+                Some(Err(e)) => {
                     crate::metrics::memcached_error(e.server());
                     self.lost.store(true, Ordering::SeqCst);
                     out.unapplied.extend(list.iter().map(|op| op.key().to_vec()));
@@ -506,7 +515,7 @@ impl Sink {
     where
         F: Fn(usize, &[u8], u32) -> bool,
     {
-        let (held, failed) = self.read_back_partial(keys, expected_len, touch, same).await;
+        let (held, failed) = self.read_back_partial(keys, expected_len, touch, same, &[]).await;
         match failed.into_iter().next() {
             Some(e) => Err(e),
             None => Ok(held),
@@ -515,13 +524,16 @@ impl Sink {
 
     /// Like [`read_back`](Self::read_back), but a server that fails does
     /// not fail the others: its keys are [`Held::Differs`] (to be written
-    /// again, on that server) and its error is returned.
+    /// again, on that server) and its error is returned. Servers in `skip`
+    /// are not contacted (see [`apply_partial`](Self::apply_partial)):
+    /// their keys are [`Held::Differs`], without an error.
     pub async fn read_back_partial<F>(
         &self,
         keys: &[&[u8]],
         expected_len: &[usize],
         touch: Option<u32>,
         same: F,
+        skip: &[String],
     ) -> (Vec<Held>, Vec<SinkError>)
     where
         F: Fn(usize, &[u8], u32) -> bool,
@@ -534,14 +546,23 @@ impl Sink {
         let per_server: Vec<Vec<usize>> = self.per_server(keys.iter().enumerate().map(|(i, k)| (*k, i)));
         let same = &same;
         let results = join_all(per_server.iter().enumerate().map(|(i, list)| async move {
+            if skip.contains(&self.addrs[i]) {
+                return None;
+            }
             let r = self.read_on(i, list, keys, expected_len, touch, same).await;
             if !list.is_empty() {
                 self.mark(i, &r);
             }
-            r
+            Some(r)
         }))
         .await;
         for (list, r) in per_server.iter().zip(results) {
+            let Some(r) = r else {
+                for &i in list {
+                    held[i] = Held::Differs;
+                }
+                continue;
+            };
             match r {
                 Ok(found) => {
                     for (i, h) in found {
@@ -701,7 +722,7 @@ impl Sink {
         let op = Op::Set { key: self.epoch_key.clone(), value: token.clone(), flags: 0, exptime: 0 };
         // Clear first: a failure inside apply sets it again.
         self.lost.store(false, Ordering::SeqCst);
-        let mut p = self.apply_partial(std::slice::from_ref(&op)).await;
+        let mut p = self.apply_partial(std::slice::from_ref(&op), &[]).await;
         if p.failed.len() == self.servers.len() && !p.failed.is_empty() {
             // No server took it: nothing to republish to.
             return Err(p.failed.swap_remove(0));
@@ -803,6 +824,31 @@ mod tests {
         assert_eq!(e.server(), "127.0.0.1:1");
         assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
         assert!(s.lost_state().await);
+    }
+
+    #[tokio::test]
+    async fn skipped_servers_are_not_contacted_and_their_keys_are_unapplied() {
+        // A server that accepts connections (in the backlog) but would never
+        // answer: contacting it would cost the whole timeout.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let s = Sink::connect(&mc(&[addr.as_str()]));
+        let ops = [
+            Op::Set { key: b"k".to_vec(), value: b"v".to_vec(), flags: 0, exptime: 0 },
+            Op::Delete { key: b"gone".to_vec() },
+        ];
+        let skip = [addr.clone()];
+        let p = s.apply_partial(&ops, &skip).await;
+        assert!(p.failed.is_empty(), "a skipped server is no new error");
+        assert_eq!(p.unapplied, std::collections::HashSet::from([b"k".to_vec(), b"gone".to_vec()]));
+        let (held, failed) = s.read_back_partial(&[b"k"], &[1], None, |_, _, _| true, &skip).await;
+        assert_eq!((held, failed.len()), (vec![Held::Differs], 0));
+        let contacted = listener.accept();
+        assert!(
+            matches!(&contacted, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the skipped server was contacted: {contacted:?}"
+        );
     }
 
     #[tokio::test]

@@ -344,6 +344,9 @@ struct Round<'w> {
     /// Servers that failed this round (the others are still written):
     /// their keys are not recorded, and the round is retried.
     down: Vec<SinkError>,
+    /// Their addresses: not contacted again this round (a server that
+    /// times out would cost a timeout per piece).
+    skip: Vec<String>,
     counts: Vec<ViewCounts>,
     resync: BTreeMap<String, ResyncCounts>,
     changes: usize,
@@ -354,11 +357,18 @@ struct Round<'w> {
 }
 
 impl Round<'_> {
+    fn failed(&mut self, errors: Vec<SinkError>) {
+        for e in errors {
+            self.skip.push(e.server().to_owned());
+            self.down.push(e);
+        }
+    }
+
     /// Applies `plan`'s ops and records what memcached acknowledged.
     async fn write(&mut self, mut plan: Plan) -> Result<()> {
         let t0 = Instant::now();
-        let partial = self.sink.apply_partial(&plan.ops).await;
-        self.down.extend(partial.failed);
+        let partial = self.sink.apply_partial(&plan.ops, &self.skip).await;
+        self.failed(partial.failed);
         let (applied, mut unapplied) = (partial.applied, partial.unapplied);
         let refused = plan.reject(&applied.rejected);
         self.needs_full.extend(refused.iter().map(|(v, _)| v.clone()));
@@ -366,8 +376,8 @@ impl Round<'_> {
             self.reject_log.log_rejections(&applied.rejected, &refused);
             // Do not leave the previous value of a refused set behind.
             let deletes: Vec<Op> = refused.iter().map(|(_, k)| Op::Delete { key: k.clone() }).collect();
-            let more = self.sink.apply_partial(&deletes).await;
-            self.down.extend(more.failed);
+            let more = self.sink.apply_partial(&deletes, &self.skip).await;
+            self.failed(more.failed);
             unapplied.extend(more.unapplied);
             self.reject_log.log_rejections(&more.applied.rejected, &refused);
         }
@@ -402,8 +412,9 @@ impl Round<'_> {
         let keys = r.keys();
         let lens = r.expected_len();
         let touch = (r.exptime() > 0).then_some(r.exptime());
-        let (held, failed) = self.sink.read_back_partial(&keys, &lens, touch, |i, v, f| r.same(i, v, f)).await;
-        self.down.extend(failed);
+        let (held, failed) =
+            self.sink.read_back_partial(&keys, &lens, touch, |i, v, f| r.same(i, v, f), &self.skip).await;
+        self.failed(failed);
         drop(keys);
         self.memcached += t0.elapsed();
         let view = r.view().to_string();
@@ -868,6 +879,7 @@ impl Worker {
             needs_full: &mut self.needs_full,
             deferred: (!wal).then(Vec::new),
             down: Vec::new(),
+            skip: Vec::new(),
             counts: Vec::new(),
             resync: BTreeMap::new(),
             changes: 0,

@@ -1,9 +1,10 @@
 //! The publisher worker: recomputes the views a committed transaction
 //! touched and writes the difference to memcached.
 //!
-//! It runs on its own OS thread with a current-thread tokio runtime and its
-//! own SQLite connection, fed by an unbounded channel of [`Committed`]
-//! messages from the applier. It never blocks the applier: while memcached
+//! It runs on its own OS thread with a current-thread tokio runtime and two
+//! SQLite connections of its own (one reads the replica, one keeps the
+//! bookkeeping of what was published), fed by a channel of [`Committed`]
+//! messages from the applier (bounded by the row images they carry). It never blocks the applier: while memcached
 //! is unreachable it keeps draining the channel, merging the messages into
 //! one pending state (a set of touched tables, so memory stays bounded; the
 //! replica is the source of truth and is simply recomputed on retry).

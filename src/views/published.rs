@@ -421,13 +421,19 @@ impl Published {
     /// each entry, what is recorded for its key.
     pub fn mark(book: &Connection, sweep: &mut Sweep, entries: &[Entry]) -> Result<Vec<Mark>> {
         let ctx = |e| Error::sqlite("mark published keys", e);
-        let tx = Transaction::new_unchecked(book, TransactionBehavior::Deferred).map_err(ctx)?;
+        // One transaction for the piece, unless `book` is already in one
+        // (the reader's, under a rollback journal).
+        let tx = if book.is_autocommit() {
+            Some(Transaction::new_unchecked(book, TransactionBehavior::Deferred).map_err(ctx)?)
+        } else {
+            None
+        };
         let mut marks = Vec::with_capacity(entries.len());
         {
-            let mut seen = tx
+            let mut seen = book
                 .prepare_cached("INSERT INTO temp._tailcache_seen (key) VALUES (?1) ON CONFLICT DO NOTHING")
                 .map_err(ctx)?;
-            let mut get = tx.prepare_cached(LOOKUP).map_err(ctx)?;
+            let mut get = book.prepare_cached(LOOKUP).map_err(ctx)?;
             for e in entries {
                 let key = e.key.as_bytes();
                 let repeated = seen.execute([key]).map_err(ctx)? == 0;
@@ -436,7 +442,7 @@ impl Published {
                 marks.push(Mark { published, repeated });
             }
         }
-        tx.commit().map_err(ctx)?;
+        tx.map(Transaction::commit).transpose().map_err(ctx)?;
         Ok(marks)
     }
 

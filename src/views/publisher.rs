@@ -334,7 +334,13 @@ impl RateLimit {
 /// piece, and what they add up to.
 struct Round<'w> {
     sink: &'w Sink,
+    /// Records what was published.
     book: &'w Connection,
+    /// Looks it up during the round, and marks the keys of a sweep: `book`
+    /// under WAL; under a rollback journal the replica's reader, which
+    /// already holds the read lock (a new one cannot be had while the
+    /// replicator waits to commit, and the round would wait on itself).
+    lookup: &'w Connection,
     published: &'w mut Published,
     reject_log: &'w mut RateLimit,
     needs_full: &'w mut HashSet<String>,
@@ -428,7 +434,7 @@ impl Round<'_> {
     /// in a full resync, from what memcached holds.
     async fn piece(&mut self, sweep: &mut Sweep, piece: ComputedView, resync: bool, viewset: &ViewSet) -> Result<()> {
         note_computed(&piece);
-        let marks = Published::mark(self.book, sweep, &piece.entries)?;
+        let marks = Published::mark(self.lookup, sweep, &piece.entries)?;
         if resync {
             self.resync(Resync::new(sweep.view().clone(), viewset, piece.entries, &marks, Vec::new())).await
         } else {
@@ -499,7 +505,7 @@ async fn publish_whole(
     scratch: &mut Scratch,
 ) -> std::result::Result<(), WholeFailure> {
     let v = &viewset.views()[index];
-    let mut sweep = round.published.begin(round.book, v.name())?;
+    let mut sweep = round.published.begin(round.lookup, v.name())?;
     let mut duplicates = 0;
     if v.shape() == Shape::Row {
         let mut stmt = viewset.full_query(conn, index)?;
@@ -518,7 +524,7 @@ async fn publish_whole(
     }
     let mut after = Vec::new();
     loop {
-        let gone = Published::unseen(round.book, &sweep, &after, PIECE)?;
+        let gone = Published::unseen(round.lookup, &sweep, &after, PIECE)?;
         let Some(last) = gone.last() else { break };
         after = last.clone();
         round.gone(viewset, sweep.view(), gone, resync).await?;
@@ -527,7 +533,7 @@ async fn publish_whole(
     if duplicates > 0 {
         tracing::warn!(view = %v.name(), duplicates, "rows rendered the same key; the later row won");
     }
-    Published::end(round.book, sweep)?;
+    Published::end(round.lookup, sweep)?;
     Ok(())
 }
 
@@ -536,7 +542,7 @@ async fn delete_all(round: &mut Round<'_>, viewset: &ViewSet, view: &str, resync
     let name: Arc<str> = Arc::from(view);
     let mut after = Vec::new();
     loop {
-        let keys = Published::keys_after(round.book, view, &after, PIECE)?;
+        let keys = Published::keys_after(round.lookup, view, &after, PIECE)?;
         let Some(last) = keys.last() else { return Ok(()) };
         after = last.clone();
         round.gone(viewset, &name, keys, resync).await?;
@@ -648,10 +654,13 @@ async fn run(
     let Some(mut book) = open_with_retry(&state_path, &cfg, &mut shutdown).await? else {
         return Ok(());
     };
-    // A sweep marks every key of a view computed in full: in a temporary
-    // file (in SQLite's page cache up to its size), not in memory.
-    book.pragma_update(None, "temp_store", "FILE").map_err(|e| Error::sqlite("set temp_store", e))?;
     let wal = book.query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0)).is_ok_and(|m| m == "wal");
+    // A sweep marks every key of a view computed in full: in a temporary
+    // file (in SQLite's page cache up to its size), not in memory. It is
+    // `book` under WAL, the reader under a rollback journal (see `Round`),
+    // set before any TEMP table exists (changing it drops them).
+    let sweeper = if wal { &book } else { &conn };
+    sweeper.pragma_update(None, "temp_store", "FILE").map_err(|e| Error::sqlite("set temp_store", e))?;
     // The bookkeeping's commits are the publisher's: its checkpoints too.
     super::checkpoint::start(&mut book, &state_path, &cfg.mysql.table_refs());
     let published = Published::load(&book)?;
@@ -875,6 +884,7 @@ impl Worker {
         let mut round = Round {
             sink,
             book,
+            lookup: if wal { book } else { conn },
             published,
             reject_log: &mut self.reject_log,
             needs_full: &mut self.needs_full,
@@ -934,7 +944,7 @@ impl Worker {
             read.take().map(Transaction::commit).transpose().map_err(sql("end read"))?;
         }
         if !computed.is_empty() {
-            let plan = round.published.diff(round.book, computed, viewset)?;
+            let plan = round.published.diff(round.lookup, computed, viewset)?;
             round.write(plan).await?;
         }
         // Views computed in full go piece by piece, from the same read

@@ -317,11 +317,13 @@ impl Resync {
 #[derive(Debug)]
 pub struct Sweep {
     view: Arc<str>,
-    /// The view had published keys when the sweep began. Without, every
-    /// key recorded meanwhile came from an earlier piece (and is
-    /// `repeated`): nothing to look up.
+    /// The view had published keys when the sweep began. Without, there
+    /// is nothing to look up and nothing can have left the view: no keys
+    /// are marked, and every entry is written (one that an earlier piece
+    /// already had too, so the later row still wins).
     lookup: bool,
-    /// Entries whose key an earlier piece already had.
+    /// Entries whose key an earlier piece already had (not counted in a
+    /// sweep of a view without published keys, which marks nothing).
     pub repeated: usize,
 }
 
@@ -411,15 +413,24 @@ impl Published {
 
     /// Starts a [`Sweep`] of `view` on `book`.
     pub fn begin(&self, book: &Connection, view: &str) -> Result<Sweep> {
-        let ctx = |e| Error::sqlite("start a sweep of published keys", e);
-        book.execute_batch(SEEN_TABLE).map_err(ctx)?;
-        book.prepare_cached("DELETE FROM temp._tailcache_seen").and_then(|mut s| s.execute([])).map_err(ctx)?;
-        Ok(Sweep { view: Arc::from(view), lookup: self.keys(view) > 0, repeated: 0 })
+        let lookup = self.keys(view) > 0;
+        if lookup {
+            let ctx = |e| Error::sqlite("start a sweep of published keys", e);
+            book.execute_batch(SEEN_TABLE).map_err(ctx)?;
+            book.prepare_cached("DELETE FROM temp._tailcache_seen").and_then(|mut s| s.execute([])).map_err(ctx)?;
+        }
+        Ok(Sweep { view: Arc::from(view), lookup, repeated: 0 })
     }
 
     /// Marks the keys of one piece of the sweep's view and returns, for
     /// each entry, what is recorded for its key.
     pub fn mark(book: &Connection, sweep: &mut Sweep, entries: &[Entry]) -> Result<Vec<Mark>> {
+        if !sweep.lookup {
+            // Nothing was published for the view: every entry is written
+            // (a key repeated from an earlier piece too), and nothing can
+            // have left it.
+            return Ok(vec![Mark { published: None, repeated: false }; entries.len()]);
+        }
         let ctx = |e| Error::sqlite("mark published keys", e);
         // One transaction for the piece, unless `book` is already in one
         // (the reader's, under a rollback journal).
@@ -449,6 +460,9 @@ impl Published {
     /// Published keys of the sweep's view that no piece marked, after
     /// `after` (all when empty), in order, at most `limit`.
     pub fn unseen(book: &Connection, sweep: &Sweep, after: &[u8], limit: usize) -> Result<Vec<Vec<u8>>> {
+        if !sweep.lookup {
+            return Ok(Vec::new());
+        }
         let ctx = |e| Error::sqlite("read _tailcache_published", e);
         let mut stmt = book
             .prepare_cached(
@@ -467,7 +481,9 @@ impl Published {
 
     /// Ends a sweep, forgetting its marks.
     pub fn end(book: &Connection, sweep: Sweep) -> Result<()> {
-        drop(sweep);
+        if !sweep.lookup {
+            return Ok(());
+        }
         book.prepare_cached("DELETE FROM temp._tailcache_seen")
             .and_then(|mut s| s.execute([]))
             .map(drop)
@@ -674,13 +690,14 @@ mod tests {
         let sweep = p.begin(&c, "v").unwrap();
         assert_eq!(Published::unseen(&c, &sweep, &[], 10).unwrap().len(), 5, "marks are forgotten");
         Published::end(&c, sweep).unwrap();
-        // A view without keys looks nothing up; what an earlier piece
-        // recorded is caught as repeated.
+        // A view without keys marks nothing: every entry is written, one
+        // an earlier piece recorded too, and nothing is unseen at the end.
         let mut sweep = p.begin(&c, "new").unwrap();
         let first = Published::mark(&c, &mut sweep, &[entry("n1", b"a", 1)]).unwrap();
         p.record(&c, &[put(&"new".into(), "n1", 1)], None).unwrap();
         let again = Published::mark(&c, &mut sweep, &[entry("n1", b"a", 1)]).unwrap();
-        assert_eq!((first[0].published, again[0].repeated), (None, true));
+        assert!(!first[0].current(&[1; 16]) && !again[0].current(&[1; 16]));
+        assert!(Published::unseen(&c, &sweep, &[], 10).unwrap().is_empty());
         Published::end(&c, sweep).unwrap();
         p.record(&c, &[Change::Remove { view: "new".into(), key: b"n1".to_vec() }], None).unwrap();
 

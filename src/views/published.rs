@@ -252,12 +252,15 @@ impl Resync {
     }
 
     /// Whether `value`/`flags` read back for key `i` of
-    /// [`keys`](Self::keys) is what it should be (a stale key is only
-    /// checked for presence).
+    /// [`keys`](Self::keys) is what it should be. A stale key should not be
+    /// there at all: found, it never is, so that one server still holding
+    /// it makes it [`Held::Differs`] (deleted) even when another lacks it
+    /// (the read-back keeps the worst answer, and `Missing` is worse than
+    /// `Same`).
     pub fn same(&self, i: usize, value: &[u8], flags: u32) -> bool {
         match self.entries.get(i) {
             Some((e, _)) => same_value(self.codec, &e.value, e.flags, value, flags),
-            None => true,
+            None => false,
         }
     }
 
@@ -298,7 +301,7 @@ impl Resync {
             }
         }
         for (j, key) in self.stale.into_iter().enumerate() {
-            if held.get(n + j).copied().unwrap_or(Held::Same) != Held::Missing {
+            if held.get(n + j).copied().unwrap_or(Held::Differs) != Held::Missing {
                 plan.ops.push(Op::Delete { key: key.clone() });
                 counts.deleted += 1;
                 view_counts.deleted += 1;
@@ -638,9 +641,11 @@ mod tests {
             exptime: 0,
         };
         assert_eq!(r.keys(), vec![&b"k1"[..], b"k2", b"k3", b"gone", b"gone2"]);
-        assert!(r.same(0, b"a", 0) && !r.same(0, b"x", 0) && r.same(4, b"whatever", 9));
-        // k1 identical, k2 differs, k3 missing, gone present, gone2 absent
-        let (mut plan, counts) = r.plan(&[Held::Same, Held::Differs, Held::Missing, Held::Same, Held::Missing]);
+        assert!(r.same(0, b"a", 0) && !r.same(0, b"x", 0));
+        assert!(!r.same(4, b"whatever", 9), "a stale key found is never as it should be");
+        // k1 identical, k2 differs, k3 missing, gone present (on some
+        // server), gone2 absent (everywhere)
+        let (mut plan, counts) = r.plan(&[Held::Same, Held::Differs, Held::Missing, Held::Differs, Held::Missing]);
         assert_eq!(counts, ResyncCounts { checked: 3, missing: 1, differed: 1, deleted: 1, unchanged: 1 });
         assert_eq!(
             plan.ops.iter().map(|o| (o.key().to_vec(), matches!(o, Op::Set { .. }))).collect::<Vec<_>>(),

@@ -943,6 +943,11 @@ impl Worker {
         if whole.is_empty() && orphans.is_empty() {
             read.take().map(Transaction::commit).transpose().map_err(sql("end read"))?;
         }
+        // Keys of views no longer configured go first: a view renamed with
+        // its key template kept writes the same keys under its new name.
+        for view in orphans {
+            delete_all(&mut round, viewset, &view, full).await?;
+        }
         if !computed.is_empty() {
             let plan = round.published.diff(round.lookup, computed, viewset)?;
             round.write(plan).await?;
@@ -952,9 +957,12 @@ impl Worker {
         for i in whole {
             let t0 = Instant::now();
             let name = viewset.views()[i].name();
+            // Cleared before writing: an entry memcached refuses while the
+            // pieces are written puts the view back (see `Round::write`), so
+            // that the next publish tries it again.
+            round.needs_full.remove(name);
             match publish_whole(&mut round, conn, viewset, i, full, now, scratch).await {
                 Ok(()) => {
-                    round.needs_full.remove(name);
                     metrics::view_computed(name, t0.elapsed());
                     view_errors.push((name.to_owned(), None));
                     if tracing::enabled!(tracing::Level::DEBUG) {
@@ -964,9 +972,6 @@ impl Worker {
                 Err(WholeFailure::View(e)) => view_errors.push(view_failed(&mut round, name, &e)),
                 Err(WholeFailure::State(e)) => return Err(e.into()),
             }
-        }
-        for view in orphans {
-            delete_all(&mut round, viewset, &view, full).await?;
         }
         read.map(Transaction::commit).transpose().map_err(sql("end read"))?;
         if let Some(changes) = round.deferred.take() {

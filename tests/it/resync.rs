@@ -33,10 +33,14 @@ query = "SELECT name FROM application WHERE length(name) < 1000 ORDER BY id"
 "#;
 
 fn config(state: &Path, servers: &[&Memcached], extra_memcached: &str) -> Arc<Config> {
+    config_with(state, servers, extra_memcached, VIEWS)
+}
+
+fn config_with(state: &Path, servers: &[&Memcached], extra_memcached: &str, views: &str) -> Arc<Config> {
     let servers: Vec<String> = servers.iter().map(|m| format!("\"{}\"", m.addr())).collect();
     let text = format!(
         "[mysql]\nurl = \"mysql://u@127.0.0.1:3306/appdb\"\nserver_id = 7\ntables = [\"application\"]\n\
-         [state]\npath = \"{}\"\n[memcached]\nservers = [{}]\nkey_prefix = \"r:\"\ncoalesce_ms = 5\n{extra_memcached}\n{VIEWS}",
+         [state]\npath = \"{}\"\n[memcached]\nservers = [{}]\nkey_prefix = \"r:\"\ncoalesce_ms = 5\n{extra_memcached}\n{views}",
         state.display(),
         servers.join(", ")
     );
@@ -182,6 +186,79 @@ async fn resync_reads_back_counts_and_repairs_tampered_keys_on_every_server() {
 }
 
 #[tokio::test]
+async fn resync_deletes_a_stale_key_that_only_one_server_still_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.db");
+    let a = Memcached::start();
+    let b = Memcached::start();
+    let cfg = config(&state, &[&a, &b], "");
+    let conn = replica(&state, &cfg, 3);
+    let status = Arc::new(Status::new());
+    let (tx, rx) = tailcache::replica::action::notice_channel();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, status.clone());
+    wait_until("initial publish", WAIT, || async { status.snapshot().published_consistent.then_some(()) }).await;
+    assert!(a.get_raw("r:app:3").is_some() && b.get_raw("r:app:3").is_some());
+
+    // The row leaves behind the publisher's back; a lost the key (say it
+    // restarted), b still serves it.
+    conn.execute("DELETE FROM application WHERE id = 3", []).unwrap();
+    delete_raw(&a, "r:app:3");
+    let report = resync(&status, &tx, 100, "test-stale").await;
+    assert_eq!(report.views["app"], counts(2, 0, 0, 1, 2), "{report:?}");
+    for m in [&a, &b] {
+        assert_eq!(m.get_raw("r:app:3"), None, "stale key on {}", m.addr());
+    }
+    // Gone from the bookkeeping too: nothing left to delete.
+    let report = resync(&status, &tx, 101, "again").await;
+    assert_eq!(report.total, counts(3, 0, 0, 0, 3), "{report:?}");
+
+    stop_tx.send(true).unwrap();
+    let r = tokio::task::spawn_blocking(move || handle.join()).await.unwrap();
+    assert!(matches!(r, Ok(Ok(()))), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_view_renamed_with_its_key_template_keeps_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.db");
+    let m = Memcached::start();
+    let before = config(&state, &[&m], "");
+    let _conn = replica(&state, &before, 3);
+    let run = |cfg: Arc<Config>| {
+        let status = Arc::new(Status::new());
+        let (tx, rx) = tailcache::replica::action::notice_channel();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let handle = spawn_publisher(cfg, state.clone(), rx, stop_rx, status.clone());
+        (status, tx, stop_tx, handle)
+    };
+    let stop = |stop_tx: watch::Sender<bool>, handle: std::thread::JoinHandle<tailcache::Result<()>>| async move {
+        stop_tx.send(true).unwrap();
+        let r = tokio::task::spawn_blocking(move || handle.join()).await.unwrap();
+        assert!(matches!(r, Ok(Ok(()))), "{r:?}");
+    };
+    let (status, _tx, stop_tx, handle) = run(before);
+    wait_until("first publish", WAIT, || async { status.snapshot().published_consistent.then_some(()) }).await;
+    assert!(m.get_raw("r:app:1").is_some());
+    stop(stop_tx, handle).await;
+
+    // The same view under another name: its keys are the old view's keys.
+    let renamed = VIEWS.replacen("name = \"app\"", "name = \"application\"", 1);
+    let after = config_with(&state, &[&m], "", &renamed);
+    let (status, _tx, stop_tx, handle) = run(after);
+    wait_until("the old view's keys forgotten", WAIT, || async {
+        let s = status.snapshot();
+        (s.published_consistent && !s.views.contains_key("app")).then_some(())
+    })
+    .await;
+    for i in 1..=3 {
+        assert!(m.get_raw(&format!("r:app:{i}")).is_some(), "r:app:{i} deleted as the old view's key");
+    }
+    assert_eq!(status.snapshot().views["application"].keys, 3);
+    stop(stop_tx, handle).await;
+}
+
+#[tokio::test]
 async fn resync_with_dogpile_ignores_the_creation_time_and_touches_ttls() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.db");
@@ -256,11 +333,23 @@ async fn an_entry_memcached_refuses_is_rejected_alone() {
     assert_eq!(s.views["app"].keys, 2, "the refused entry is not recorded as published");
     assert_eq!(s.memcached.get(&m.addr()), Some(&true));
 
-    // a later incremental publish still works, and a resync finds the
-    // refused entry missing (and is refused again) without failing
+    // A later commit whose rows are known (it could be published
+    // incrementally) still recomputes the view in full once: the refused
+    // entry is tried again (and refused again), not left out until its own
+    // row changes. The commit is published, and a resync finds the refused
+    // entry missing (and is refused again) without failing.
+    let refused_once = refused_count();
     conn.execute("UPDATE application SET name = 'uno' WHERE id = 1", []).unwrap();
-    tx.send(committed(101, false, None)).unwrap();
+    let mut known = committed(101, false, None);
+    known.changes.tables.push(tailcache::replica::action::TableDelta {
+        table: "application".into(),
+        columns: 2,
+        values: vec![1.into(), "one".to_owned().into(), 1.into(), "uno".to_owned().into()],
+    });
+    tx.send(known).unwrap();
     wait_until("next publish", WAIT, || async { names_are(&["uno", "three"]) }).await;
+    wait_until("the refused entry tried again", WAIT, || async { (refused_count() > refused_once).then_some(()) })
+        .await;
     let report = resync(&status, &tx, 102, "after-reject").await;
     assert_eq!(report.views["app"], counts(3, 1, 0, 0, 2), "{report:?}");
     assert!(status.snapshot().publish_error.is_none());

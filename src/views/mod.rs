@@ -30,7 +30,9 @@
 //!
 //! **Shapes.**
 //! * `row`: one entry per row, key from the template's `{column}`s. Two rows
-//!   rendering the same key: the later row (in query order) wins.
+//!   rendering the same key: the later row (in query order) wins (a view
+//!   published in pieces writes each such row in turn, the later last; see
+//!   [`published::Sweep`]).
 //! * `list`: one entry, an array of the rows in query order (empty array
 //!   for no rows).
 //! * `map`: one entry, a map from the `map_key` column's value (encoded as

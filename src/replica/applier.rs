@@ -405,7 +405,7 @@ impl<'c> Applier<'c> {
         out
     }
 
-    /// The connection, for the snapshot's bulk copy (inside [`begin`]).
+    /// The connection, for the snapshot's bulk copy (inside [`begin`](Self::begin)).
     /// Rows held by [`Applier::buffer_row`] are not in it until
     /// [`Applier::flush_rows`].
     pub fn conn(&self) -> &'c Connection {

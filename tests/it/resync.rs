@@ -62,6 +62,32 @@ fn replica(state: &Path, cfg: &Config, rows: usize) -> rusqlite::Connection {
     conn
 }
 
+/// A publisher on `state`, driven with [`Committed`] notices sent on `tx`.
+struct Publisher {
+    status: Arc<Status>,
+    tx: tailcache::replica::action::NoticeSender,
+    stop_tx: watch::Sender<bool>,
+    handle: std::thread::JoinHandle<tailcache::Result<()>>,
+}
+
+impl Publisher {
+    fn start(cfg: &Arc<Config>, state: &Path) -> Publisher {
+        let status = Arc::new(Status::new());
+        let (tx, rx) = tailcache::replica::action::notice_channel();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let handle = spawn_publisher(cfg.clone(), state.to_owned(), rx, stop_rx, status.clone());
+        Publisher { status, tx, stop_tx, handle }
+    }
+
+    /// Stops it; it must end without an error.
+    async fn stop(self) {
+        self.stop_tx.send(true).unwrap();
+        let handle = self.handle;
+        let r = tokio::task::spawn_blocking(move || handle.join()).await.unwrap();
+        assert!(matches!(r, Ok(Ok(()))), "{r:?}");
+    }
+}
+
 fn committed(pos: u64, full: bool, trigger: Option<&str>) -> Committed {
     Committed {
         touched: vec!["application".into()],
@@ -122,10 +148,8 @@ async fn resync_reads_back_counts_and_repairs_tampered_keys_on_every_server() {
     let b = Memcached::start();
     let cfg = config(&state, &[&a, &b], "");
     let conn = replica(&state, &cfg, 20);
-    let status = Arc::new(Status::new());
-    let (tx, rx) = tailcache::replica::action::notice_channel();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, status.clone());
+    let publisher = Publisher::start(&cfg, &state);
+    let (status, tx) = (publisher.status.clone(), publisher.tx.clone());
 
     wait_until("initial publish", WAIT, || async { status.snapshot().published_consistent.then_some(()) }).await;
     let good: Vec<(Vec<u8>, u32)> = (1..=20).map(|i| a.get_raw(&format!("r:app:{i}")).expect("published")).collect();
@@ -180,9 +204,7 @@ async fn resync_reads_back_counts_and_repairs_tampered_keys_on_every_server() {
     assert_eq!(report.total, counts(20, 0, 0, 0, 20), "{report:?}");
     assert_eq!(report.seq, seq + 1);
 
-    stop_tx.send(true).unwrap();
-    let r = tokio::task::spawn_blocking(move || handle.join()).await.unwrap();
-    assert!(matches!(r, Ok(Ok(()))), "{r:?}");
+    publisher.stop().await;
 }
 
 #[tokio::test]
@@ -193,10 +215,8 @@ async fn resync_deletes_a_stale_key_that_only_one_server_still_holds() {
     let b = Memcached::start();
     let cfg = config(&state, &[&a, &b], "");
     let conn = replica(&state, &cfg, 3);
-    let status = Arc::new(Status::new());
-    let (tx, rx) = tailcache::replica::action::notice_channel();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, status.clone());
+    let publisher = Publisher::start(&cfg, &state);
+    let (status, tx) = (publisher.status.clone(), publisher.tx.clone());
     wait_until("initial publish", WAIT, || async { status.snapshot().published_consistent.then_some(()) }).await;
     assert!(a.get_raw("r:app:3").is_some() && b.get_raw("r:app:3").is_some());
 
@@ -213,9 +233,7 @@ async fn resync_deletes_a_stale_key_that_only_one_server_still_holds() {
     let report = resync(&status, &tx, 101, "again").await;
     assert_eq!(report.total, counts(3, 0, 0, 0, 3), "{report:?}");
 
-    stop_tx.send(true).unwrap();
-    let r = tokio::task::spawn_blocking(move || handle.join()).await.unwrap();
-    assert!(matches!(r, Ok(Ok(()))), "{r:?}");
+    publisher.stop().await;
 }
 
 #[tokio::test]
@@ -225,27 +243,17 @@ async fn a_view_renamed_with_its_key_template_keeps_its_keys() {
     let m = Memcached::start();
     let before = config(&state, &[&m], "");
     let _conn = replica(&state, &before, 3);
-    let run = |cfg: Arc<Config>| {
-        let status = Arc::new(Status::new());
-        let (tx, rx) = tailcache::replica::action::notice_channel();
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let handle = spawn_publisher(cfg, state.clone(), rx, stop_rx, status.clone());
-        (status, tx, stop_tx, handle)
-    };
-    let stop = |stop_tx: watch::Sender<bool>, handle: std::thread::JoinHandle<tailcache::Result<()>>| async move {
-        stop_tx.send(true).unwrap();
-        let r = tokio::task::spawn_blocking(move || handle.join()).await.unwrap();
-        assert!(matches!(r, Ok(Ok(()))), "{r:?}");
-    };
-    let (status, _tx, stop_tx, handle) = run(before);
+    let publisher = Publisher::start(&before, &state);
+    let status = &publisher.status;
     wait_until("first publish", WAIT, || async { status.snapshot().published_consistent.then_some(()) }).await;
     assert!(m.get_raw("r:app:1").is_some());
-    stop(stop_tx, handle).await;
+    publisher.stop().await;
 
     // The same view under another name: its keys are the old view's keys.
     let renamed = VIEWS.replacen("name = \"app\"", "name = \"application\"", 1);
     let after = config_with(&state, &[&m], "", &renamed);
-    let (status, _tx, stop_tx, handle) = run(after);
+    let publisher = Publisher::start(&after, &state);
+    let status = &publisher.status;
     wait_until("the old view's keys forgotten", WAIT, || async {
         let s = status.snapshot();
         (s.published_consistent && !s.views.contains_key("app")).then_some(())
@@ -255,7 +263,7 @@ async fn a_view_renamed_with_its_key_template_keeps_its_keys() {
         assert!(m.get_raw(&format!("r:app:{i}")).is_some(), "r:app:{i} deleted as the old view's key");
     }
     assert_eq!(status.snapshot().views["application"].keys, 3);
-    stop(stop_tx, handle).await;
+    publisher.stop().await;
 }
 
 #[tokio::test]
@@ -265,10 +273,8 @@ async fn resync_with_dogpile_ignores_the_creation_time_and_touches_ttls() {
     let m = Memcached::start();
     let cfg = config(&state, &[&m], "codec = \"dogpile\"\nexptime = 3600\n");
     let _conn = replica(&state, &cfg, 3);
-    let status = Arc::new(Status::new());
-    let (tx, rx) = tailcache::replica::action::notice_channel();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, status.clone());
+    let publisher = Publisher::start(&cfg, &state);
+    let (status, tx) = (publisher.status.clone(), publisher.tx.clone());
     wait_until("initial publish", WAIT, || async { status.snapshot().published_consistent.then_some(()) }).await;
     let before = m.get_raw("r:app:1").unwrap();
     // the recomputed entries carry another `ct`, yet they are the same
@@ -282,9 +288,7 @@ async fn resync_with_dogpile_ignores_the_creation_time_and_touches_ttls() {
     let ttl: i64 =
         raw_line(&m, "mg r:app:1 t").split_whitespace().find_map(|t| t.strip_prefix('t')).unwrap().parse().unwrap();
     assert!((3590..=3600).contains(&ttl), "ttl {ttl}");
-    stop_tx.send(true).unwrap();
-    let r = tokio::task::spawn_blocking(move || handle.join()).await.unwrap();
-    assert!(matches!(r, Ok(Ok(()))), "{r:?}");
+    publisher.stop().await;
 }
 
 #[tokio::test]
@@ -295,10 +299,8 @@ async fn an_entry_memcached_refuses_is_rejected_alone() {
     let m = Memcached::start_with(&["-I", "1m"]);
     let cfg = config(&state, &[&m], "max_item_size = 2097152\n");
     let conn = replica(&state, &cfg, 3);
-    let status = Arc::new(Status::new());
-    let (tx, rx) = tailcache::replica::action::notice_channel();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, status.clone());
+    let publisher = Publisher::start(&cfg, &state);
+    let (status, tx) = (publisher.status.clone(), publisher.tx.clone());
     wait_until("initial publish", WAIT, || async { status.snapshot().published_consistent.then_some(()) }).await;
     assert!(m.get_raw("r:app:2").is_some());
 
@@ -355,9 +357,7 @@ async fn an_entry_memcached_refuses_is_rejected_alone() {
     assert!(status.snapshot().publish_error.is_none());
     assert_eq!(app(2), None);
 
-    stop_tx.send(true).unwrap();
-    let r = tokio::task::spawn_blocking(move || handle.join()).await.unwrap();
-    assert!(matches!(r, Ok(Ok(()))), "{r:?}");
+    publisher.stop().await;
 }
 
 /// A 100,000-key resync counts every key right whether nothing, a tenth
@@ -381,10 +381,8 @@ async fn resync_100k_keys_counts_every_drift() {
             .unwrap();
     }
     conn.execute_batch("COMMIT").unwrap();
-    let status = Arc::new(Status::new());
-    let (tx, rx) = tailcache::replica::action::notice_channel();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let handle = spawn_publisher(cfg.clone(), state.clone(), rx, stop_rx, status.clone());
+    let publisher = Publisher::start(&cfg, &state);
+    let (status, tx) = (publisher.status.clone(), publisher.tx.clone());
     wait_until("initial publish", Duration::from_secs(120), || async {
         status.snapshot().published_consistent.then_some(())
     })
@@ -436,9 +434,7 @@ async fn resync_100k_keys_counts_every_drift() {
     );
     assert_eq!(r.total.missing, 100_000);
 
-    stop_tx.send(true).unwrap();
-    let r = tokio::task::spawn_blocking(move || handle.join()).await.unwrap();
-    assert!(matches!(r, Ok(Ok(()))), "{r:?}");
+    publisher.stop().await;
     eprintln!("100k unchanged keys: {unchanged_ms} ms");
 }
 

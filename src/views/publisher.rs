@@ -4,7 +4,8 @@
 //! It runs on its own OS thread with a current-thread tokio runtime and two
 //! SQLite connections of its own (one reads the replica, one keeps the
 //! bookkeeping of what was published), fed by a channel of [`Committed`]
-//! messages from the applier (bounded by the row images they carry). It never blocks the applier: while memcached
+//! messages from the applier (bounded by the row images they carry). It
+//! never blocks the applier: while memcached
 //! is unreachable it keeps draining the channel, merging the messages into
 //! one pending state (a set of touched tables, so memory stays bounded; the
 //! replica is the source of truth and is simply recomputed on retry).
@@ -366,7 +367,9 @@ struct Round<'w> {
 impl Round<'_> {
     fn failed(&mut self, errors: Vec<SinkError>) {
         for e in errors {
-            self.skip.push(e.server().to_owned());
+            if !self.skip.iter().any(|s| s == e.server()) {
+                self.skip.push(e.server().to_owned());
+            }
             self.down.push(e);
         }
     }
@@ -494,7 +497,8 @@ impl From<Error> for WholeFailure {
 /// read transaction), a `row` view [`PIECE`] entries at a time, then
 /// deletes the published keys it no longer produces. A query failing
 /// midway leaves the pieces already written (they are from the same
-/// committed state) and deletes nothing.
+/// committed state) and deletes nothing. Returns the time spent computing
+/// (the pieces' memcached and bookkeeping time left out).
 async fn publish_whole(
     round: &mut Round<'_>,
     conn: &Connection,
@@ -503,15 +507,21 @@ async fn publish_whole(
     resync: bool,
     now: SystemTime,
     scratch: &mut Scratch,
-) -> std::result::Result<(), WholeFailure> {
+) -> std::result::Result<Duration, WholeFailure> {
     let v = &viewset.views()[index];
     let mut sweep = round.published.begin(round.lookup, v.name())?;
     let mut duplicates = 0;
+    let t0 = Instant::now();
+    let mut computing;
     if v.shape() == Shape::Row {
         let mut stmt = viewset.full_query(conn, index)?;
         let mut rows = stmt.query([]).map_err(|source| ViewError::Sqlite { view: v.name().to_owned(), source })?;
+        // Preparing and starting the query count as computing too.
+        computing = t0.elapsed();
         loop {
+            let t = Instant::now();
             let (piece, done) = viewset.row_piece(index, &mut rows, now, scratch, PIECE)?;
+            computing += t.elapsed();
             duplicates += piece.duplicate_keys;
             round.piece(&mut sweep, piece, resync, viewset).await?;
             if done {
@@ -520,6 +530,7 @@ async fn publish_whole(
         }
     } else {
         let piece = viewset.compute(conn, index, now, scratch)?;
+        computing = t0.elapsed();
         round.piece(&mut sweep, piece, resync, viewset).await?;
     }
     let mut after = Vec::new();
@@ -534,7 +545,7 @@ async fn publish_whole(
         tracing::warn!(view = %v.name(), duplicates, "rows rendered the same key; the later row won");
     }
     Published::end(round.lookup, sweep)?;
-    Ok(())
+    Ok(computing)
 }
 
 /// Deletes every key of `view`, a view no longer configured.
@@ -955,15 +966,14 @@ impl Worker {
         // Views computed in full go piece by piece, from the same read
         // transaction, so their size does not decide the memory they take.
         for i in whole {
-            let t0 = Instant::now();
             let name = viewset.views()[i].name();
             // Cleared before writing: an entry memcached refuses while the
             // pieces are written puts the view back (see `Round::write`), so
             // that the next publish tries it again.
             round.needs_full.remove(name);
             match publish_whole(&mut round, conn, viewset, i, full, now, scratch).await {
-                Ok(()) => {
-                    metrics::view_computed(name, t0.elapsed());
+                Ok(computing) => {
+                    metrics::view_computed(name, computing);
                     view_errors.push((name.to_owned(), None));
                     if tracing::enabled!(tracing::Level::DEBUG) {
                         view_names.push(name.to_owned());

@@ -134,6 +134,7 @@ macro_rules! try_load {
 }
 
 pub fn main() -> ExitCode {
+    let _crash_points = crate::failpoint::setup();
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, resync, log_format } => {

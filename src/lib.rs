@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod event_type;
+pub mod failpoint;
 pub mod instance;
 pub mod metrics;
 pub mod notify;

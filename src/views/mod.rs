@@ -81,6 +81,7 @@
 //! not rewritten.
 
 pub mod checkpoint;
+pub mod doubt;
 pub mod encode;
 pub mod incremental;
 pub mod ordered;

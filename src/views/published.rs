@@ -545,6 +545,37 @@ impl Published {
         Ok(plan)
     }
 
+    /// Records each `(view, key)` as [`super::doubt::DOUBT`] (a key not
+    /// recorded before is added), in one write transaction on `book`: the
+    /// next computation of the view rewrites or deletes it, whatever was
+    /// recorded.
+    pub fn doubt(&mut self, book: &Connection, keys: &[(String, Vec<u8>)]) -> Result<()> {
+        let ctx = |e| Error::sqlite("record keys in doubt", e);
+        let tx = Transaction::new_unchecked(book, TransactionBehavior::Immediate).map_err(ctx)?;
+        let mut delta: BTreeMap<&str, i64> = BTreeMap::new();
+        {
+            let mut insert = tx
+                .prepare_cached("INSERT OR IGNORE INTO _tailcache_published (view, key, hash) VALUES (?1, ?2, ?3)")
+                .map_err(ctx)?;
+            let mut update = tx
+                .prepare_cached("UPDATE _tailcache_published SET hash = ?3 WHERE view = ?1 AND key = ?2")
+                .map_err(ctx)?;
+            for (view, key) in keys {
+                let args = (view.as_str(), key, &super::doubt::DOUBT[..]);
+                if insert.execute(args).map_err(ctx)? == 1 {
+                    *delta.entry(view).or_default() += 1;
+                } else {
+                    update.execute(args).map_err(ctx)?;
+                }
+            }
+        }
+        tx.commit().map_err(ctx)?;
+        for (view, d) in delta {
+            *self.counts.entry(view.to_owned()).or_default() += d as u64;
+        }
+        Ok(())
+    }
+
     /// Stores `changes` (and the sentinel token after a full republish) in
     /// one write transaction on `book`, and keeps the key counts.
     pub fn record(&mut self, book: &Connection, changes: &[Change], epoch: Option<&[u8]>) -> Result<()> {

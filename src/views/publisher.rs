@@ -81,6 +81,7 @@ use rand::Rng;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::watch;
 
+use super::doubt::InDoubt;
 use super::published::{Change, Plan, Published, Resync, Sweep, ViewCounts, read_epoch};
 use super::{ChangeSet, ComputedView, Scratch, ViewError, ViewSet};
 use crate::config::{Config, MemcachedConfig, Shape};
@@ -343,6 +344,8 @@ struct Round<'w> {
     /// replicator waits to commit, and the round would wait on itself).
     lookup: &'w Connection,
     published: &'w mut Published,
+    /// Marks the keys of each write in doubt before it is sent.
+    doubt: &'w mut InDoubt,
     reject_log: &'w mut RateLimit,
     needs_full: &'w mut HashSet<String>,
     /// Bookkeeping held until the read transaction ends: under a rollback
@@ -374,10 +377,14 @@ impl Round<'_> {
         }
     }
 
-    /// Applies `plan`'s ops and records what memcached acknowledged.
+    /// Marks `plan`'s keys in doubt, applies its ops and records what
+    /// memcached acknowledged. A key whose op failed or timed out stays in
+    /// doubt (the round fails and the next one absorbs it).
     async fn write(&mut self, mut plan: Plan) -> Result<()> {
         let t0 = Instant::now();
+        let doubt = self.doubt.mark(&plan.changes)?;
         let partial = self.sink.apply_partial(&plan.ops, &self.skip).await;
+        let mut clean = partial.failed.is_empty() && partial.unapplied.is_empty();
         self.failed(partial.failed);
         let (applied, mut unapplied) = (partial.applied, partial.unapplied);
         let refused = plan.reject(&applied.rejected);
@@ -387,6 +394,7 @@ impl Round<'_> {
             // Do not leave the previous value of a refused set behind.
             let deletes: Vec<Op> = refused.iter().map(|(_, k)| Op::Delete { key: k.clone() }).collect();
             let more = self.sink.apply_partial(&deletes, &self.skip).await;
+            clean &= more.failed.is_empty() && more.unapplied.is_empty();
             self.failed(more.failed);
             unapplied.extend(more.unapplied);
             self.reject_log.log_rejections(&more.applied.rejected, &refused);
@@ -394,6 +402,12 @@ impl Round<'_> {
         let now = Instant::now();
         self.acked = Some(now);
         self.memcached += now - t0;
+        crate::failpoint!("publish.after_ack");
+        if clean {
+            self.doubt.succeeded(doubt);
+        } else {
+            self.doubt.failed(doubt);
+        }
         let Plan { mut changes, counts, .. } = plan;
         if !unapplied.is_empty() {
             changes.retain(|c| !unapplied.contains(c.key()));
@@ -409,6 +423,7 @@ impl Round<'_> {
             Some(d) => d.extend(changes),
             None => {
                 self.published.record(self.book, &changes, None)?;
+                self.doubt.recorded();
                 self.record += now.elapsed();
             }
         }
@@ -450,6 +465,13 @@ impl Round<'_> {
     async fn gone(&mut self, viewset: &ViewSet, view: &Arc<str>, keys: Vec<Vec<u8>>, resync: bool) -> Result<()> {
         if resync {
             self.resync(Resync::new(view.clone(), viewset, Vec::new(), &[], keys)).await
+        } else if cfg!(feature = "failpoints") && keys.len() > 1 {
+            // Two writes, so that a crash can happen between them.
+            let mut keys = keys;
+            let rest = keys.split_off(keys.len() / 2);
+            self.write(Plan::deletes(view, keys)).await?;
+            crate::failpoint!("publish.mid_deletes");
+            self.write(Plan::deletes(view, rest)).await
         } else {
             self.write(Plan::deletes(view, keys)).await
         }
@@ -527,6 +549,7 @@ async fn publish_whole(
             if done {
                 break;
             }
+            crate::failpoint!("publish.between_pieces");
         }
     } else {
         let piece = viewset.compute(conn, index, now, scratch)?;
@@ -573,6 +596,7 @@ struct Worker {
     wal: bool,
     viewset: Option<ViewSet>,
     published: Published,
+    doubt: InDoubt,
     sink: Sink,
     scratch: Scratch,
     last_full: Option<Instant>,
@@ -675,6 +699,7 @@ async fn run(
     // The bookkeeping's commits are the publisher's: its checkpoints too.
     super::checkpoint::start(&mut book, &state_path, &cfg.mysql.table_refs());
     let published = Published::load(&book)?;
+    let doubt = InDoubt::open(&state_path)?;
     let sink = Sink::connect(&mc);
     sink.set_expected_epoch(read_epoch(&book)?);
     let mut pending = Pending { all: true, ..Default::default() };
@@ -691,6 +716,7 @@ async fn run(
         wal,
         viewset: None,
         published,
+        doubt,
         sink,
         scratch: Scratch::default(),
         last_full: None,
@@ -740,6 +766,10 @@ async fn run(
         if !pending.full && last_check.is_none() {
             last_check = Some(Instant::now());
             w.check_state(&mut pending).await;
+        }
+        if let Err(e) = w.settle_doubt(&mut pending) {
+            w.status.update(|s| s.publish_error = Some(e.to_string()));
+            return Err(e);
         }
         let result = w.publish(&pending).await;
         w.sync_health();
@@ -791,6 +821,27 @@ async fn run(
 /// itself: marks a publish done in the shared status, and a publish that
 /// followed a snapshot as a finished resync (without drift figures).
 impl Worker {
+    /// Before a round: keys left in doubt by a failed round, an aborted
+    /// one or a previous process are recorded as such in the bookkeeping
+    /// (see [`super::doubt`]), and the round computes every view in full so
+    /// that each of them is rewritten or deleted.
+    fn settle_doubt(&mut self, pending: &mut Pending) -> Result<()> {
+        self.doubt.abandon();
+        if !self.doubt.unsettled() {
+            return Ok(());
+        }
+        let absorbed = self.doubt.absorb(&self.book, &mut self.published)?;
+        if absorbed.keys > 0 {
+            tracing::info!(keys = absorbed.keys, "keys in doubt (a round did not finish); they are written again");
+            pending.all = true;
+            pending.ready = true;
+        }
+        if absorbed.malformed > 0 {
+            pending.force_full("in_doubt_unreadable");
+        }
+        Ok(())
+    }
+
     /// Checks memcached for a restart or flush, and whether the exptime
     /// refresh is due; either makes the next publish a full resync.
     async fn check_state(&mut self, pending: &mut Pending) {
@@ -885,7 +936,7 @@ impl Worker {
             let what = what.to_owned();
             move |e| Error::sqlite(what, e)
         };
-        let Worker { ref conn, ref book, wal, ref mut published, ref sink, ref mut scratch, .. } = *self;
+        let Worker { ref conn, ref book, wal, ref mut published, ref mut doubt, ref sink, ref mut scratch, .. } = *self;
         let tx = Transaction::new_unchecked(conn, TransactionBehavior::Deferred).map_err(sql("begin read"))?;
         let checkpoint = match crate::replica::read_checkpoint(conn)? {
             Some((cp, true)) => cp,
@@ -897,6 +948,7 @@ impl Worker {
             book,
             lookup: if wal { book } else { conn },
             published,
+            doubt,
             reject_log: &mut self.reject_log,
             needs_full: &mut self.needs_full,
             deferred: (!wal).then(Vec::new),
@@ -987,6 +1039,7 @@ impl Worker {
         if let Some(changes) = round.deferred.take() {
             let t0 = Instant::now();
             round.published.record(round.book, &changes, None)?;
+            round.doubt.recorded();
             round.record += t0.elapsed();
         }
         if let Some(token) = &epoch {

@@ -9,8 +9,11 @@
 # never starts or restarts a system service), builds the MySQL 9.7 root with
 # scripts/mysql-root.sh (once; ~1 min), then runs
 #
-#   cargo test --locked                                        # unit + it, MariaDB
-#   TAILCACHE_TEST_FLAVOR=mysql cargo test --locked --test it  # it, MySQL
+#   cargo test --locked --features failpoints                  # unit + it, MariaDB
+#   TAILCACHE_TEST_FLAVOR=mysql cargo test --locked --features failpoints --test it  # it, MySQL
+#
+# (`failpoints` compiles in the crash points that tests/it/crash.rs needs;
+# a release build has none.)
 #
 # (each with --no-fail-fast). Both runs always run; the script fails if
 # either fails, and ends with a
@@ -131,9 +134,9 @@ run() {
 }
 
 run "unit + integration tests against MariaDB" \
-    env TAILCACHE_TEST_FLAVOR=mariadb cargo test --locked --no-fail-fast "$@"
+    env TAILCACHE_TEST_FLAVOR=mariadb cargo test --locked --features failpoints --no-fail-fast "$@"
 run "integration tests against MySQL" \
-    env TAILCACHE_TEST_FLAVOR=mysql cargo test --locked --no-fail-fast --test it "$@"
+    env TAILCACHE_TEST_FLAVOR=mysql cargo test --locked --features failpoints --no-fail-fast --test it "$@"
 
 log "Summary"
 echo "servers tested:"

@@ -23,6 +23,10 @@ pub const POINTS: &[&str] = &[
     "publish.mid_deletes",
 ];
 
+/// Points where the crash tests only wait (`<name>=sleep(<ms>)`), to
+/// order the daemon's threads.
+pub const DELAYS: &[&str] = &["publish.start"];
+
 /// Whether this build has crash points (the crash tests refuse to run
 /// without: a test that cannot crash must not pass).
 pub const ENABLED: bool = cfg!(feature = "failpoints");

@@ -193,6 +193,8 @@ pub struct Applier<'c> {
     open: bool,
     /// Rows go to the XA staging table under this xid, not to the replica.
     staging: Option<Xid>,
+    /// The open transaction holds an XA PREPARE (for a crash point).
+    prepared_in_tx: bool,
     staged_seq: i64,
     scratch: Vec<u8>,
     scratch2: Vec<u8>,
@@ -239,6 +241,7 @@ impl<'c> Applier<'c> {
             stmts: (0..n).map(|_| None).collect(),
             open: false,
             staging: None,
+            prepared_in_tx: false,
             staged_seq: 0,
             scratch: Vec::new(),
             scratch2: Vec::new(),
@@ -524,6 +527,7 @@ impl<'c> Applier<'c> {
                         params![xid.0, OP_PREPARED],
                     )
                     .map_err(|e| Error::sqlite("mark XA prepared", e))?;
+                self.prepared_in_tx = true;
                 Ok(Touched::None)
             }
             Action::XaCommit { xid } => {
@@ -546,6 +550,10 @@ impl<'c> Applier<'c> {
                 write_checkpoint(self.conn, checkpoint, consistent)?;
                 self.exec("COMMIT")?;
                 self.open = false;
+                if std::mem::take(&mut self.prepared_in_tx) {
+                    // Staged and committed; the XA COMMIT has not come yet.
+                    crate::failpoint!("xa.after_stage");
+                }
                 Ok(Touched::None)
             }
         }

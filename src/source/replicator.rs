@@ -919,6 +919,7 @@ impl<'c> Replicator<'c> {
             let tables = tracing::enabled!(tracing::Level::DEBUG).then(|| touched.clone());
             let touched =
                 if became_consistent { self.tables.iter().map(TableRef::sqlite_name).collect() } else { touched };
+            crate::failpoint!("replica.after_commit");
             let changes = self.applier.take_changes();
             (self.notify)(CommitNotice {
                 touched,

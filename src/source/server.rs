@@ -320,21 +320,36 @@ pub enum ServerIdUse {
 /// host and there are no more of those than registrations with our id
 /// (so none of them can belong to another id).
 pub async fn server_id_use(conn: &mut Conn, info: &ServerInfo, server_id: u32, user: &str) -> Result<ServerIdUse> {
-    let all = replicas(conn, info).await?;
-    let ours: Vec<Replica> = all.iter().filter(|r| r.server_id == server_id).cloned().collect();
-    if ours.is_empty() {
-        return Ok(ServerIdUse::Free);
-    }
-    let me = own_client(conn).await?.unwrap_or_default();
-    let dumps = dump_threads(conn).await?;
-    let (mine, foreign): (Vec<DumpThread>, Vec<DumpThread>) =
-        dumps.into_iter().filter(|d| d.user == user).partition(|d| d.client == me);
+    // A reader of `user` that just died (`kill -9`) is still registered for
+    // a moment after its dump connection ended (seen on MySQL 9.7): with no
+    // dump connection of `user` left, wait for the registration to go
+    // rather than call it a clash.
+    let deadline = std::time::Instant::now() + LEFTOVER_REGISTRATION_WAIT;
+    let (ours, mine, foreign) = loop {
+        let all = replicas(conn, info).await?;
+        let ours: Vec<Replica> = all.iter().filter(|r| r.server_id == server_id).cloned().collect();
+        if ours.is_empty() {
+            return Ok(ServerIdUse::Free);
+        }
+        let me = own_client(conn).await?.unwrap_or_default();
+        let dumps = dump_threads(conn).await?;
+        let (mine, foreign): (Vec<DumpThread>, Vec<DumpThread>) =
+            dumps.into_iter().filter(|d| d.user == user).partition(|d| d.client == me);
+        if !mine.is_empty() || !foreign.is_empty() || std::time::Instant::now() >= deadline {
+            break (ours, mine, foreign);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     if !mine.is_empty() && foreign.is_empty() && mine.len() <= ours.len() {
         Ok(ServerIdUse::Own { threads: mine })
     } else {
         Ok(ServerIdUse::Other { replicas: ours, foreign })
     }
 }
+
+/// How long a registration with our id but no dump connection of our user
+/// may linger before it counts as another reader's.
+const LEFTOVER_REGISTRATION_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The smallest id from `from` upwards that no registered replica and not
 /// the server itself uses.

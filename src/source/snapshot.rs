@@ -340,6 +340,7 @@ async fn copy_table(conn: &mut Conn, schema: &TableSchema, sqlite: &Connection) 
         stmt.raw_execute().map_err(|e| Error::sqlite(format!("snapshot insert into {}", schema.table), e))?;
         n += 1;
         if n % 4096 == 0 {
+            crate::failpoint!("snapshot.mid_table");
             // Rows parsed from an already-read buffer never make this
             // future wait, so the caller's select on shutdown would not run
             // until the table is copied (seen: 5.5 s after SIGTERM): give it

@@ -141,6 +141,27 @@ impl InDoubt {
         self.written.extend(id);
     }
 
+    /// Deletes the rows whose outcome is recorded now rather than with the
+    /// next round's (when idle, and at shutdown: a restart then has
+    /// nothing to absorb).
+    pub fn flush(&mut self) -> Result<()> {
+        if self.settled.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.unchecked_transaction().map_err(ctx("clear _tailcache_in_doubt"))?;
+        {
+            let mut del = tx
+                .prepare_cached("DELETE FROM _tailcache_in_doubt WHERE round = ?1")
+                .map_err(ctx("clear _tailcache_in_doubt"))?;
+            for r in &self.settled {
+                del.execute([r]).map_err(ctx("clear _tailcache_in_doubt"))?;
+            }
+        }
+        tx.commit().map_err(ctx("clear _tailcache_in_doubt"))?;
+        self.settled.clear();
+        Ok(())
+    }
+
     /// Some op of row `id` failed or is unknown: the row stays until it is
     /// absorbed.
     pub fn failed(&mut self, _id: Option<i64>) {

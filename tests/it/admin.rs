@@ -249,7 +249,7 @@ async fn resync_without_a_daemon_runs_once_and_signals_nothing() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stderr.contains("no daemon reachable"), "{stderr}");
-    assert!(stdout.contains("resync #1 done"), "{stdout}");
+    assert!(stdout.contains("resync #1 done"), "{stdout}\n{stderr}");
     assert!(mc.get_raw("a:item:1").is_some(), "the one-shot resync published");
     assert!(sleeper.try_wait().unwrap().is_none() && pid_alive(sleeper.id()), "the pid file's process was signalled");
 

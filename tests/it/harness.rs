@@ -1203,6 +1203,53 @@ impl Memcached {
         }
     }
 
+    /// Every key the server holds that starts with `prefix`, with its value
+    /// and flags, from `lru_crawler metadump all` then pipelined `get`s
+    /// (keys this test suite writes need no URL-decoding beyond `%XX`).
+    pub fn dump(&self, prefix: &str) -> std::collections::BTreeMap<String, (Vec<u8>, u32)> {
+        let mut s = self.connect();
+        s.write_all(b"lru_crawler metadump all\r\n").expect("write metadump");
+        let mut r = BufReader::new(s.try_clone().expect("dup memcached socket"));
+        let mut keys = Vec::new();
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).expect("read metadump");
+            let line = line.trim_end();
+            if line == "END" {
+                break;
+            }
+            if line.starts_with("BUSY") || line.starts_with("ERROR") || line.starts_with("CLIENT_ERROR") {
+                panic!("memcached at {} refused `lru_crawler metadump all`: {line}", self.addr());
+            }
+            let Some(enc) = line.strip_prefix("key=").and_then(|l| l.split(' ').next()) else { continue };
+            let key = url_decode(enc);
+            if key.starts_with(prefix) {
+                keys.push(key);
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        for chunk in keys.chunks(100) {
+            s.write_all(format!("get {}\r\n", chunk.join(" ")).as_bytes()).expect("write get");
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).expect("read get response");
+                if line == "END\r\n" {
+                    break;
+                }
+                let parts: Vec<&str> = line.trim_end().split(' ').collect();
+                let ["VALUE", k, flags, len, ..] = parts.as_slice() else {
+                    panic!("unexpected memcached reply to a multi-get: {line:?}")
+                };
+                let len: usize = len.parse().expect("length");
+                let mut data = vec![0u8; len + 2];
+                r.read_exact(&mut data).expect("read value");
+                data.truncate(len);
+                out.insert(k.to_string(), (data, flags.parse().expect("flags")));
+            }
+        }
+        out
+    }
+
     /// Blocking text-protocol `set` (no expiry); panics unless `STORED`.
     pub fn set_raw(&self, key: &str, value: &[u8], flags: u32) {
         let mut s = self.connect();
@@ -1220,6 +1267,24 @@ impl Drop for Memcached {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+fn url_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn memcached_answers(port: u16) -> bool {

@@ -1,6 +1,7 @@
 //! One integration-test binary so the MariaDB harness starts once per run.
 mod admin;
 mod check;
+mod crash;
 mod decode_fixtures;
 mod events;
 mod harness;

@@ -128,7 +128,8 @@ impl StatusView {
             && self.publish_needed.as_ref().is_none_or(|need| {
                 self.last_publish
                     .as_ref()
-                    .and_then(|p| p.position.parse::<BinlogPosition>().ok())
+                    // A checkpoint as shown: `file:pos` and maybe ` (gtid …)`.
+                    .and_then(|p| p.position.split_whitespace().next()?.parse::<BinlogPosition>().ok())
                     .is_some_and(|at| at >= *need)
             })
     }
@@ -268,6 +269,8 @@ mod tests {
         assert!(v.replica_ready(false), "without a publisher, consistent is ready");
         let v = StatusView { last_publish: Some(publish_at("binlog.000002:900")), ..v };
         assert!(v.replica_ready(true));
+        let v = StatusView { last_publish: Some(publish_at("binlog.000002:900 (gtid 0-1-14)")), ..v };
+        assert!(v.replica_ready(true), "a position shown with its GTID");
         assert!(v.not_ready(true).is_empty());
         let v = StatusView { last_publish: Some(publish_at("binlog.000010:4")), ..v };
         assert!(v.replica_ready(true), "a later file counts as later");

@@ -9,8 +9,9 @@
 //! * a database that is down when tailcache starts: the same bound once it
 //!   comes up;
 //! * a plain restart of tailcache against an idle server (no write at all,
-//!   then only a binlog rotation): ready within [`READY_BOUND`], `/status`
-//!   showing the position, memcached holding the table's rows.
+//!   then only a binlog rotation, then one write while it was stopped):
+//!   ready within [`READY_BOUND`], `/status` showing the position,
+//!   memcached holding the table's rows once ready.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -219,14 +220,17 @@ async fn restart_against_an_idle_server_is_ready_at_once() {
     .await;
 
     // 1: no write at all while stopped. 2: only a binlog rotation (events
-    // after the stored position, none of them a transaction).
-    for (round, rotate) in [(1, false), (2, true)] {
-        if rotate {
+    // after the stored position, none of them a transaction). 3: a write
+    // while stopped: ready only once it is in memcached.
+    for (round, while_stopped) in
+        [(1, None), (2, Some("FLUSH BINARY LOGS")), (3, Some("UPDATE t SET v = 22 WHERE id = 2"))]
+    {
+        if let Some(sql) = while_stopped {
             daemon.stop();
-            exec(&db, "FLUSH BINARY LOGS").await;
+            exec(&db, sql).await;
         }
         let took = restart_until_ready(&mut daemon, &cfg, admin).await;
-        eprintln!("restart {round} against an idle server (rotated: {rotate}): ready after {took:?}");
+        eprintln!("restart {round} against an idle server (while stopped: {while_stopped:?}): ready after {took:?}");
         assert!(took <= READY_BOUND, "restart {round}: ready only after {took:?}\n{}", daemon.log());
         let s = status_json(admin);
         assert_eq!(s["ready"], true, "{s}");
@@ -237,7 +241,7 @@ async fn restart_against_an_idle_server_is_ready_at_once() {
         let out = harness::run_tailcache(&["status", "-c", daemon.config_path().to_str().unwrap()]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(!text.contains("none yet") && text.contains("position: "), "tailcache status:\n{text}");
-        // Memcached holds exactly the table.
+        // Memcached holds the table's rows as soon as it is ready.
         let mut root = db.root_conn().await;
         let rows: Vec<(i64, i64)> = root.query("SELECT id, v FROM t ORDER BY id").await.unwrap();
         root.disconnect().await.unwrap();

@@ -288,10 +288,14 @@ impl<'c> Replicator<'c> {
                 Err(e) => {
                     self.abort_batch();
                     let msg = e.to_string();
+                    // Behind the server from now on, as far as we know,
+                    // until the next session catches up.
+                    self.caught_up = false;
                     self.status.update(|s| {
                         s.source_connected = false;
                         s.source_error = Some(msg.clone());
                         s.snapshot = None;
+                        s.consistent = false;
                     });
                     match e.recovery() {
                         Recovery::Fatal => return Err(e),

@@ -111,7 +111,8 @@ async fn five_database_restarts_stream_again_within_a_second() {
     let db = setup(&server, "reconnect restarts").await;
     let mc = Memcached::start();
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&config(&db, &dir.path().join("s.db"), &mc, free_port()));
+    let admin = free_port();
+    let daemon = Daemon::start(&config(&db, &dir.path().join("s.db"), &mc, admin));
     wait_cached(&mc, 2, 20, &daemon, DEADLINE).await;
     exec(&db, "UPDATE t SET v = 11 WHERE id = 1").await;
     wait_cached(&mc, 1, 11, &daemon, DEADLINE).await;
@@ -119,9 +120,17 @@ async fn five_database_restarts_stream_again_within_a_second() {
     let mut took = Vec::new();
     for round in 1..=5i64 {
         server.stop();
+        let down = Instant::now();
+        // While it is down, nothing claims the replica is current.
+        harness::wait_until("/status to say not consistent, not ready", DEADLINE, || async {
+            let s = status_json(admin);
+            (s["consistent"] == false && s["ready"] == false && metric(admin, "tailcache_ready") == Some(0.0))
+                .then_some(())
+        })
+        .await;
         // The scenario, not a synchronisation: the database stays down a
         // while, so the daemon's attempts fail and its waits grow to the cap.
-        tokio::time::sleep(DOWN_FOR).await;
+        tokio::time::sleep((down + DOWN_FOR).saturating_duration_since(Instant::now())).await;
         let up = server.start_again();
         exec(&db, &format!("UPDATE t SET v = {} WHERE id = 2", 100 + round)).await;
         wait_cached(&mc, 2, 100 + round, &daemon, DEADLINE).await;

@@ -126,11 +126,17 @@ async fn healthz(State(st): State<AdminState>) -> Response {
     }
 }
 
-async fn readyz(State(st): State<AdminState>) -> Response {
-    let mut reasons = st.status.snapshot().not_ready(st.publishing);
+/// Why the process is not ready (empty: ready), as `/readyz` says it.
+fn not_ready(st: &AdminState, view: &crate::status::StatusView) -> Vec<String> {
+    let mut reasons = view.not_ready(st.publishing);
     if !st.health.alive() {
         reasons.insert(0, "a worker thread has stopped".into());
     }
+    reasons
+}
+
+async fn readyz(State(st): State<AdminState>) -> Response {
+    let reasons = not_ready(&st, &st.status.snapshot());
     if reasons.is_empty() {
         text(StatusCode::OK, "ready\n".into())
     } else {
@@ -140,7 +146,7 @@ async fn readyz(State(st): State<AdminState>) -> Response {
 
 async fn status(State(st): State<AdminState>) -> Response {
     let view = st.status.snapshot();
-    let not_ready = view.not_ready(st.publishing);
+    let not_ready = not_ready(&st, &view);
     let mut v = match serde_json::to_value(&view) {
         Ok(v) => v,
         Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode: {e}\n")),
@@ -154,7 +160,9 @@ async fn status(State(st): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(st): State<AdminState>) -> Response {
-    crate::metrics::observe_status(&st.status.snapshot());
+    let view = st.status.snapshot();
+    crate::metrics::observe_status(&view);
+    crate::metrics::observe_ready(not_ready(&st, &view).is_empty());
     (StatusCode::OK, [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], crate::metrics::render()).into_response()
 }
 

@@ -160,20 +160,26 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     // A server that is down at start is transient like a lost link: wait
     // for it (readiness says why); only configuration, privileges and
     // server settings are fatal.
-    let mut attempt = 0u32;
+    // Waits as after a lost binlog link (src/source/retry.rs): at most a
+    // second between attempts while the server refuses connections, so
+    // the start proceeds within a second of the server coming up.
+    let mut backoff = crate::source::retry::Backoff::new();
+    let mut retry_log = crate::source::retry::RetryLog::new("cannot reach the server at start; retrying");
     loop {
         let e = match preflight(&cfg).await {
-            Ok(()) => break,
+            Ok(()) => {
+                retry_log.recovered();
+                break;
+            }
             Err(e) if e.recovery() == crate::error::Recovery::Transient => e,
             Err(e) => {
                 stop_early(shutdown_tx, replicator.thread).await;
                 return Err(e);
             }
         };
-        attempt += 1;
-        let delay = crate::source::replicator::backoff(attempt);
-        tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "cannot reach the server at start; retrying");
+        let delay = backoff.next(crate::source::retry::cap_for(&e));
         let msg = e.to_string();
+        retry_log.failed(&msg, delay);
         status.update(|s| s.source_error = Some(msg));
         let signal = tokio::select! {
             _ = tokio::time::sleep(delay) => None,

@@ -12,6 +12,8 @@
 //! |---|---|---|---|
 //! | `tailcache_source_connected` | gauge | | 1 while the binlog stream is open |
 //! | `tailcache_source_lag_seconds` | gauge | | how far the replica is behind the server (event timestamps, heartbeats) |
+//! | `tailcache_ready` | gauge | | 1 when `/readyz` answers 200 (same conditions, same moment) |
+//! | `tailcache_consistent` | gauge | | 1 while the replica is consistent and caught up with the server (`consistent` in `/status`) |
 //! | `tailcache_binlog_events_total` | counter | `type` | binlog events read, by event type (inner events of compressed transactions included) |
 //! | `tailcache_binlog_events_ignored_total` | counter | `type` | events of a type that carries nothing tailcache needs (the reason is logged at the first one) |
 //! | `tailcache_rows_applied_total` | counter | `table` | row changes of watched tables applied to the replica (`schema.table`) |
@@ -49,6 +51,8 @@ use prometheus_client::registry::Registry;
 
 pub const SOURCE_CONNECTED_NAME: &str = "tailcache_source_connected";
 pub const SOURCE_LAG_NAME: &str = "tailcache_source_lag_seconds";
+pub const READY_NAME: &str = "tailcache_ready";
+pub const CONSISTENT_NAME: &str = "tailcache_consistent";
 pub const BINLOG_EVENTS_NAME: &str = "tailcache_binlog_events_total";
 pub const BINLOG_EVENTS_IGNORED_NAME: &str = "tailcache_binlog_events_ignored_total";
 pub const ROWS_APPLIED_NAME: &str = "tailcache_rows_applied_total";
@@ -183,6 +187,8 @@ struct Metrics {
     registry: Registry,
     source_connected: Gauge,
     source_lag: Gauge<f64, AtomicU64>,
+    ready: Gauge,
+    consistent: Gauge,
     rows_applied: RowsApplied,
     transactions_applied: Counter,
     snapshots: Family<Label1, Counter>,
@@ -234,6 +240,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         registry: Registry::default(),
         source_connected: Gauge::default(),
         source_lag: Gauge::default(),
+        ready: Gauge::default(),
+        consistent: Gauge::default(),
         rows_applied: RowsApplied::default(),
         transactions_applied: Counter::default(),
         snapshots: Family::default(),
@@ -250,6 +258,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     };
     r.register(SOURCE_CONNECTED_NAME, "1 while the binlog stream is open", m.source_connected.clone());
     r.register(SOURCE_LAG_NAME, "Seconds the replica is behind the server", m.source_lag.clone());
+    r.register(READY_NAME, "1 when /readyz answers 200", m.ready.clone());
+    r.register(
+        CONSISTENT_NAME,
+        "1 while the replica is consistent and caught up with the server",
+        m.consistent.clone(),
+    );
     r.register_collector(Box::new(EventCounters));
     r.register(base(ROWS_APPLIED_NAME), "Row changes applied to the replica, by table", m.rows_applied.family.clone());
     r.register(
@@ -328,6 +342,12 @@ pub fn render() -> String {
 pub fn observe_status(s: &crate::status::StatusView) {
     METRICS.source_connected.set(i64::from(s.source_connected));
     METRICS.source_lag.set(s.lag_seconds.unwrap_or(0.0));
+    METRICS.consistent.set(i64::from(s.consistent));
+}
+
+/// Sets `tailcache_ready` from `/readyz`'s verdict on the same status copy.
+pub fn observe_ready(ready: bool) {
+    METRICS.ready.set(i64::from(ready));
 }
 
 /// Row changes of a watched table applied (count per rows event or batch).

@@ -10,9 +10,11 @@
 //! [`Notifier`] is what `tailcache run` drives from its main loop (every
 //! 100 ms, with whether both worker threads are still running):
 //!
-//! * `READY=1`, once, after the first publish of a consistent replica
-//!   ([`StatusView::published_consistent`]), or, with no `[memcached]`
-//!   section, once the replica is consistent. `systemctl start` returns
+//! * `READY=1`, once, when [`StatusView::replica_ready`] first holds
+//!   (the condition `/readyz` checks first): the replica is consistent and
+//!   caught up with the server, and memcached holds it (the first publish
+//!   of it is done), or, with no `[memcached]` section, once the replica is
+//!   consistent and caught up. `systemctl start` returns
 //!   then, so a unit ordered `After=tailcache.service` finds memcached
 //!   populated.
 //! * `STATUS=` whenever the one-line description of the state changes
@@ -155,7 +157,7 @@ fn describe(v: &StatusView, has_memcached: bool) -> (Phase, String) {
             line.push_str(&format!("; memcached down: {e}"));
         } else if !down.is_empty() {
             line.push_str(&format!("; memcached down: {}", down.join(", ")));
-        } else if v.consistent && !v.published_consistent {
+        } else if v.consistent && !v.consistent_published() {
             line.push_str("; first publish pending");
         }
     }
@@ -164,7 +166,7 @@ fn describe(v: &StatusView, has_memcached: bool) -> (Phase, String) {
 
 /// Whether the process has become ready (see the module docs).
 fn is_ready(v: &StatusView, has_memcached: bool) -> bool {
-    if has_memcached { v.published_consistent } else { v.consistent }
+    v.replica_ready(has_memcached)
 }
 
 /// What counts as replicator progress: any change of these.

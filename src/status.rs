@@ -15,6 +15,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::position::BinlogPosition;
+
 /// Per-view figures of one resync.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct ResyncCounts {
@@ -81,10 +83,16 @@ pub struct SnapshotProgress {
 /// Everything `/status` shows; `Clone` so readers never hold the lock.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StatusView {
-    /// Where the replica is (binlog file:offset of the last applied commit).
+    /// Where the replica is (binlog file:offset of the last applied commit;
+    /// a resumed replica's stored position from the start).
     pub position: Option<String>,
     pub gtid: Option<String>,
-    /// The replica equals the database at `position`.
+    /// The replica equals the database at `position`, and the binlog stream
+    /// has caught up with the server: it reached the position where the
+    /// server's binlog ended when the stream connected, or a heartbeat
+    /// said the server had nothing more to send. False while (re)connecting
+    /// and catching up, during a snapshot and until a snapshot's own
+    /// consistency point.
     pub consistent: bool,
     /// The binlog stream is open.
     pub source_connected: bool,
@@ -103,9 +111,36 @@ pub struct StatusView {
     pub snapshot: Option<SnapshotProgress>,
     /// A publish has succeeded since the replica became consistent.
     pub published_consistent: bool,
+    /// The replica position memcached must be published at, at least, for
+    /// the consistent replica to count as published: the last change sent
+    /// to the publisher when the replica became consistent (`None`: none
+    /// this session, any publish of the replica will do).
+    #[serde(skip)]
+    pub publish_needed: Option<BinlogPosition>,
 }
 
 impl StatusView {
+    /// Memcached holds the consistent replica: a publish succeeded since it
+    /// became consistent, at or after [`StatusView::publish_needed`].
+    pub fn consistent_published(&self) -> bool {
+        self.consistent
+            && self.published_consistent
+            && self.publish_needed.as_ref().is_none_or(|need| {
+                self.last_publish
+                    .as_ref()
+                    // A checkpoint as shown: `file:pos` and maybe ` (gtid …)`.
+                    .and_then(|p| p.position.split_whitespace().next()?.parse::<BinlogPosition>().ok())
+                    .is_some_and(|at| at >= *need)
+            })
+    }
+
+    /// The replica is consistent with the server and, with a publisher,
+    /// memcached holds it. `/readyz` (first of its conditions), systemd's
+    /// `READY=1` and `tailcache_ready` all derive from this.
+    pub fn replica_ready(&self, publishing: bool) -> bool {
+        if publishing { self.consistent_published() } else { self.consistent }
+    }
+
     /// Why the process is not ready, one reason per entry; empty = ready.
     /// `publishing`: there is a publisher (`[memcached]` is configured), so
     /// ready also needs a publish of the consistent replica, as for
@@ -123,7 +158,7 @@ impl StatusView {
         }
         if let Some(e) = &self.publish_error {
             r.push(format!("publish: {e}"));
-        } else if publishing && self.consistent && !self.published_consistent {
+        } else if publishing && self.consistent && !self.consistent_published() {
             r.push("first publish of a consistent replica not done yet".to_owned());
         }
         for (name, v) in &self.views {
@@ -214,5 +249,34 @@ mod tests {
         assert!(v.not_ready(false).is_empty(), "without [memcached], a consistent replica is ready");
         let published = StatusView { published_consistent: true, ..v };
         assert!(published.not_ready(true).is_empty());
+        assert!(published.replica_ready(true));
+    }
+
+    #[test]
+    fn ready_only_once_the_changes_up_to_consistency_are_published() {
+        let publish_at = |p: &str| PublishInfo { position: p.into(), ..Default::default() };
+        // Caught up after applying a change at binlog.000002:900: a publish
+        // of an older replica (the one resumed at start) is not enough.
+        let v = StatusView {
+            consistent: true,
+            published_consistent: true,
+            publish_needed: Some(BinlogPosition::new("binlog.000002", 900)),
+            last_publish: Some(publish_at("binlog.000002:400")),
+            ..Default::default()
+        };
+        assert!(!v.replica_ready(true));
+        assert_eq!(v.not_ready(true), vec!["first publish of a consistent replica not done yet".to_owned()]);
+        assert!(v.replica_ready(false), "without a publisher, consistent is ready");
+        let v = StatusView { last_publish: Some(publish_at("binlog.000002:900")), ..v };
+        assert!(v.replica_ready(true));
+        let v = StatusView { last_publish: Some(publish_at("binlog.000002:900 (gtid 0-1-14)")), ..v };
+        assert!(v.replica_ready(true), "a position shown with its GTID");
+        assert!(v.not_ready(true).is_empty());
+        let v = StatusView { last_publish: Some(publish_at("binlog.000010:4")), ..v };
+        assert!(v.replica_ready(true), "a later file counts as later");
+        // Not consistent (reconnecting, catching up): never ready.
+        let v = StatusView { consistent: false, ..v };
+        assert!(!v.replica_ready(true) && !v.replica_ready(false));
+        assert_eq!(v.not_ready(true), vec!["replica not consistent with the server yet".to_owned()]);
     }
 }

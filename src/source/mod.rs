@@ -8,5 +8,6 @@ pub mod decode;
 pub mod events;
 pub mod json_diff;
 pub mod replicator;
+pub mod retry;
 pub mod server;
 pub mod snapshot;

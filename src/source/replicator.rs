@@ -35,6 +35,7 @@ use crate::source::conn::{Flavor, ServerInfo, binary_logs, connect, server_info}
 use crate::source::ddl::{self, DdlKind};
 use crate::source::decode::{DecodeError, DecodeFailure, RowDecoder, TableCodec, rows_table_id};
 use crate::source::events::{self, Handling, parse_body};
+use crate::source::retry::{self, Backoff, RetryLog};
 use crate::source::snapshot::snapshot_until;
 use crate::status::Status;
 
@@ -50,10 +51,9 @@ pub enum Control {
 /// publisher is never starved while a backlog is being applied.
 const MAX_BATCH_AGE: Duration = Duration::from_millis(50);
 const MAX_BATCH_ROWS: u64 = 20_000;
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A session that streamed at least this long resets the backoff.
-const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// A session that streamed at least this long resets the reconnect
+/// backoff (see [`crate::source::retry`]).
+const MIN_STREAMING: Duration = Duration::from_millis(500);
 
 pub struct ReplicatorHandle {
     pub thread: std::thread::JoinHandle<Result<()>>,
@@ -163,6 +163,21 @@ pub struct Replicator<'c> {
     /// The server timestamp of the last event read (0: a heartbeat said we
     /// are at the end of the binlog), for the lag.
     last_event_ts: u32,
+    /// When this session's binlog stream opened (None: it did not).
+    streamed_since: Option<Instant>,
+    /// Logs the failed attempts to reconnect, without flooding.
+    retry_log: RetryLog,
+    /// This session's stream has reached the server's position read when
+    /// it connected (or a heartbeat said it is at the end of the binlog):
+    /// the replica is as recent as the server, not only consistent with
+    /// it at some older position. Part of `status.consistent`.
+    caught_up: bool,
+    /// The server's binlog end when this session connected.
+    catch_up_to: Option<BinlogPosition>,
+    /// A heartbeat arrived this session: the server had nothing more to send.
+    heartbeat_seen: bool,
+    /// The checkpoint of the last commit notice sent to the publisher.
+    last_notified: Option<BinlogPosition>,
 }
 
 enum SessionEnd {
@@ -213,6 +228,12 @@ impl<'c> Replicator<'c> {
             inner_buf: Vec::new(),
             status,
             last_event_ts: 0,
+            streamed_since: None,
+            retry_log: RetryLog::new("binlog link lost; reconnecting"),
+            caught_up: false,
+            catch_up_to: None,
+            heartbeat_seen: false,
+            last_notified: None,
         }
     }
 
@@ -226,13 +247,13 @@ impl<'c> Replicator<'c> {
     }
 
     pub async fn run(&mut self) -> Result<()> {
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new();
         self.schedule_resync();
         loop {
             if stop_requested(&self.shutdown) {
                 return Ok(());
             }
-            let began = Instant::now();
+            self.streamed_since = None;
             let outcome = self.session().await;
             if stop_requested(&self.shutdown) {
                 self.abort_batch();
@@ -251,24 +272,30 @@ impl<'c> Replicator<'c> {
                 }
                 continue;
             }
-            // Only a session that ran healthily for a while resets the
-            // backoff; one that fails at once keeps growing it.
-            if began.elapsed() >= HEALTHY_SESSION {
-                failures = 0;
+            // A session that reached streaming resets the backoff: the
+            // next failure is retried at once. One that streamed only
+            // briefly (it fails right after starting, again and again)
+            // does not, so a persistent error still backs off.
+            if self.streamed_since.is_some_and(|t| t.elapsed() >= MIN_STREAMING) {
+                backoff.reset();
             }
             match outcome {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
                 Ok(SessionEnd::Resync) => {
-                    failures = 0;
+                    backoff.reset();
                     continue;
                 }
                 Err(e) => {
                     self.abort_batch();
                     let msg = e.to_string();
+                    // Behind the server from now on, as far as we know,
+                    // until the next session catches up.
+                    self.caught_up = false;
                     self.status.update(|s| {
                         s.source_connected = false;
-                        s.source_error = Some(msg);
+                        s.source_error = Some(msg.clone());
                         s.snapshot = None;
+                        s.consistent = false;
                     });
                     match e.recovery() {
                         Recovery::Fatal => return Err(e),
@@ -293,12 +320,11 @@ impl<'c> Replicator<'c> {
                         }
                         Recovery::Transient => {}
                     }
-                    failures += 1;
-                    let delay = backoff(failures);
+                    let delay = backoff.next(retry::cap_for(&e));
                     if e.recovery() == Recovery::Transient {
                         crate::metrics::reconnect();
-                        tracing::warn!(error = %e, attempt = failures, retry_in_ms = delay.as_millis() as u64, "binlog link lost; reconnecting");
                     }
+                    self.retry_log.failed(&msg, delay);
                     let mut sd = self.shutdown.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -316,6 +342,9 @@ impl<'c> Replicator<'c> {
         // shutdown: SIGTERM ends the process within seconds whatever is in
         // progress; an interrupted snapshot's SQLite transaction is rolled
         // back, leaving the previous replica.
+        self.caught_up = false;
+        self.catch_up_to = None;
+        self.heartbeat_seen = false;
         let mut conn = stoppable(&self.shutdown, connect(&self.cfg.mysql)).await?;
         let info = server_info(&mut conn).await?;
         if self.info.as_ref().is_some_and(|i| i.identity() != info.identity()) {
@@ -325,6 +354,11 @@ impl<'c> Replicator<'c> {
         tracing::debug!("replicator connected");
         self.load_state(&mut conn, &info).await?;
         tracing::debug!("replica state loaded");
+        // Where a resumed replica is, from the start (`tailcache status`);
+        // consistent only once the stream has caught up with the server.
+        if let Some(cp) = self.checkpoint.clone() {
+            self.publish_position(&cp);
+        }
         // A resumed start checks its stored position and sets up the dump
         // session while the preflight runs (both only read or set session
         // variables); registering and dumping wait for the gate.
@@ -334,7 +368,7 @@ impl<'c> Replicator<'c> {
                 && self.resnapshot_tables.is_empty()
                 && let Some(cp) = self.checkpoint.clone()
             {
-                self.verify_position(&mut conn, &cp.position).await?;
+                self.catch_up_to = Some(self.verify_position(&mut conn, &cp.position).await?);
                 self.prepare_dump(&mut conn, &info).await?;
                 tracing::debug!("position verified");
                 ready = Some(cp.position);
@@ -372,7 +406,7 @@ impl<'c> Replicator<'c> {
         // `ready` is this connection's, verified at this same position; a
         // snapshot meanwhile reconnected and moved the checkpoint.
         if ready.as_ref() != Some(&cp.position) {
-            self.verify_position(&mut conn, &cp.position).await?;
+            self.catch_up_to = Some(self.verify_position(&mut conn, &cp.position).await?);
             self.prepare_dump(&mut conn, &info).await?;
             tracing::debug!("position verified");
         }
@@ -510,6 +544,7 @@ impl<'c> Replicator<'c> {
         self.schedule_resync();
         tracing::info!(position = %cp, elapsed_ms = started.elapsed().as_millis() as u64, "replica replaced by snapshot");
         crate::metrics::snapshot_taken(reason);
+        self.last_notified = Some(cp.position.clone());
         (self.notify)(CommitNotice {
             touched: self.tables.iter().map(TableRef::sqlite_name).collect(),
             checkpoint: cp,
@@ -525,10 +560,15 @@ impl<'c> Replicator<'c> {
         Ok(())
     }
 
-    async fn verify_position(&mut self, conn: &mut Conn, pos: &BinlogPosition) -> Result<()> {
+    /// Checks that the server still has `pos`; returns where its binlog
+    /// ends now (the position this session must reach to be caught up).
+    async fn verify_position(&mut self, conn: &mut Conn, pos: &BinlogPosition) -> Result<BinlogPosition> {
         let logs = binary_logs(conn).await?;
         match logs.iter().find(|(f, _)| *f == pos.file) {
-            Some((_, size)) if *size >= pos.pos => Ok(()),
+            Some((_, size)) if *size >= pos.pos => {
+                let (file, size) = logs.last().cloned().unwrap_or_else(|| (pos.file.clone(), *size));
+                Ok(BinlogPosition::new(file, size))
+            }
             Some((_, size)) => Err(Error::NeedsResync {
                 reason: format!(
                     "stored position {pos} is past the end of that binlog ({size} bytes): the server is not the one we followed"
@@ -564,10 +604,18 @@ impl<'c> Replicator<'c> {
             })?
             .into_raw();
         tracing::info!(position = %start, heartbeat_ms = heartbeat.as_millis() as u64, "streaming binlog");
+        self.streamed_since = Some(Instant::now());
+        self.retry_log.recovered();
         self.status.update(|s| {
             s.source_connected = true;
             s.source_error = None;
         });
+        // Resumed at the server's end already (an idle server): consistent
+        // at once; otherwise `pump` says so once it gets there.
+        self.check_caught_up(&start.file, start.pos);
+        if let Some(cp) = self.checkpoint.clone() {
+            self.publish_position(&cp);
+        }
         let end = self.pump(&mut stream, start, heartbeat).await;
         self.status.update(|s| s.source_connected = false);
         if end.is_ok() {
@@ -631,6 +679,11 @@ impl<'c> Replicator<'c> {
             let item = match ready {
                 Some(ev) => ev,
                 None => {
+                    // Everything received is applied and committed: caught
+                    // up if the stream got to the server's end.
+                    if !self.caught_up {
+                        self.check_caught_up(&file, pos);
+                    }
                     let resync_at = self.resync_due;
                     tokio::select! {
                         biased;
@@ -711,7 +764,9 @@ impl<'c> Replicator<'c> {
                 *pos = re.position();
                 return Ok(());
             }
-            Handling::FormatDescription | Handling::Heartbeat => {}
+            Handling::FormatDescription => {}
+            // Sent only when the server has nothing more to send.
+            Handling::Heartbeat => self.heartbeat_seen = true,
             Handling::Ignore(reason) => {
                 if crate::metrics::BINLOG_EVENTS_IGNORED.inc(et) == 0 {
                     tracing::info!(event_type = events::name(et), position = %here(), reason, "ignoring this event type");
@@ -921,6 +976,7 @@ impl<'c> Replicator<'c> {
                 if became_consistent { self.tables.iter().map(TableRef::sqlite_name).collect() } else { touched };
             crate::failpoint!("replica.after_commit");
             let changes = self.applier.take_changes();
+            self.last_notified = Some(cp.position.clone());
             (self.notify)(CommitNotice {
                 touched,
                 checkpoint: cp.clone(),
@@ -940,19 +996,55 @@ impl<'c> Replicator<'c> {
         Ok(())
     }
 
-    /// Tells the status where the replica is and how far behind.
+    /// Marks the session caught up when everything received is committed
+    /// and the stream, now at `file:pos`, has reached the server's binlog
+    /// end read at connect, or a heartbeat said it is at the end.
+    fn check_caught_up(&mut self, file: &str, pos: u64) {
+        if self.caught_up || self.batch.in_txn || self.batch.pending.is_some() {
+            return;
+        }
+        let at = BinlogPosition::new(file, pos);
+        let reached = self.catch_up_to.as_ref().is_some_and(|end| at >= *end);
+        if !(reached || self.heartbeat_seen) {
+            return;
+        }
+        self.caught_up = true;
+        tracing::info!(
+            position = %at,
+            server_end = %self.catch_up_to.as_ref().map(ToString::to_string).unwrap_or_else(|| "?".into()),
+            proof = if reached { "position" } else { "heartbeat" },
+            "caught up with the server"
+        );
+        if let Some(cp) = self.checkpoint.clone() {
+            self.publish_position(&cp);
+        }
+    }
+
+    /// Tells the status where the replica is, how far behind, and whether
+    /// it is consistent with the server now: consistent at its position
+    /// (no snapshot still catching up) and caught up with the server.
     fn publish_position(&self, cp: &Checkpoint) {
-        let consistent = self.consistent_after.is_none();
-        let lag = if self.last_event_ts == 0 {
-            0.0
+        let consistent = self.consistent_after.is_none() && self.caught_up;
+        let lag = if self.last_event_ts != 0 {
+            Some((crate::status::unix_now() - f64::from(self.last_event_ts)).max(0.0))
+        } else if self.caught_up {
+            Some(0.0)
         } else {
-            (crate::status::unix_now() - f64::from(self.last_event_ts)).max(0.0)
+            None
         };
+        let notified = self.last_notified.clone();
         self.status.update(|s| {
+            if consistent && !s.consistent {
+                // Memcached holds this consistent replica once the last
+                // change sent to the publisher is published.
+                s.publish_needed = notified;
+            }
             s.position = Some(cp.position.to_string());
             s.gtid = cp.gtid.as_ref().map(|g| g.to_string());
             s.consistent = consistent;
-            s.lag_seconds = Some(lag);
+            if lag.is_some() {
+                s.lag_seconds = lag;
+            }
             s.snapshot = None;
         });
     }
@@ -1389,13 +1481,6 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Capped exponential backoff with full jitter.
-pub fn backoff(attempt: u32) -> Duration {
-    let exp = BACKOFF_MIN.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_MAX);
-    let ms = exp.as_millis().max(1) as u64;
-    Duration::from_millis(rand::random_range(ms / 2..=ms))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1406,12 +1491,5 @@ mod tests {
         assert_eq!(widen_position(0xFFFF_FF00, 0x10), 0x1_0000_0010);
         assert_eq!(widen_position(0x1_0000_0010, 0x200), 0x1_0000_0200);
         assert_eq!(widen_position(0x2_FFFF_FFF0, 0x5), 0x3_0000_0005);
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert!(backoff(1) <= Duration::from_millis(200));
-        assert!(backoff(6) >= Duration::from_millis(3200));
-        assert!(backoff(40) <= BACKOFF_MAX);
     }
 }

@@ -280,8 +280,28 @@ fn mysql_root() -> PathBuf {
 struct PrivateProc {
     child: Mutex<Child>,
     err_log: PathBuf,
+    /// How the server was started, to start it again on the same port and
+    /// datadir ([`PrivateServer::start_again`]).
+    relaunch: Relaunch,
     // Dropped after the child is killed (see `Drop for MysqlServer`).
     dir: TempDir,
+}
+
+/// The command line a private server was started with.
+struct Relaunch {
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
+    stdout_log: PathBuf,
+}
+
+impl Relaunch {
+    fn of(cmd: &Command, stdout_log: &Path) -> Relaunch {
+        Relaunch {
+            program: cmd.get_program().to_owned(),
+            args: cmd.get_args().map(ToOwned::to_owned).collect(),
+            stdout_log: stdout_log.to_owned(),
+        }
+    }
 }
 
 /// A running MySQL/MariaDB server usable as root over TCP.
@@ -596,6 +616,60 @@ impl PrivateServer {
     pub fn error_log_tail(&self) -> String {
         self.server.err_log_tail()
     }
+
+    /// Shuts the server down cleanly (SIGTERM) and waits for it to exit;
+    /// [`PrivateServer::start_again`] brings it back on the same port.
+    pub fn stop(&self) {
+        let p = self.server.proc_.as_ref().expect("a private server has its process");
+        let mut child = p.child.lock().unwrap_or_else(|e| e.into_inner());
+        if child.try_wait().expect("try_wait server").is_some() {
+            return;
+        }
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + SERVER_START_TIMEOUT;
+        while child.try_wait().expect("try_wait server").is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the server did not stop within {SERVER_START_TIMEOUT:?} of SIGTERM\n{}", tail(&p.err_log, 40));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Starts a server stopped by [`PrivateServer::stop`] again, same
+    /// datadir, port and options, and returns the instant it was first seen
+    /// accepting connections (its protocol greeting, polled every 2 ms).
+    pub fn start_again(&self) -> Instant {
+        let p = self.server.proc_.as_ref().expect("a private server has its process");
+        let mut child = p.child.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(child.try_wait().expect("try_wait server").is_some(), "start_again: the server is still running");
+        let r = &p.relaunch;
+        let mut cmd = Command::new(&r.program);
+        cmd.args(&r.args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::options().append(true).open(&r.stdout_log).expect("open stdout.log"))
+            .stderr(fs::File::options().append(true).open(&r.stdout_log).expect("open stdout.log"));
+        *child = spawn_tied(cmd).unwrap_or_else(|e| panic!("cannot start the server again: {e}"));
+        let deadline = Instant::now() + SERVER_START_TIMEOUT;
+        loop {
+            if mysql_greets(self.server.port) {
+                return Instant::now();
+            }
+            if let Some(status) = child.try_wait().expect("try_wait server") {
+                panic!("the server exited with {status} when started again\n{}", tail(&p.err_log, 40));
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the server did not accept connections within {SERVER_START_TIMEOUT:?} of starting again\n{}",
+                    tail(&p.err_log, 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }
 
 impl Deref for PrivateServer {
@@ -806,7 +880,7 @@ fn start_mariadb(extra_args: &[&str], kind: &str) -> MysqlServer {
     let tmpdir = dir.path().join("tmp");
     fs::create_dir(&tmpdir).unwrap_or_else(|e| panic!("create {}: {e}", tmpdir.display()));
     let mut attempt = 0;
-    let (child, port) = loop {
+    let (child, port, relaunch) = loop {
         attempt += 1;
         let port = free_port();
         let mut cmd = Command::new(MARIADBD);
@@ -842,6 +916,7 @@ fn start_mariadb(extra_args: &[&str], kind: &str) -> MysqlServer {
             .stdin(Stdio::null())
             .stdout(fs::File::create(&stdout_log).expect("create stdout.log"))
             .stderr(fs::File::options().append(true).open(&stdout_log).expect("open stdout.log"));
+        let relaunch = Relaunch::of(&cmd, &stdout_log);
         let mut child = spawn_tied(cmd).unwrap_or_else(|e| panic!("cannot spawn {MARIADBD}: {e}"));
         let deadline = Instant::now() + SERVER_START_TIMEOUT;
         let failure = loop {
@@ -871,7 +946,7 @@ fn start_mariadb(extra_args: &[&str], kind: &str) -> MysqlServer {
                         started.elapsed()
                     );
                 }
-                break (child, port);
+                break (child, port, relaunch);
             }
             Some(status) => {
                 let log = fs::read_to_string(&err_log).unwrap_or_default()
@@ -891,7 +966,7 @@ fn start_mariadb(extra_args: &[&str], kind: &str) -> MysqlServer {
         }
     };
 
-    let proc_ = PrivateProc { child: Mutex::new(child), err_log, dir };
+    let proc_ = PrivateProc { child: Mutex::new(child), err_log, relaunch, dir };
     secure_root(proc_, port, Flavor::MariaDb, kind, started)
 }
 
@@ -978,7 +1053,7 @@ fn start_mysql(extra_args: &[&str], kind: &str) -> MysqlServer {
     let stdout_log = dir.path().join("stdout.log");
     let our_datadir = format!("{inner}/data/");
     let mut attempt = 0;
-    let (child, port) = loop {
+    let (child, port, relaunch) = loop {
         attempt += 1;
         let port = free_port();
         let _ = fs::remove_file(&err_log);
@@ -992,6 +1067,7 @@ fn start_mysql(extra_args: &[&str], kind: &str) -> MysqlServer {
             .stderr(fs::File::options().append(true).open(&stdout_log).expect("open stdout.log"));
         // chroot execs mysqld: same pid, PDEATHSIG kept (neither is setuid and
         // --user=root makes mysqld keep its credentials).
+        let relaunch = Relaunch::of(&cmd, &stdout_log);
         let mut child =
             spawn_tied(cmd).unwrap_or_else(|e| panic!("cannot spawn chroot {} mysqld: {e}", root.display()));
         let deadline = Instant::now() + SERVER_START_TIMEOUT;
@@ -1026,7 +1102,7 @@ fn start_mysql(extra_args: &[&str], kind: &str) -> MysqlServer {
             std::thread::sleep(Duration::from_millis(20));
         };
         match failure {
-            None => break (child, port),
+            None => break (child, port, relaunch),
             Some(status) => {
                 let log = fs::read_to_string(&err_log).unwrap_or_default()
                     + &fs::read_to_string(&stdout_log).unwrap_or_default();
@@ -1048,7 +1124,7 @@ fn start_mysql(extra_args: &[&str], kind: &str) -> MysqlServer {
     if verbose() {
         eprintln!("harness: mysqld ({kind}) copy {installed:?}, serving after {:?}", started.elapsed());
     }
-    let proc_ = PrivateProc { child: Mutex::new(child), err_log, dir };
+    let proc_ = PrivateProc { child: Mutex::new(child), err_log, relaunch, dir };
     secure_root(proc_, port, Flavor::Mysql, kind, started)
 }
 

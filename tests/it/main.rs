@@ -8,6 +8,7 @@ mod harness;
 mod harness_selftest;
 mod ops;
 mod readers;
+mod reconnect;
 mod replica;
 mod restart;
 mod resync;

@@ -500,3 +500,130 @@ fn incremental_lookups_search_indexes_instead_of_scanning() {
         }
     }
 }
+
+type Row = Vec<Value>;
+
+fn app_row(id: i64, name: &str, status: &str, grp: Option<i64>) -> Row {
+    vec![
+        Value::Integer(id),
+        Value::Text(name.into()),
+        Value::Text(status.into()),
+        grp.map_or(Value::Null, Value::Integer),
+    ]
+}
+
+/// The incremental path rejects exactly the changed rows a full
+/// computation rejects (a bad key, a NULL or BLOB key column, a value too
+/// large), even when they are the batch's only rows, reports nothing for
+/// a row the view filters out, and deletes the value published earlier
+/// under a key whose new entry is rejected.
+#[test]
+fn incremental_path_rejects_what_a_full_computation_rejects() {
+    let (dir, tables, refs_, conn) = replica_with_tables();
+    let path = dir.path().join("state.db");
+    let pconn = crate::replica::open_connection(&path, &refs_).unwrap();
+    let book = crate::replica::open_connection(&path, &refs_).unwrap();
+    let mut applier = Applier::new(&conn, refs_.clone()).unwrap();
+    for (i, t) in tables.iter().enumerate() {
+        applier.set_schema(i, t).unwrap();
+    }
+    let cfgs = vec![
+        view("named", "n:{name}:{id}", "SELECT id, name FROM app WHERE status = 'on'", &[]),
+        view("grouped", "g:{grp}:{id}", "SELECT id, grp FROM app", &[]),
+        view("whole", "w:{id}", "SELECT id, name FROM app", &[]),
+        view("summed", "s:{grp}", "SELECT grp, count(*) AS n FROM app GROUP BY grp", &[]),
+    ];
+    let mc = MemcachedConfig { max_item_size: 400, ..mc(Codec::Msgpack) };
+    let vs = ViewSet::compile(&pconn, &cfgs, &mc, &refs_).unwrap();
+    for v in vs.views() {
+        assert!(v.incremental().is_ok(), "{}", v.maintenance());
+    }
+    let mut published = Published::load(&book).unwrap();
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let mut scratch = Scratch::default();
+    let mut seq = 0u64;
+    // Applies one transaction of (before, after) images of `app` and
+    // publishes it incrementally; per view, the rejections (as logged)
+    // and the memcached ops.
+    let mut step = |changes: &[(Option<Row>, Option<Row>)], full: bool| -> Vec<(Vec<String>, Vec<String>)> {
+        applier.begin().unwrap();
+        for (before, after) in changes {
+            let (b, a) = (before.as_deref().map(refs), after.as_deref().map(refs));
+            let change = match (&b, &a) {
+                (None, Some(a)) => RowChange::Insert(a),
+                (Some(b), None) => RowChange::Delete(b),
+                (Some(b), Some(a)) => RowChange::Update { before: b, after: a },
+                (None, None) => unreachable!(),
+            };
+            applier.apply(Action::Row { table: 0, change }).unwrap();
+        }
+        seq += 1;
+        let cp = Checkpoint { position: BinlogPosition::new("b.000001", seq), gtid: None };
+        applier.apply(Action::Commit { checkpoint: &cp, consistent: true }).unwrap();
+        let changes = applier.take_changes();
+        let touched: HashSet<String> = [tables[0].table.sqlite_name()].into();
+        pconn.execute_batch("BEGIN").unwrap();
+        let mut out = Vec::new();
+        for i in 0..vs.views().len() {
+            let c = if full {
+                vs.compute(&pconn, i, now, &mut scratch).unwrap()
+            } else {
+                assert!(vs.can_increment(i, &touched, &changes));
+                vs.compute_incremental(&pconn, i, &touched, &changes, now, &mut scratch)
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("view {} fell back to a full computation", vs.views()[i].name()))
+            };
+            let rejected: Vec<String> = c.rejected.iter().map(|r| format!("{}: {r}", r.reason())).collect();
+            let plan = published.diff(&book, vec![c], &vs).unwrap();
+            published.record(&book, &plan.changes, None).unwrap();
+            out.push((rejected, super::tests::ops_summary(&plan.ops)));
+        }
+        pconn.execute_batch("COMMIT").unwrap();
+        out
+    };
+    let r = step(&[(None, Some(app_row(1, "ok", "on", Some(1))))], true);
+    assert!(r.iter().all(|(rej, _)| rej.is_empty()), "{r:?}");
+    assert_eq!(r[0].1, ["set p:n:ok:1"]);
+
+    // The only row of the batch gets a name with a space: its new key is
+    // rejected (not silently skipped), the old one deleted.
+    let r = step(&[(Some(app_row(1, "ok", "on", Some(1))), Some(app_row(1, "has space", "on", Some(1))))], false);
+    assert_eq!(r[0].0.len(), 1, "{r:?}");
+    assert!(r[0].0[0].starts_with("bad_key: view \"named\", key \"p:n:has space:1\""), "{r:?}");
+    assert_eq!(r[0].1, ["delete p:n:ok:1"]);
+    assert!(r[1].0.is_empty() && r[2].0.is_empty() && r[3].0.is_empty(), "{r:?}");
+
+    // A NULL key column: rejected on the incremental path too, the value
+    // of the old key deleted; a grouped view rejects its NULL group.
+    let r = step(&[(Some(app_row(1, "has space", "on", Some(1))), Some(app_row(1, "fine", "on", None)))], false);
+    assert_eq!(r[1].0, ["key_column: view \"grouped\": key column \"grp\" is NULL; the row is not written"], "{r:?}");
+    assert_eq!(r[1].1, ["delete p:g:1:1"]);
+    assert_eq!(r[3].0, ["key_column: view \"summed\": key column \"grp\" is NULL; the row is not written"], "{r:?}");
+    assert_eq!(r[3].1, ["delete p:s:1"]);
+    assert!(r[0].0.is_empty(), "{r:?}");
+    assert_eq!(r[0].1, ["set p:n:fine:1"]);
+
+    // A row the view filters out is not reported, whatever its key.
+    let r = step(&[(None, Some(app_row(2, "x y", "off", Some(2))))], false);
+    assert!(r[0].0.is_empty() && r[0].1.is_empty(), "{r:?}");
+    assert_eq!(r[2].1, ["set p:w:2"]);
+
+    // A value too large: rejected, the value published before deleted.
+    let long = "l".repeat(500);
+    let r = step(&[(Some(app_row(2, "x y", "off", Some(2))), Some(app_row(2, &long, "off", Some(2))))], false);
+    assert_eq!(r[2].0.len(), 1, "{r:?}");
+    assert!(r[2].0[0].starts_with("too_large: view \"whole\", key \"p:w:2\""), "{r:?}");
+    assert_eq!(r[2].1, ["delete p:w:2"]);
+
+    // A deleted row with a NULL key column is gone from the view: nothing
+    // to report.
+    let r = step(&[(Some(app_row(1, "fine", "on", None)), None)], false);
+    assert!(r[1].0.is_empty() && r[3].0.is_empty(), "{r:?}");
+    assert_eq!(r[0].1, ["delete p:n:fine:1"]);
+
+    // What a full computation now rejects: the same rows.
+    let r = step(&[], true);
+    let all: Vec<&String> = r.iter().flat_map(|(rej, _)| rej).collect();
+    assert_eq!(all.len(), 1, "{r:?}");
+    assert!(all[0].starts_with("too_large: view \"whole\", key \"p:w:2\""), "{r:?}");
+}

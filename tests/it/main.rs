@@ -7,6 +7,7 @@ mod harness;
 mod harness_selftest;
 mod ops;
 mod readers;
+mod rejects;
 mod replica;
 mod restart;
 mod resync;

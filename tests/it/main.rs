@@ -16,3 +16,4 @@ mod snapshot;
 mod systemd;
 mod tls;
 mod views;
+mod xa_unstaged;

@@ -327,6 +327,12 @@ fn property_run(seed: u64, codec: Codec, transactions: usize) {
     for (v, (_, expect)) in vs.views().iter().zip(&configs) {
         eprintln!("{}: {}", v.name(), v.maintenance());
         assert_eq!(v.incremental().is_ok(), *expect, "{}: {}", v.name(), v.maintenance());
+        if let Ok(plan) = v.incremental()
+            && plan.order.is_empty()
+        {
+            let st = pconn.prepare(&plan.restricted_null_sql);
+            assert!(st.is_ok(), "{}: {}: {st:?}", v.name(), plan.restricted_null_sql);
+        }
     }
     assert!(vs.views()[10].maintenance().contains("feature recompute in full"), "{}", vs.views()[10].maintenance());
     assert!(vs.views()[3].maintenance().contains("app via"), "{}", vs.views()[3].maintenance());

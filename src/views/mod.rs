@@ -1073,7 +1073,9 @@ impl ViewSet {
             self.row_entries(v, &mut rows, s, created, &mut out, usize::MAX)?;
         }
         for tuple in &null_tuples {
-            let mut stmt = conn.prepare_cached(&plan.restricted_null_sql).map_err(sql_err)?;
+            // Not preparing (a query shape the rewrite does not fit): the
+            // full computation reports those rows, or the error.
+            let Ok(mut stmt) = conn.prepare_cached(&plan.restricted_null_sql) else { return Ok(None) };
             if stmt.column_count() != v.columns.len() {
                 return Ok(None);
             }

@@ -23,7 +23,7 @@
 //! | `tailcache_publish_latency_seconds` | histogram | | from the first binlog event of a transaction to memcached's acknowledgement |
 //! | `tailcache_keys_set_total` | counter | `view` | keys written to memcached (once per key, not per server) |
 //! | `tailcache_keys_deleted_total` | counter | `view` | keys deleted from memcached |
-//! | `tailcache_entries_rejected_total` | counter | `view`, `reason` | entries not written: `key_column` (NULL/BLOB key column), `bad_key` (too long, whitespace/control characters), `map_key`, `json` (invalid JSON), `too_large` (over `max_item_size`) |
+//! | `tailcache_entries_rejected_total` | counter | `view`, `reason` | entries not written: `key_column` (NULL/BLOB key column), `bad_key` (too long, whitespace/control characters), `map_key`, `json` (invalid JSON), `too_large` (over `max_item_size`), `memcached_refused` (refused by memcached for good); whether the view was computed in full or incrementally; also in `/status` (`entries_rejected`) |
 //! | `tailcache_view_errors_total` | counter | | view computations that failed as a whole (SQLite error, result columns changed) |
 //! | `tailcache_publishes_total` | counter | | publish rounds acknowledged by memcached |
 //! | `tailcache_full_republishes_total` | counter | | publishes that rewrote every entry (start-up after a lost memcached, restart/flush, resync, exptime refresh) |

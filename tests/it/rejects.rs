@@ -11,7 +11,7 @@ use std::time::Duration;
 use mysql_async::prelude::*;
 
 use crate::admin::{http, parse_prometheus};
-use crate::harness::{self, Daemon, Memcached, TestDb, free_port, wait_until};
+use crate::harness::{self, Daemon, Memcached, TestDb, free_port, run_tailcache, wait_until};
 
 const SCHEMA: &str = "
 CREATE TABLE page (id INT PRIMARY KEY, slug VARCHAR(100) NULL, body TEXT NOT NULL, live INT NOT NULL)
@@ -151,4 +151,11 @@ async fn rejected_entries_of_an_incremental_publish_are_logged_counted_and_shown
     assert_eq!(rejected_metric(admin, "bad_key"), 2.0, "{}", daemon.log());
     assert_eq!(rejected_status(admin, "bad_key"), 2);
     assert!(!daemon.log().contains("not live"), "{}", daemon.log());
+
+    // `tailcache status` shows them with the view.
+    let out = run_tailcache(&["status", "-c", daemon.config_path().to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let line = text.lines().find(|l| l.trim_start().starts_with("pages:")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("entries rejected: bad_key 2, key_column 1, too_large 1"), "{text}");
 }

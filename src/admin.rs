@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `GET /healthz` | 200 `ok` while the replicator and publisher threads run, else 503 |
 //! | `GET /readyz` | 200 `ready`, or 503 with the reasons, one per line |
-//! | `GET /status` | JSON: [`StatusView`](crate::status::StatusView) plus `ready`, `not_ready`, `pid` |
+//! | `GET /status` | JSON: [`StatusView`](crate::status::StatusView) plus `ready`, `not_ready`, `pid`, `entries_rejected` (view → reason → count since start, as `tailcache_entries_rejected_total`) |
 //! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]) |
 //! | `POST /resync` | full resync; answers the [`ResyncReport`](crate::status::ResyncReport) JSON when it is done (`?wait=false`: 202 at once) |
 //!
@@ -155,6 +155,7 @@ async fn status(State(st): State<AdminState>) -> Response {
         o.insert("ready".into(), serde_json::Value::Bool(not_ready.is_empty()));
         o.insert("not_ready".into(), serde_json::json!(not_ready));
         o.insert("pid".into(), serde_json::json!(std::process::id()));
+        o.insert("entries_rejected".into(), serde_json::json!(crate::metrics::entries_rejected()));
     }
     json(StatusCode::OK, &v)
 }

@@ -538,9 +538,20 @@ fn render_status(v: &serde_json::Value) -> String {
         line("views:".into());
         for (name, vs) in views {
             let keys = vs.get("keys").and_then(J::as_u64).unwrap_or(0);
+            let rejected: Vec<String> = v
+                .get("entries_rejected")
+                .and_then(|r| r.get(name))
+                .and_then(J::as_object)
+                .map(|m| m.iter().map(|(reason, n)| format!("{reason} {}", n.as_u64().unwrap_or(0))).collect())
+                .unwrap_or_default();
+            let rejected = if rejected.is_empty() {
+                String::new()
+            } else {
+                format!(", entries rejected: {}", rejected.join(", "))
+            };
             match vs.get("last_error").and_then(J::as_str) {
-                Some(e) => line(format!("  {name}: {keys} keys, FAILING: {e}")),
-                None => line(format!("  {name}: {keys} keys")),
+                Some(e) => line(format!("  {name}: {keys} keys{rejected}, FAILING: {e}")),
+                None => line(format!("  {name}: {keys} keys{rejected}")),
             }
         }
     }

@@ -25,7 +25,7 @@
 //! | `tailcache_publish_latency_seconds` | histogram | | from the first binlog event of a transaction to memcached's acknowledgement |
 //! | `tailcache_keys_set_total` | counter | `view` | keys written to memcached (once per key, not per server) |
 //! | `tailcache_keys_deleted_total` | counter | `view` | keys deleted from memcached |
-//! | `tailcache_entries_rejected_total` | counter | `view`, `reason` | entries not written: `key_column` (NULL/BLOB key column), `bad_key` (too long, whitespace/control characters), `map_key`, `json` (invalid JSON), `too_large` (over `max_item_size`) |
+//! | `tailcache_entries_rejected_total` | counter | `view`, `reason` | entries not written: `key_column` (NULL/BLOB key column), `bad_key` (too long, whitespace/control characters), `map_key`, `json` (invalid JSON), `too_large` (over `max_item_size`), `memcached_refused` (refused by memcached for good); whether the view was computed in full or incrementally; also in `/status` (`entries_rejected`) |
 //! | `tailcache_view_errors_total` | counter | | view computations that failed as a whole (SQLite error, result columns changed) |
 //! | `tailcache_publishes_total` | counter | | publish rounds acknowledged by memcached |
 //! | `tailcache_full_republishes_total` | counter | | publishes that rewrote every entry (start-up after a lost memcached, restart/flush, resync, exptime refresh) |
@@ -35,7 +35,7 @@
 //! | `tailcache_resyncs_total` | counter | `trigger` | full resyncs finished: `interval`, `signal`, `admin`, `command`, `start`, ... |
 //! | `tailcache_resync_drift_keys_total` | counter | `kind` | keys a resync found wrong in memcached and repaired: `missing`, `differed`, `deleted` (stale: published before, no longer produced) |
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, RwLock};
 use std::time::Duration;
@@ -423,19 +423,37 @@ pub fn keys_deleted(view: &str, n: u64) {
     }
 }
 
+/// `tailcache_entries_rejected_total` as (view, reason) -> count, for
+/// `/status` (the counter family cannot be read back).
+static REJECTED: LazyLock<std::sync::Mutex<BTreeMap<(String, String), u64>>> = LazyLock::new(Default::default);
+
+fn count_rejected(view: &str, reason: &str) {
+    METRICS.entries_rejected.get_or_create(&[("view", view.to_owned()), ("reason", reason.to_owned())]).inc();
+    let mut m = REJECTED.lock().unwrap_or_else(|p| p.into_inner());
+    *m.entry((view.to_owned(), reason.to_owned())).or_default() += 1;
+}
+
 /// An entry not written (rare: the labels are built each time), by view
 /// and reason ([`crate::views::EntryError::reason`]).
 pub fn entry_rejected(view: &str, reason: &str) {
-    METRICS.entries_rejected.get_or_create(&[("view", view.to_owned()), ("reason", reason.to_owned())]).inc();
+    count_rejected(view, reason);
 }
 
 /// An entry memcached refused (e.g. larger than its item size limit):
 /// counted as rejected with reason `memcached_refused`.
 pub fn entry_refused(view: &str) {
-    METRICS
-        .entries_rejected
-        .get_or_create(&[("view", view.to_owned()), ("reason", "memcached_refused".to_owned())])
-        .inc();
+    count_rejected(view, "memcached_refused");
+}
+
+/// What `tailcache_entries_rejected_total` holds: view -> reason -> count
+/// (the `entries_rejected` of `/status`).
+pub fn entries_rejected() -> BTreeMap<String, BTreeMap<String, u64>> {
+    let m = REJECTED.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for ((view, reason), n) in m.iter() {
+        out.entry(view.clone()).or_default().insert(reason.clone(), *n);
+    }
+    out
 }
 
 /// A publish round failed (it is retried).

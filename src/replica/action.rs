@@ -27,9 +27,34 @@ pub enum RowChange<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Xid(pub String);
 
+/// As `XA COMMIT` would spell it: `'gtrid'[,'bqual'[,formatID]]`, each
+/// part quoted when it is printable ASCII, `X'…'` otherwise (the canonical
+/// form is `gtrid_hex,bqual_hex,formatID`).
 impl std::fmt::Display for Xid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        let parts: Vec<&str> = self.0.split(',').collect();
+        let [gtrid, bqual, format_id] = parts[..] else { return f.write_str(&self.0) };
+        let part = |hex: &str| -> String {
+            let bytes: Option<Vec<u8>> =
+                (0..hex.len() / 2 * 2).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect();
+            match bytes {
+                Some(b)
+                    if hex.len() % 2 == 0
+                        && b.iter().all(|c| (0x20..0x7f).contains(c) && *c != b'\'' && *c != b'\\') =>
+                {
+                    format!("'{}'", String::from_utf8_lossy(&b))
+                }
+                _ => format!("X'{hex}'"),
+            }
+        };
+        write!(f, "{}", part(gtrid))?;
+        if !bqual.is_empty() || !matches!(format_id, "" | "1") {
+            write!(f, ",{}", part(bqual))?;
+        }
+        if !matches!(format_id, "" | "1") {
+            write!(f, ",{format_id}")?;
+        }
+        Ok(())
     }
 }
 
@@ -271,5 +296,15 @@ mod tests {
         drop(rx);
         assert!(tx.send(notice(CHANGE_CAP)).is_err());
         assert_eq!(tx.images.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn xids_show_as_xa_commit_spells_them() {
+        let shown = |c: &str| Xid(c.to_owned()).to_string();
+        assert_eq!(shown("676170,,1"), "'gap'");
+        assert_eq!(shown("6131,6232,7"), "'a1','b2',7");
+        assert_eq!(shown("6131,,2"), "'a1','',2");
+        assert_eq!(shown("00ff,27,1"), "X'00ff',X'27'");
+        assert_eq!(shown("not canonical"), "not canonical");
     }
 }

@@ -583,7 +583,8 @@ impl<'c> Applier<'c> {
     }
 
     /// Applies and clears what `xid` staged. `prepared_here`: the commit of
-    /// a two-phase transaction, whose PREPARE must have been seen.
+    /// a two-phase transaction, whose PREPARE must have been seen
+    /// ([`Touched::Unstaged`] when it was not).
     fn apply_staged(&mut self, xid: &Xid, prepared_here: bool) -> Result<Touched> {
         let rows: Vec<StagedRow> = {
             let mut st = self
@@ -595,13 +596,12 @@ impl<'c> Applier<'c> {
                 .map_err(|e| Error::sqlite("read XA staging", e))?
         };
         if prepared_here && rows.is_empty() {
-            return Err(Error::NeedsResync {
-                reason: format!(
-                    "XA COMMIT of {xid}, prepared before the replica's snapshot: its rows were invisible to the snapshot and its PREPARE precedes the stream; a new snapshot brings them"
-                ),
-                table: None,
-                position: None,
-            });
+            // Nothing applied: the caller rolls the batch back and takes a
+            // new snapshot, so that the checkpoint never passes this COMMIT
+            // without its rows.
+            return Ok(Touched::Unstaged(format!(
+                "XA COMMIT {xid} of a transaction prepared before the replica's snapshot: its rows were invisible to the snapshot and its PREPARE precedes the stream, so its changes are unknown; a new snapshot brings them"
+            )));
         }
         let mut touched = vec![false; self.tables.len()];
         for (tbl, op, before, after) in &rows {
@@ -660,6 +660,11 @@ pub enum Touched {
     None,
     One(usize),
     Many(Vec<bool>),
+    /// An `XA COMMIT` of an xid whose PREPARE was never seen (prepared
+    /// before the replica's snapshot): what it changed is unknown and
+    /// nothing was applied; the watched tables must be snapshotted again
+    /// before the checkpoint passes it. Why, for the log.
+    Unstaged(String),
 }
 
 /// A staged row as msgpack: an array of nil / int / float / str / bin.

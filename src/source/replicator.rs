@@ -146,6 +146,9 @@ pub struct Replicator<'c> {
     consistent_after: Option<BinlogPosition>,
     checkpoint: Option<Checkpoint>,
     need_snapshot: Option<String>,
+    /// An `XA COMMIT` whose rows were never staged was just read (why):
+    /// the batch is rolled back and the tables snapshotted again at once.
+    unstaged_xa: Option<String>,
     decoder: RowDecoder,
     batch: Batch,
     info: Option<ServerInfo>,
@@ -218,6 +221,7 @@ impl<'c> Replicator<'c> {
             consistent_after: None,
             checkpoint: None,
             need_snapshot: None,
+            unstaged_xa: None,
             decoder: RowDecoder::new(),
             batch: Batch::new(n),
             info: None,
@@ -729,6 +733,15 @@ impl<'c> Replicator<'c> {
                 self.fde = Rc::new(stream.fde().clone());
             }
             self.handle(Ev { header: event.header(), body: event.body() }, &mut file, &mut pos, None).await?;
+            if let Some(why) = self.unstaged_xa.take() {
+                // Not an error (no backoff, the link is fine): the batch,
+                // which holds that COMMIT, is dropped so the checkpoint
+                // never passes it, and a snapshot follows at once.
+                tracing::warn!(position = %BinlogPosition::new(file.clone(), pos), "{why}; re-snapshotting the watched tables now");
+                self.abort_batch();
+                self.need_snapshot = Some(why);
+                return Ok(SessionEnd::Resync);
+            }
         }
     }
 
@@ -903,6 +916,8 @@ impl<'c> Replicator<'c> {
                     *t |= x;
                 }
             }
+            // Seen by `pump` once the event is handled.
+            Touched::Unstaged(why) => self.unstaged_xa = Some(why),
         }
     }
 

@@ -87,6 +87,11 @@ pub struct IvmPlan {
     pub insert_sql: String,
     pub distinct_sql: String,
     pub restricted_sql: String,
+    /// The view's query restricted to one key tuple given as parameters
+    /// `?1…` and compared with `IS`: the rows of a tuple holding a NULL,
+    /// which `restricted_sql`'s `IN` never matches (a full computation
+    /// rejects such rows; so must the incremental path).
+    pub restricted_null_sql: String,
     /// The restricted query's plan does not SEARCH K (no usable index):
     /// still correct, not faster.
     pub scans_key_table: bool,
@@ -641,21 +646,29 @@ fn analyze_tuple(
     let insert_sql = format!("INSERT INTO temp.{} VALUES ({})", quote_ident(&keys_table), params.join(", "));
     let distinct_sql = format!("SELECT DISTINCT {} FROM temp.{}", knames.join(", "), quote_ident(&keys_table));
     let outs: Vec<String> = tuple.iter().map(|t| format!("_tailcache_q.{}", quote_ident(&columns[t.output]))).collect();
-    let body = query.trim().trim_end_matches(';');
+    // The same with the key tuple as parameters compared with `IS`, for a
+    // tuple holding a NULL (which `IN` never matches).
+    let is_params = |cols: &[String]| {
+        cols.iter().enumerate().map(|(n, c)| format!("{c} IS ?{}", n + 1)).collect::<Vec<_>>().join(" AND ")
+    };
     // A GROUP BY over the key columns hides the outer filter from SQLite's
     // planner (it does not push it into an aggregate), so filter K's rows
     // before grouping too: a group is made of the K rows carrying its key.
-    let body = match group_at {
+    let body = |null_aware: bool| match group_at {
         Some(g) => {
             let q = k_ref.quals.last().cloned().unwrap_or_else(|| k_table.clone());
             let cols: Vec<String> =
                 tuple.iter().map(|t| format!("{}.{}", quote_ident(&q), quote_ident(&t.k_name))).collect();
-            let filter = format!(
-                "({}) IN (SELECT {} FROM temp.{})",
-                cols.join(", "),
-                knames.join(", "),
-                quote_ident(&keys_table)
-            );
+            let filter = if null_aware {
+                format!("({})", is_params(&cols))
+            } else {
+                format!(
+                    "({}) IN (SELECT {} FROM temp.{})",
+                    cols.join(", "),
+                    knames.join(", "),
+                    quote_ident(&keys_table)
+                )
+            };
             // Token offsets are into `query` itself, not the trimmed body.
             let g_at = toks[g].start;
             let tail = query[g_at..].trim_end().trim_end_matches(';');
@@ -667,14 +680,16 @@ fn analyze_tuple(
                 None => format!("{}\nWHERE {filter} {tail}", &query[..g_at]),
             }
         }
-        None => body.to_owned(),
+        None => query.trim().trim_end_matches(';').to_owned(),
     };
     let restricted_sql = format!(
-        "SELECT * FROM ({body}\n) AS _tailcache_q WHERE ({}) IN (SELECT {} FROM temp.{})",
+        "SELECT * FROM ({}\n) AS _tailcache_q WHERE ({}) IN (SELECT {} FROM temp.{})",
+        body(false),
         outs.join(", "),
         knames.join(", "),
         quote_ident(&keys_table)
     );
+    let restricted_null_sql = format!("SELECT * FROM ({}\n) AS _tailcache_q WHERE {}", body(true), is_params(&outs));
 
     // Other tables: a link T.c = K.d in T's scope.
     let all_refs: Vec<(String, Vec<TableRef>)> =
@@ -776,6 +791,7 @@ fn analyze_tuple(
         insert_sql,
         distinct_sql,
         restricted_sql,
+        restricted_null_sql,
         scans_key_table,
         order: Vec::new(),
     })

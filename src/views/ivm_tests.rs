@@ -194,6 +194,10 @@ fn views() -> Vec<(ViewConfig, bool)> {
             ),
             true,
         ),
+        // Keys that do not always render: a NULL group, a name with a
+        // space. Their rows are rejected on both paths alike.
+        (view("nullkey", "nk:{grp}:{id}", "SELECT id, grp, name FROM app WHERE status <> 'off'", &[]), true),
+        (view("namekey", "nm:{name}:{id}", "SELECT id, name FROM app", &[]), true),
     ]
 }
 
@@ -226,7 +230,7 @@ fn random_row(rng: &mut StdRng, t: usize) -> Vec<Value> {
     match t {
         0 => vec![
             small(rng, 12),
-            word(rng, &["ann", "bob", "cy", "dee"]),
+            word(rng, &["ann", "bob", "cy", "dee", "e f"]),
             word(rng, &["on", "off", "new"]),
             if rng.random_bool(0.1) { Value::Null } else { small(rng, 3) },
         ],
@@ -323,6 +327,12 @@ fn property_run(seed: u64, codec: Codec, transactions: usize) {
     for (v, (_, expect)) in vs.views().iter().zip(&configs) {
         eprintln!("{}: {}", v.name(), v.maintenance());
         assert_eq!(v.incremental().is_ok(), *expect, "{}: {}", v.name(), v.maintenance());
+        if let Ok(plan) = v.incremental()
+            && plan.order.is_empty()
+        {
+            let st = pconn.prepare(&plan.restricted_null_sql);
+            assert!(st.is_ok(), "{}: {}: {st:?}", v.name(), plan.restricted_null_sql);
+        }
     }
     assert!(vs.views()[10].maintenance().contains("feature recompute in full"), "{}", vs.views()[10].maintenance());
     assert!(vs.views()[3].maintenance().contains("app via"), "{}", vs.views()[3].maintenance());
@@ -333,6 +343,7 @@ fn property_run(seed: u64, codec: Codec, transactions: usize) {
     let mut incremental_runs = vec![0usize; vs.views().len()];
     let mut partial_scopes = vec![0usize; vs.views().len()];
     let mut full_runs = vec![0usize; vs.views().len()];
+    let mut rejections_seen = vec![0usize; vs.views().len()];
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let mut scratch = Scratch::default();
     let mut seq = 0u64;
@@ -374,6 +385,16 @@ fn property_run(seed: u64, codec: Codec, transactions: usize) {
             let c = match incremental {
                 Some(c) => {
                     incremental_runs[i] += 1;
+                    // What it rejects, a full computation rejects too.
+                    let full = vs.compute(&pconn, i, now, &mut Scratch::default()).unwrap();
+                    let full: HashSet<String> = full.rejected.iter().map(|r| r.to_string()).collect();
+                    for r in &c.rejected {
+                        assert!(
+                            full.contains(&r.to_string()),
+                            "seed {seed}, transaction {txn}: the incremental path rejected what a full computation does not: {r}"
+                        );
+                        rejections_seen[i] += 1;
+                    }
                     c
                 }
                 None if vs.views()[i].shape() == Shape::Row => {
@@ -430,6 +451,11 @@ fn property_run(seed: u64, codec: Codec, transactions: usize) {
         }
     }
     eprintln!("incremental runs per view: {incremental_runs:?}");
+    eprintln!("rejections on the incremental path per view: {rejections_seen:?}");
+    for name in ["nullkey", "namekey"] {
+        let i = vs.views().iter().position(|v| v.name() == name).unwrap();
+        assert!(rejections_seen[i] > 0, "view {name}: no rejection on the incremental path");
+    }
     for (i, (_, expect)) in configs.iter().enumerate() {
         if *expect && !["dupes", "listties"].contains(&vs.views()[i].name()) {
             assert!(
@@ -499,4 +525,131 @@ fn incremental_lookups_search_indexes_instead_of_scanning() {
             assert_eq!(scans(&l.fill_sql), Vec::<String>::new(), "{}: {}", v.name(), l.fill_sql);
         }
     }
+}
+
+type Row = Vec<Value>;
+
+fn app_row(id: i64, name: &str, status: &str, grp: Option<i64>) -> Row {
+    vec![
+        Value::Integer(id),
+        Value::Text(name.into()),
+        Value::Text(status.into()),
+        grp.map_or(Value::Null, Value::Integer),
+    ]
+}
+
+/// The incremental path rejects exactly the changed rows a full
+/// computation rejects (a bad key, a NULL or BLOB key column, a value too
+/// large), even when they are the batch's only rows, reports nothing for
+/// a row the view filters out, and deletes the value published earlier
+/// under a key whose new entry is rejected.
+#[test]
+fn incremental_path_rejects_what_a_full_computation_rejects() {
+    let (dir, tables, refs_, conn) = replica_with_tables();
+    let path = dir.path().join("state.db");
+    let pconn = crate::replica::open_connection(&path, &refs_).unwrap();
+    let book = crate::replica::open_connection(&path, &refs_).unwrap();
+    let mut applier = Applier::new(&conn, refs_.clone()).unwrap();
+    for (i, t) in tables.iter().enumerate() {
+        applier.set_schema(i, t).unwrap();
+    }
+    let cfgs = vec![
+        view("named", "n:{name}:{id}", "SELECT id, name FROM app WHERE status = 'on'", &[]),
+        view("grouped", "g:{grp}:{id}", "SELECT id, grp FROM app", &[]),
+        view("whole", "w:{id}", "SELECT id, name FROM app", &[]),
+        view("summed", "s:{grp}", "SELECT grp, count(*) AS n FROM app GROUP BY grp", &[]),
+    ];
+    let mc = MemcachedConfig { max_item_size: 400, ..mc(Codec::Msgpack) };
+    let vs = ViewSet::compile(&pconn, &cfgs, &mc, &refs_).unwrap();
+    for v in vs.views() {
+        assert!(v.incremental().is_ok(), "{}", v.maintenance());
+    }
+    let mut published = Published::load(&book).unwrap();
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let mut scratch = Scratch::default();
+    let mut seq = 0u64;
+    // Applies one transaction of (before, after) images of `app` and
+    // publishes it incrementally; per view, the rejections (as logged)
+    // and the memcached ops.
+    let mut step = |changes: &[(Option<Row>, Option<Row>)], full: bool| -> Vec<(Vec<String>, Vec<String>)> {
+        applier.begin().unwrap();
+        for (before, after) in changes {
+            let (b, a) = (before.as_deref().map(refs), after.as_deref().map(refs));
+            let change = match (&b, &a) {
+                (None, Some(a)) => RowChange::Insert(a),
+                (Some(b), None) => RowChange::Delete(b),
+                (Some(b), Some(a)) => RowChange::Update { before: b, after: a },
+                (None, None) => unreachable!(),
+            };
+            applier.apply(Action::Row { table: 0, change }).unwrap();
+        }
+        seq += 1;
+        let cp = Checkpoint { position: BinlogPosition::new("b.000001", seq), gtid: None };
+        applier.apply(Action::Commit { checkpoint: &cp, consistent: true }).unwrap();
+        let changes = applier.take_changes();
+        let touched: HashSet<String> = [tables[0].table.sqlite_name()].into();
+        pconn.execute_batch("BEGIN").unwrap();
+        let mut out = Vec::new();
+        for i in 0..vs.views().len() {
+            let c = if full {
+                vs.compute(&pconn, i, now, &mut scratch).unwrap()
+            } else {
+                assert!(vs.can_increment(i, &touched, &changes));
+                vs.compute_incremental(&pconn, i, &touched, &changes, now, &mut scratch)
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("view {} fell back to a full computation", vs.views()[i].name()))
+            };
+            let rejected: Vec<String> = c.rejected.iter().map(|r| format!("{}: {r}", r.reason())).collect();
+            let plan = published.diff(&book, vec![c], &vs).unwrap();
+            published.record(&book, &plan.changes, None).unwrap();
+            out.push((rejected, super::tests::ops_summary(&plan.ops)));
+        }
+        pconn.execute_batch("COMMIT").unwrap();
+        out
+    };
+    let r = step(&[(None, Some(app_row(1, "ok", "on", Some(1))))], true);
+    assert!(r.iter().all(|(rej, _)| rej.is_empty()), "{r:?}");
+    assert_eq!(r[0].1, ["set p:n:ok:1"]);
+
+    // The only row of the batch gets a name with a space: its new key is
+    // rejected (not silently skipped), the old one deleted.
+    let r = step(&[(Some(app_row(1, "ok", "on", Some(1))), Some(app_row(1, "has space", "on", Some(1))))], false);
+    assert_eq!(r[0].0.len(), 1, "{r:?}");
+    assert!(r[0].0[0].starts_with("bad_key: view \"named\", key \"p:n:has space:1\""), "{r:?}");
+    assert_eq!(r[0].1, ["delete p:n:ok:1"]);
+    assert!(r[1].0.is_empty() && r[2].0.is_empty() && r[3].0.is_empty(), "{r:?}");
+
+    // A NULL key column: rejected on the incremental path too, the value
+    // of the old key deleted; a grouped view rejects its NULL group.
+    let r = step(&[(Some(app_row(1, "has space", "on", Some(1))), Some(app_row(1, "fine", "on", None)))], false);
+    assert_eq!(r[1].0, ["key_column: view \"grouped\": key column \"grp\" is NULL; the row is not written"], "{r:?}");
+    assert_eq!(r[1].1, ["delete p:g:1:1"]);
+    assert_eq!(r[3].0, ["key_column: view \"summed\": key column \"grp\" is NULL; the row is not written"], "{r:?}");
+    assert_eq!(r[3].1, ["delete p:s:1"]);
+    assert!(r[0].0.is_empty(), "{r:?}");
+    assert_eq!(r[0].1, ["set p:n:fine:1"]);
+
+    // A row the view filters out is not reported, whatever its key.
+    let r = step(&[(None, Some(app_row(2, "x y", "off", Some(2))))], false);
+    assert!(r[0].0.is_empty() && r[0].1.is_empty(), "{r:?}");
+    assert_eq!(r[2].1, ["set p:w:2"]);
+
+    // A value too large: rejected, the value published before deleted.
+    let long = "l".repeat(500);
+    let r = step(&[(Some(app_row(2, "x y", "off", Some(2))), Some(app_row(2, &long, "off", Some(2))))], false);
+    assert_eq!(r[2].0.len(), 1, "{r:?}");
+    assert!(r[2].0[0].starts_with("too_large: view \"whole\", key \"p:w:2\""), "{r:?}");
+    assert_eq!(r[2].1, ["delete p:w:2"]);
+
+    // A deleted row with a NULL key column is gone from the view: nothing
+    // to report.
+    let r = step(&[(Some(app_row(1, "fine", "on", None)), None)], false);
+    assert!(r[1].0.is_empty() && r[3].0.is_empty(), "{r:?}");
+    assert_eq!(r[0].1, ["delete p:n:fine:1"]);
+
+    // What a full computation now rejects: the same rows.
+    let r = step(&[], true);
+    let all: Vec<&String> = r.iter().flat_map(|(rej, _)| rej).collect();
+    assert_eq!(all.len(), 1, "{r:?}");
+    assert!(all[0].starts_with("too_large: view \"whole\", key \"p:w:2\""), "{r:?}");
 }

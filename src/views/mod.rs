@@ -71,9 +71,13 @@
 //!
 //! **Rejected entries** (any of the above): an error is logged naming the
 //! view, the key (when there is one) and the size or column, the
-//! `tailcache_entries_rejected_total` counter increments, the rest of the
-//! view is still published, and a value published earlier under that key
-//! is deleted rather than left stale.
+//! `tailcache_entries_rejected_total` counter increments (also shown in
+//! `/status` as `entries_rejected`), the rest of the view is still
+//! published, and a value published earlier under that key is deleted
+//! rather than left stale. The same whether the view is computed in full
+//! or maintained incrementally: a changed row the view rejects is reported
+//! each time it changes (a full computation reports every rejected row of
+//! the view each time it runs).
 //!
 //! **Change detection.** Each entry's payload (for `dogpile` the inner
 //! value, not the timestamped wrapper) is hashed with xxh3-128, salted with
@@ -108,6 +112,11 @@ use template::{KeyError, KeyTemplate};
 /// Bytes memcached needs per item besides key and value (item header, CAS,
 /// CRLF, flags); see the size rule in the module docs.
 pub const ITEM_OVERHEAD: usize = 96;
+
+/// Distinct key tuples holding a NULL that one incremental computation
+/// queries one by one (see [`ViewSet::compute_incremental`]); more
+/// recompute the view in full.
+const MAX_NULL_TUPLES: usize = 64;
 
 /// Table-valued functions a view may read besides the watched tables.
 const ALLOWED_FUNCTIONS: &[&str] = &["json_each", "json_tree", "jsonb_each", "jsonb_tree"];
@@ -1024,6 +1033,14 @@ impl ViewSet {
             return self.patch_ordered(conn, v, plan, now, s);
         }
         let mut scope = HashSet::new();
+        // Tuples whose key does not render (a BLOB placeholder, a key too
+        // long or with whitespace): not in the scope (no entry can have
+        // that key), but the view's rows carrying them are rejected as a
+        // full computation rejects them, so the restricted query runs for
+        // them too. Tuples holding a NULL, which its `IN` never matches,
+        // are queried one by one.
+        let mut unrenderable = false;
+        let mut null_tuples = Vec::new();
         {
             let mut st = conn.prepare_cached(&plan.distinct_sql).map_err(sql_err)?;
             let n = plan.tuple.len();
@@ -1034,19 +1051,40 @@ impl ViewSet {
                 for i in 0..n {
                     tuple.push(r.get::<_, rusqlite::types::Value>(i).map_err(sql_err)?);
                 }
-                if plan.render(&v.key, &self.prefix, &tuple, &mut s.key) {
+                if tuple.contains(&rusqlite::types::Value::Null) {
+                    if null_tuples.len() == MAX_NULL_TUPLES {
+                        return Ok(None);
+                    }
+                    null_tuples.push(tuple.clone());
+                } else if plan.render(&v.key, &self.prefix, &tuple, &mut s.key) {
                     scope.insert(s.key.clone());
+                } else {
+                    unrenderable = true;
                 }
             }
         }
         let created = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         let mut out = ComputedView { view: v.name.clone(), ..Default::default() };
-        if !scope.is_empty() {
+        if !scope.is_empty() || unrenderable {
             let mut stmt = conn.prepare_cached(&plan.restricted_sql).map_err(sql_err)?;
             if stmt.column_count() != v.columns.len() {
                 return Ok(None);
             }
             let mut rows = stmt.query([]).map_err(sql_err)?;
+            self.row_entries(v, &mut rows, s, created, &mut out, usize::MAX)?;
+        }
+        for tuple in &null_tuples {
+            // Not preparing (a query shape the rewrite does not fit): the
+            // full computation reports those rows, or the error.
+            let Ok(mut stmt) = conn.prepare_cached(&plan.restricted_null_sql) else { return Ok(None) };
+            if stmt.column_count() != v.columns.len() {
+                return Ok(None);
+            }
+            for (n, val) in tuple.iter().enumerate() {
+                stmt.raw_bind_parameter(n + 1, val).map_err(sql_err)?;
+            }
+            let mut rows = stmt.raw_query();
+            // Every row it returns has a NULL key column: rejected.
             self.row_entries(v, &mut rows, s, created, &mut out, usize::MAX)?;
         }
         let mut seen = HashSet::with_capacity(out.entries.len());

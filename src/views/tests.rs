@@ -469,7 +469,7 @@ fn result_columns_changing_after_compile_is_a_view_error() {
     assert!(e.to_string().contains("view \"star\"") && e.to_string().contains("extra"), "{e}");
 }
 
-fn ops_summary(ops: &[Op]) -> Vec<String> {
+pub(super) fn ops_summary(ops: &[Op]) -> Vec<String> {
     ops.iter()
         .map(|o| match o {
             Op::Set { key, .. } => format!("set {}", String::from_utf8_lossy(key)),

@@ -40,7 +40,7 @@ async fn setup(hint: &str) -> (TestDb, tempfile::TempDir) {
 
 /// One HTTP/1.1 request with `Connection: close`: (status, body). `None`
 /// when nothing listens.
-fn http(port: u16, method: &str, path: &str) -> Option<(u16, String)> {
+pub(crate) fn http(port: u16, method: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").ok()?;
@@ -74,12 +74,12 @@ async fn wait_http(
     }
 }
 
-type Sample = (String, BTreeMap<String, String>, f64);
+pub(crate) type Sample = (String, BTreeMap<String, String>, f64);
 
 /// A small parser of the Prometheus text format (0.0.4): every sample
 /// line must belong to a family announced by `# TYPE`, with valid labels
 /// and value; panics on anything else.
-fn parse_prometheus(text: &str) -> Vec<Sample> {
+pub(crate) fn parse_prometheus(text: &str) -> Vec<Sample> {
     let mut types: BTreeMap<String, String> = BTreeMap::new();
     let mut out = Vec::new();
     for line in text.lines().filter(|l| !l.is_empty()) {

@@ -12,11 +12,11 @@ use mysql_async::prelude::*;
 use crate::harness::{self, Daemon, Flavor, Memcached, TestDb};
 use crate::replica::{assert_replica_matches, master_position, replica_config, wait_caught_up};
 
-const SCHEMA: &str =
+pub(crate) const SCHEMA: &str =
     "CREATE TABLE application (id INT PRIMARY KEY, name VARCHAR(128) NOT NULL) DEFAULT CHARSET=utf8mb4;
 INSERT INTO application VALUES (1, 'test0'), (2, 'billing');";
 
-fn config(db: &TestDb, state: &Path, mc: &Memcached) -> String {
+pub(crate) fn config(db: &TestDb, state: &Path, mc: &Memcached) -> String {
     format!(
         "{}\n[memcached]\nservers = [\"{}\"]\nkey_prefix = \"ev:\"\ncodec = \"json\"\n\n[[views]]\nname = \"app\"\nkey = \"app:{{id}}\"\nquery = \"SELECT id, name FROM application\"\n",
         replica_config(db, state, &["application"]),
@@ -25,13 +25,13 @@ fn config(db: &TestDb, state: &Path, mc: &Memcached) -> String {
 }
 
 /// The name tailcache published for application `id`, read from memcached.
-fn cached_name(mc: &Memcached, id: i32) -> Option<String> {
+pub(crate) fn cached_name(mc: &Memcached, id: i32) -> Option<String> {
     let (v, _) = mc.get_raw(&format!("ev:app:{id}"))?;
     let j: serde_json::Value = serde_json::from_slice(&v).expect("a JSON value");
     j.get("name").and_then(|n| n.as_str()).map(str::to_owned)
 }
 
-fn replica_name(state: &Path, id: i32) -> Option<String> {
+pub(crate) fn replica_name(state: &Path, id: i32) -> Option<String> {
     let c = rusqlite::Connection::open_with_flags(state, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
     c.busy_timeout(Duration::from_secs(5)).ok()?;
     c.query_row("SELECT name FROM application WHERE id = ?1", [id], |r| r.get(0)).ok()
@@ -69,7 +69,7 @@ async fn wait_cached(mc: &Memcached, id: i32, want: &str, daemon: &Daemon) {
 }
 
 /// Runs an XA transaction that renames application 1 up to PREPARE.
-async fn xa_prepare(conn: &mut Conn, xid: &str, name: &str) {
+pub(crate) async fn xa_prepare(conn: &mut Conn, xid: &str, name: &str) {
     conn.query_drop(format!("XA START '{xid}'")).await.unwrap();
     conn.query_drop(format!("UPDATE application SET name = '{name}' WHERE id = 1")).await.unwrap();
     conn.query_drop(format!("XA END '{xid}'")).await.unwrap();

@@ -46,9 +46,12 @@
 //!   listed twice. On an idle server every item is listed (the
 //!   integration tests check the exact set), under writes some can be
 //!   missed, and duplicates are possible (deleting twice is harmless);
-//! - memcached stops writing to a client that does not read for about a
-//!   second (its `poll` gives up), so read batches promptly: do not hold a
-//!   batch for long before asking for the next one;
+//! - the crawler thread writes to the client itself and gives up a write
+//!   that makes no progress for a second (its `poll` timeout), carrying on
+//!   with its buffer still full, which memcached does not handle well. So
+//!   ask for the next batch promptly: keep what matches a view's template
+//!   (bounded by the keys tailcache owns) and send the deletes after the
+//!   listing ended, not between batches;
 //! - a key whose URL-encoded form exceeds memcached's 751-byte buffer (about
 //!   250 bytes almost all of which need escaping) is dumped truncated by
 //!   memcached itself.

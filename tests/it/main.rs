@@ -2,6 +2,7 @@
 mod admin;
 mod check;
 mod decode_fixtures;
+mod enumerate;
 mod events;
 mod harness;
 mod harness_selftest;

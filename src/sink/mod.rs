@@ -52,6 +52,7 @@
 //! restarted, and ops may have been half applied). The publisher answers
 //! `true` with a full republish.
 
+pub mod enumerate;
 pub mod error;
 pub mod router;
 

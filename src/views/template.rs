@@ -98,6 +98,68 @@ impl KeyTemplate {
         Some(s)
     }
 
+    /// Whether `render` (with `prefix`) could have produced `key`: the
+    /// literal text in order, each placeholder standing for any run of bytes,
+    /// **including an empty one** (a TEXT value `''` renders as nothing, and
+    /// such a key is published like any other), and the whole key a valid
+    /// rendered key (at most [`MAX_KEY_LEN`] bytes, UTF-8, no whitespace or
+    /// control characters; a TEXT value that is not UTF-8 renders with
+    /// U+FFFD). A fixed template matches only its own key. Adjacent
+    /// placeholders match any split of their run, so only the literals
+    /// matter. Allocation-free and linear in practice (each literal between
+    /// the first and last placeholder is found leftmost, which is exact for
+    /// wildcards that match any run); meant to run over every key an
+    /// enumeration of memcached finds.
+    pub fn matches(&self, prefix: &str, key: &[u8]) -> bool {
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return false;
+        }
+        let Some(mut rest) = key.strip_prefix(prefix.as_bytes()) else {
+            return false;
+        };
+        // Literals before the first placeholder anchor at the start, those
+        // after the last one at the end.
+        let mut first = 0;
+        while let Some(Part::Literal(l)) = self.parts.get(first) {
+            match rest.strip_prefix(l.as_bytes()) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+            first += 1;
+        }
+        let mut end = self.parts.len();
+        while end > first {
+            let Part::Literal(l) = &self.parts[end - 1] else { break };
+            match rest.strip_suffix(l.as_bytes()) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+            end -= 1;
+        }
+        if first == end {
+            // No placeholder: the key is exactly the literal text.
+            if !rest.is_empty() {
+                return false;
+            }
+        } else {
+            // parts[first] and parts[end - 1] are placeholders: every literal
+            // in between is found leftmost in what is left.
+            for p in &self.parts[first..end] {
+                if let Part::Literal(l) = p {
+                    match find(rest, l.as_bytes()) {
+                        Some(at) => rest = &rest[at + l.len()..],
+                        None => return false,
+                    }
+                }
+            }
+        }
+        // Only a key that render would accept.
+        match std::str::from_utf8(key) {
+            Ok(s) => !s.chars().any(|c| c.is_whitespace() || c.is_control()),
+            Err(_) => false,
+        }
+    }
+
     /// Renders into `out` (cleared first) and validates the result.
     pub fn render<'r>(
         &self,
@@ -130,6 +192,15 @@ impl KeyTemplate {
         }
         validate_key(out).map_err(|reason| KeyError::Invalid { key: out.clone(), reason })
     }
+}
+
+/// Where `needle` first occurs in `haystack` (keys are at most 250 bytes:
+/// a plain scan beats anything cleverer).
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return Some(0);
+    }
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 fn push_real(out: &mut String, f: f64) {
@@ -214,5 +285,95 @@ mod tests {
         assert!(e[0].contains("{nope}") && e[0].contains("columns: id"), "{e:?}");
         let f = KeyTemplate::compile("fixed:{{x}}", &cols(&["id"])).unwrap();
         assert_eq!(f.fixed("p:").as_deref(), Some("p:fixed:{x}"));
+    }
+
+    fn t(template: &str) -> KeyTemplate {
+        KeyTemplate::compile(template, &cols(&["x", "y", "z"])).unwrap()
+    }
+
+    /// What `render` makes of TEXT values, to check `matches` against it.
+    fn rendered(t: &KeyTemplate, prefix: &str, vals: &[&[u8]]) -> String {
+        let vals: Vec<ValueRef> = vals.iter().map(|v| ValueRef::Text(v)).collect();
+        let mut k = String::new();
+        t.render(prefix, |i| vals.get(i).copied(), &mut k).unwrap();
+        k
+    }
+
+    #[test]
+    fn matches_keys_the_template_renders() {
+        let a = t("a:{x}:b");
+        assert!(a.matches("p:", b"p:a:1:b"));
+        // The literal repeats inside the value: `{x}` = `1:b:2`.
+        assert!(a.matches("p:", b"p:a:1:b:2:b"));
+        assert_eq!(rendered(&a, "p:", &[&b"1:b:2"[..]]), "p:a:1:b:2:b");
+        assert!(!a.matches("p:", b"p:a:1:b:2"));
+        assert!(!a.matches("p:", b"p:a:1:c"));
+        assert!(!a.matches("p:", b"p:b:1:b"));
+        // Prefix mismatch, or the key without its prefix.
+        assert!(!a.matches("p:", b"q:a:1:b"));
+        assert!(!a.matches("p:", b"a:1:b"));
+        assert!(a.matches("", b"a:1:b"));
+        assert!(!a.matches("p:", b"p:"));
+        assert!(!a.matches("p:", b""));
+
+        // Adjacent placeholders: any split, and the literals between.
+        let adj = t("u{x}{y}-{z}.v");
+        for k in ["u12-3.v", "u-3.v", "u1-2-3.v", "u.v-.v", "u-.v"] {
+            assert!(adj.matches("", k.as_bytes()), "{k}");
+        }
+        for k in ["u12-3.w", "x12-3.v", "u123.v", "u.v"] {
+            assert!(!adj.matches("", k.as_bytes()), "{k}");
+        }
+        // Placeholder first and last, literal in the middle only.
+        let mid = t("{x}::{y}");
+        assert!(mid.matches("", b"a::b") && mid.matches("", b"::") && mid.matches("", b"a::::b"));
+        assert!(!mid.matches("", b"a:b"));
+        // Head and tail literals must not overlap.
+        let ov = t("ab{x}ba");
+        assert!(ov.matches("", b"abba") && ov.matches("", b"ab_ba"));
+        assert!(!ov.matches("", b"aba") && !ov.matches("", b"ab"));
+        // Only a placeholder: anything valid under the prefix.
+        let any = t("{x}");
+        assert!(any.matches("p:", b"p:zzz") && any.matches("p:", b"p:"));
+        assert!(!any.matches("p:", b"q:zzz"));
+    }
+
+    #[test]
+    fn a_placeholder_may_be_empty_because_render_allows_it() {
+        let a = t("page:{x}:v");
+        let k = rendered(&a, "p_", &[&b""[..]]);
+        assert_eq!(k, "p_page::v");
+        assert!(a.matches("p_", k.as_bytes()));
+        assert!(!a.matches("p_", b"p_page:v"));
+    }
+
+    #[test]
+    fn a_fixed_template_matches_only_itself() {
+        let f = t("apps:{{all}}");
+        assert!(f.matches("p:", b"p:apps:{all}"));
+        for k in [&b"p:apps:{all}x"[..], b"p:apps:{all", b"p:xapps:{all}", b"apps:{all}"] {
+            assert!(!f.matches("p:", k), "{k:?}");
+        }
+        assert!(f.matches("", b"apps:{all}"));
+    }
+
+    #[test]
+    fn keys_render_cannot_produce_never_match() {
+        let a = t("k:{x}");
+        // Not UTF-8 (render writes U+FFFD for such text).
+        assert!(!a.matches("", b"k:\xff\xfe"));
+        assert!(!a.matches("", b"k:\xc3"));
+        let k = rendered(&a, "", &[&b"\xff"[..]]);
+        assert_eq!(k, "k:\u{fffd}");
+        assert!(a.matches("", k.as_bytes()));
+        assert!(a.matches("", "k:né".as_bytes()));
+        // Whitespace or control characters, in the value or anywhere.
+        for bad in [&b"k:a b"[..], b"k:a\tb", b"k:\x7f", "k:a\u{a0}b".as_bytes(), b"k:a\r\n"] {
+            assert!(!a.matches("", bad), "{bad:?}");
+        }
+        // Longer than memcached's limit.
+        let long = format!("k:{}", "x".repeat(MAX_KEY_LEN - 2));
+        assert!(a.matches("", long.as_bytes()));
+        assert!(!a.matches("", format!("{long}x").as_bytes()));
     }
 }

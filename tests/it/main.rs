@@ -3,6 +3,7 @@ mod admin;
 mod check;
 mod crash;
 mod decode_fixtures;
+mod enumerate;
 mod events;
 mod harness;
 mod harness_selftest;

@@ -371,6 +371,11 @@ impl Published {
         self.counts.get(view).copied().unwrap_or(0)
     }
 
+    /// The views with published keys.
+    pub fn view_names(&self) -> Vec<String> {
+        self.counts.keys().cloned().collect()
+    }
+
     /// Number of published keys over all views.
     pub fn len(&self) -> u64 {
         self.counts.values().sum()
@@ -677,7 +682,10 @@ mod tests {
         // k1 identical, k2 differs, k3 missing, gone present (on some
         // server), gone2 absent (everywhere)
         let (mut plan, counts) = r.plan(&[Held::Same, Held::Differs, Held::Missing, Held::Differs, Held::Missing]);
-        assert_eq!(counts, ResyncCounts { checked: 3, missing: 1, differed: 1, deleted: 1, unchanged: 1 });
+        assert_eq!(
+            counts,
+            ResyncCounts { checked: 3, missing: 1, differed: 1, deleted: 1, unchanged: 1, ..Default::default() }
+        );
         assert_eq!(
             plan.ops.iter().map(|o| (o.key().to_vec(), matches!(o, Op::Set { .. }))).collect::<Vec<_>>(),
             vec![(b"k2".to_vec(), true), (b"k3".to_vec(), true), (b"gone".to_vec(), false)]

@@ -601,6 +601,8 @@ struct Worker {
     published: Published,
     doubt: InDoubt,
     sink: Sink,
+    /// Servers reported as refusing to list their keys (once each).
+    unlistable: HashSet<String>,
     scratch: Scratch,
     last_full: Option<Instant>,
     /// Views whose next computation must be complete: a failed compute or
@@ -721,6 +723,7 @@ async fn run(
         published,
         doubt,
         sink,
+        unlistable: HashSet::new(),
         scratch: Scratch::default(),
         last_full: None,
         needs_full: HashSet::new(),
@@ -1054,8 +1057,20 @@ impl Worker {
             round.published.record(round.book, &[], Some(token))?;
         }
         let recorded = Instant::now();
-        let Round { down, counts, resync, changes, acked, memcached, record, .. } = round;
+        let Round { down, counts, mut resync, changes, acked, memcached, record, .. } = round;
         let acked = acked.unwrap_or(recorded);
+        // A full resync also finds the keys nobody remembers, once its own
+        // writes are recorded (see `super::orphans`).
+        let mut foreign = 0;
+        if full && down.is_empty() {
+            let views = self.published.view_names();
+            let found =
+                super::orphans::sweep(&self.sink, &self.mc, viewset, &self.book, &views, &mut self.unlistable).await?;
+            for (view, n) in found.orphans {
+                resync.entry(view).or_default().orphans += n;
+            }
+            foreign = found.foreign;
+        }
         let resync = full.then_some(resync);
         // Per-stage timings of this publish, to tell where a slow commit ->
         // memcached sample spent its time (binlog + replica commit + hand-over,
@@ -1138,6 +1153,7 @@ impl Worker {
             for c in views.values() {
                 total.add(c);
             }
+            total.foreign = foreign;
             let trigger = if pending.triggers.is_empty() { "full".to_owned() } else { pending.triggers.join(",") };
             let duration_ms = started.elapsed().as_millis() as u64;
             tracing::info!(
@@ -1147,6 +1163,8 @@ impl Worker {
                 differed = total.differed,
                 deleted = total.deleted,
                 unchanged = total.unchanged,
+                orphans = total.orphans,
+                foreign = total.foreign,
                 duration_ms,
                 position = %position,
                 "resync finished"

@@ -8,6 +8,7 @@ mod events;
 mod harness;
 mod harness_selftest;
 mod ops;
+mod orphans;
 mod readers;
 mod reconnect;
 mod rejects;

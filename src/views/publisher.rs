@@ -26,6 +26,15 @@
 //!   commit during the read) before the next is read, and the published
 //!   keys the view no longer produces are found at the end (see
 //!   [`super::published`]). Memory follows the piece, not the view.
+//! * **Keys in doubt.** Every write is preceded by a durable mark of its
+//!   keys ([`super::doubt`]): for every key, either `_tailcache_published`
+//!   equals what memcached holds, or the key is in doubt. Keys left in doubt
+//!   by a failed round, a crash or a timeout are recorded as such before the
+//!   next round, which computes every view in full and so sets or deletes
+//!   each of them again, whatever was recorded.
+//! * **Orphans.** A full resync ends with a sweep of what memcached holds
+//!   under the prefix ([`super::orphans`]): keys a view's template matches
+//!   that nothing records are deleted.
 //! * **Failures.** A failed memcached exchange ([`ErrorClass::Retriable`](crate::sink::ErrorClass::Retriable):
 //!   connection, timeout, garbled answer) is retried with capped, jittered
 //!   exponential backoff (50 ms → 5 s); the retry is a *full resync* (see

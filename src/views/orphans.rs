@@ -123,9 +123,10 @@ pub async fn sweep(
             })
             .collect();
         let n = keys.len();
+        let sample: Vec<String> = keys.iter().take(3).map(|k| String::from_utf8_lossy(k).into_owned()).collect();
         match sink.delete_on(i, keys).await {
             Ok(()) => {
-                tracing::warn!(server = %server, orphans = n, "deleted keys under the prefix that match a view's key template but that no view produces");
+                tracing::warn!(server = %server, orphans = n, ?sample, "deleted keys under the prefix that match a view's key template but that no view produces");
                 for (v, k) in per_view {
                     *found.orphans.entry(v).or_default() += k;
                 }

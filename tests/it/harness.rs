@@ -1283,6 +1283,19 @@ impl Memcached {
     /// and flags, from `lru_crawler metadump all` then pipelined `get`s
     /// (keys this test suite writes need no URL-decoding beyond `%XX`).
     pub fn dump(&self, prefix: &str) -> std::collections::BTreeMap<String, (Vec<u8>, u32)> {
+        // One crawl at a time per server: tailcache's orphan sweep may hold
+        // it (`BUSY`) for a moment.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.try_dump(prefix) {
+                Some(m) => return m,
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                None => panic!("memcached at {} stayed BUSY with another crawl for 30 s", self.addr()),
+            }
+        }
+    }
+
+    fn try_dump(&self, prefix: &str) -> Option<std::collections::BTreeMap<String, (Vec<u8>, u32)>> {
         let mut s = self.connect();
         s.write_all(b"lru_crawler metadump all\r\n").expect("write metadump");
         let mut r = BufReader::new(s.try_clone().expect("dup memcached socket"));
@@ -1294,7 +1307,10 @@ impl Memcached {
             if line == "END" {
                 break;
             }
-            if line.starts_with("BUSY") || line.starts_with("ERROR") || line.starts_with("CLIENT_ERROR") {
+            if line.starts_with("BUSY") {
+                return None;
+            }
+            if line.starts_with("ERROR") || line.starts_with("CLIENT_ERROR") {
                 panic!("memcached at {} refused `lru_crawler metadump all`: {line}", self.addr());
             }
             let Some(enc) = line.strip_prefix("key=").and_then(|l| l.split(' ').next()) else { continue };
@@ -1323,7 +1339,7 @@ impl Memcached {
                 out.insert(k.to_string(), (data, flags.parse().expect("flags")));
             }
         }
-        out
+        Some(out)
     }
 
     /// Blocking text-protocol `set` (no expiry); panics unless `STORED`.

@@ -313,7 +313,13 @@ async fn kill9_at_random_instants_heals_to_exactly_what_the_views_say() {
         round += 1;
         churn(&mut root, round % GROUPS + 1, round).await;
         let mut d = Daemon::start_with_env(&text, &[], &[("FAILPOINTS", "publish.start=sleep(2000)")]);
-        converged(&mut root, &mc, &mc_ref, &format!("seed {seed}, iteration {iteration}: restart after kill -9 at {after:?}")).await;
+        converged(
+            &mut root,
+            &mc,
+            &mc_ref,
+            &format!("seed {seed}, iteration {iteration}: restart after kill -9 at {after:?}"),
+        )
+        .await;
         d.stop();
     }
 }

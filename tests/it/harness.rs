@@ -1342,6 +1342,29 @@ impl Memcached {
         Some(out)
     }
 
+    /// The CAS unique of `key` (text-protocol `gets`): it changes whenever
+    /// the key is written.
+    pub fn cas(&self, key: &str) -> Option<u64> {
+        let mut s = self.connect();
+        s.write_all(format!("gets {key}\r\n").as_bytes()).expect("write gets");
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).expect("read gets response");
+        if line == "END\r\n" {
+            return None;
+        }
+        let parts: Vec<&str> = line.trim_end().split(' ').collect();
+        match parts.as_slice() {
+            ["VALUE", k, _flags, len, cas] if *k == key => {
+                let len: usize = len.parse().expect("length");
+                let mut data = vec![0u8; len + 2];
+                r.read_exact(&mut data).expect("read value");
+                Some(cas.parse().expect("cas"))
+            }
+            _ => panic!("unexpected memcached reply to `gets {key}`: {line:?}"),
+        }
+    }
+
     /// Blocking text-protocol `set` (no expiry); panics unless `STORED`.
     pub fn set_raw(&self, key: &str, value: &[u8], flags: u32) {
         let mut s = self.connect();

@@ -1314,7 +1314,9 @@ impl Memcached {
                 panic!("memcached at {} refused `lru_crawler metadump all`: {line}", self.addr());
             }
             let Some(enc) = line.strip_prefix("key=").and_then(|l| l.split(' ').next()) else { continue };
-            let key = url_decode(enc);
+            let mut key = Vec::new();
+            tailcache::sink::enumerate::url_decode(enc.as_bytes(), &mut key);
+            let key = String::from_utf8_lossy(&key).into_owned();
             if key.starts_with(prefix) {
                 keys.push(key);
             }
@@ -1382,24 +1384,6 @@ impl Drop for Memcached {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn url_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn memcached_answers(port: u16) -> bool {

@@ -39,9 +39,7 @@ use rusqlite::{Connection, OpenFlags};
 use super::published::{Change, Published};
 use crate::error::{Error, Result};
 
-/// The hash recorded for a key in doubt. Entry hashes are xxh3-128 of the
-/// payload: this value is never one in practice (2^-128).
-pub const DOUBT: [u8; 16] = [0; 16];
+pub use super::published::DOUBT;
 
 /// The side file next to the state file.
 pub fn path(state: &Path) -> PathBuf {

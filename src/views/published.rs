@@ -36,6 +36,11 @@ use crate::status::ResyncCounts;
 /// The keys a [`Sweep`] has marked; TEMP, so per connection.
 const SEEN_TABLE: &str = "CREATE TEMP TABLE IF NOT EXISTS _tailcache_seen (key BLOB PRIMARY KEY) WITHOUT ROWID";
 
+/// The hash recorded for a key in doubt (see [`super::doubt`]). Entry
+/// hashes are xxh3-128 of the payload: this value is never one in practice
+/// (2^-128).
+pub const DOUBT: [u8; 16] = [0; 16];
+
 /// Creates the bookkeeping tables when missing.
 pub fn ensure_tables(conn: &Connection) -> Result<()> {
     conn.execute_batch(
@@ -550,7 +555,7 @@ impl Published {
         Ok(plan)
     }
 
-    /// Records each `(view, key)` as [`super::doubt::DOUBT`] (a key not
+    /// Records each `(view, key)` as [`DOUBT`] (a key not
     /// recorded before is added), in one write transaction on `book`: the
     /// next computation of the view rewrites or deletes it, whatever was
     /// recorded.
@@ -566,7 +571,7 @@ impl Published {
                 .prepare_cached("UPDATE _tailcache_published SET hash = ?3 WHERE view = ?1 AND key = ?2")
                 .map_err(ctx)?;
             for (view, key) in keys {
-                let args = (view.as_str(), key, &super::doubt::DOUBT[..]);
+                let args = (view.as_str(), key, &DOUBT[..]);
                 if insert.execute(args).map_err(ctx)? == 1 {
                     *delta.entry(view).or_default() += 1;
                 } else {

@@ -155,4 +155,10 @@ async fn a_server_that_refuses_to_list_its_keys_is_reported_once_and_the_resync_
     }
     assert_ne!(mc.get_raw("or:page:about").map(|v| v.0), Some(b"tampered".to_vec()), "the read-back still repairs");
     assert_eq!(d.log().matches("memcached refuses to list its keys").count(), 1, "said once:\n{}", d.log());
+    // `tailcache check` says so beforehand, as a warning.
+    let out = run_tailcache(&["check", "-c", &cfg]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line =
+        stdout.lines().find(|l| l.contains("key listing")).unwrap_or_else(|| panic!("no key listing line:\n{stdout}"));
+    assert!(line.contains("lru_crawler no") && line.contains("-o no_lru_crawler"), "{line}");
 }

@@ -491,6 +491,38 @@ mod tests {
     }
 
     #[test]
+    fn the_cursor_walks_every_key_once_per_pass_and_skips_what_it_cannot_check() {
+        use super::super::published::Change;
+        use std::sync::Arc;
+        let c = Connection::open_in_memory().unwrap();
+        let mut p = Published::load(&c).unwrap();
+        let (v, w): (Arc<str>, Arc<str>) = ("v".into(), "w".into());
+        let put =
+            |view: &Arc<str>, k: &str| Change::Put { view: view.clone(), key: k.into(), hash: [1; 16], vhash: [2; 16] };
+        let changes = vec![put(&v, "a"), put(&v, "b"), put(&v, "c"), put(&w, "a"), put(&w, "b")];
+        p.record(&c, &changes, None).unwrap();
+        let status = Status::new();
+        let mut i = Inspector::new(10, Codec::Msgpack, &status);
+        assert!(status.snapshot().inspect.is_some());
+        i.placed = true; // from the start, not a random place
+        let keys = |s: Vec<Sample>| {
+            s.into_iter().map(|s| format!("{}/{}", s.view, String::from_utf8(s.key).unwrap())).collect::<Vec<_>>()
+        };
+        assert_eq!(keys(i.sample(&c, 3, 5).unwrap()), ["v/a", "v/b", "v/c"]);
+        assert_eq!(keys(i.sample(&c, 3, 5).unwrap()), ["w/a", "w/b", "v/a"], "wraps around");
+        assert_eq!(keys(i.sample(&c, 5, 5).unwrap()), ["v/b", "v/c", "w/a", "w/b", "v/a"], "each key once");
+        // In doubt, or recorded before vhash existed: not inspected.
+        p.doubt(&c, &[("v".to_owned(), b"b".to_vec())]).unwrap();
+        c.execute("UPDATE _tailcache_published SET vhash = NULL WHERE view = 'w' AND key = x'61'", []).unwrap();
+        assert_eq!(keys(i.sample(&c, 5, 5).unwrap()), ["v/c", "w/b", "v/a"]);
+        assert_eq!(record_of(&c, "w", b"b").unwrap(), Some(([1; 16], Some([2; 16]))));
+        assert_eq!(record_of(&c, "w", b"a").unwrap(), Some(([1; 16], None)));
+        assert_eq!(record_of(&c, "w", b"zz").unwrap(), None);
+        let off = Inspector::new(0, Codec::Msgpack, &Status::new());
+        assert!(off.due_at().is_none() && !off.due() && !off.overdue());
+    }
+
+    #[test]
     fn the_hour_window_keeps_sixty_minutes() {
         let mut t = Tally::new(50);
         let t0 = 1_000_020.0 * 60.0; // the start of a minute

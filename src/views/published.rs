@@ -694,6 +694,43 @@ mod tests {
     }
 
     #[test]
+    fn an_old_state_file_gains_the_value_hash_column() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(
+            "CREATE TABLE _tailcache_published (view TEXT NOT NULL, key BLOB NOT NULL, hash BLOB NOT NULL,
+             PRIMARY KEY (view, key)) WITHOUT ROWID;
+             INSERT INTO _tailcache_published VALUES ('v', x'6b', x'00');",
+        )
+        .unwrap();
+        let mut p = Published::load(&c).unwrap();
+        ensure_tables(&c).unwrap(); // twice is fine
+        let old: Option<Vec<u8>> = c.query_row("SELECT vhash FROM _tailcache_published", [], |r| r.get(0)).unwrap();
+        assert_eq!(old, None, "existing rows have no value hash");
+        let v: Arc<str> = "v".into();
+        p.record(&c, &[Change::Put { view: v, key: b"k".to_vec(), hash: [1; 16], vhash: [2; 16] }], None).unwrap();
+        let new: Vec<u8> = c.query_row("SELECT vhash FROM _tailcache_published", [], |r| r.get(0)).unwrap();
+        assert_eq!(new, vec![2; 16]);
+    }
+
+    #[test]
+    fn value_hashes_cover_bytes_and_flags_but_not_dogpiles_creation_time() {
+        let wrap = |payload: &[u8], ct: f64| {
+            let mut b = Vec::new();
+            mp::array_len(&mut b, 2);
+            b.extend_from_slice(payload);
+            dogpile_metadata(&mut b, ct);
+            b
+        };
+        let (a, b) = (wrap(b"\xa3abc", 1.0), wrap(b"\xa3abc", 2.5));
+        assert_eq!(value_hash(Codec::Dogpile, &a, 0), value_hash(Codec::Dogpile, &b, 0));
+        assert_ne!(value_hash(Codec::Msgpack, &a, 0), value_hash(Codec::Msgpack, &b, 0));
+        assert_ne!(value_hash(Codec::Dogpile, &a, 0), value_hash(Codec::Dogpile, &wrap(b"\xa3abd", 1.0), 0));
+        assert_ne!(value_hash(Codec::Dogpile, &a, 0), value_hash(Codec::Dogpile, &a, 1), "flags count");
+        assert_ne!(value_hash(Codec::Json, b"{}", 2), value_hash(Codec::Json, b"[]", 2));
+        assert_eq!(value_hash(Codec::Json, b"{}", 2), value_hash(Codec::Json, b"{}", 2));
+    }
+
+    #[test]
     fn dogpile_values_compare_without_their_creation_time() {
         let wrap = |payload: &[u8], ct: f64| {
             let mut b = Vec::new();

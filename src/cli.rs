@@ -565,6 +565,28 @@ fn render_status(v: &serde_json::Value) -> String {
             .collect();
         line(format!("memcached: {}", list.join(", ")));
     }
+    match v.get("inspect").filter(|i| !i.is_null()) {
+        Some(i) => {
+            let summary =
+                |span: &str| i.get(span).and_then(|s| s.get("summary")).and_then(J::as_str).unwrap_or("?").to_owned();
+            let n = |k: &str| i.get("since_start").and_then(|s| s.get(k)).and_then(J::as_u64).unwrap_or(0);
+            line(format!(
+                "consistency: {} in the last hour; {} since start",
+                summary("last_hour"),
+                summary("since_start")
+            ));
+            line(format!(
+                "  (inspector at {} keys/s; since start {} inconsistent, repaired; {} in flight)",
+                i.get("keys_per_second").and_then(J::as_u64).unwrap_or(0),
+                n("inconsistent"),
+                n("in_flight")
+            ));
+        }
+        None if v.get("memcached").and_then(J::as_object).is_some_and(|m| !m.is_empty()) => {
+            line("consistency: not measured (inspector disabled: inspect.keys_per_second = 0)".into())
+        }
+        None => {}
+    }
     if let Some(p) = v.get("snapshot").filter(|p| !p.is_null()) {
         let rows = p.get("rows_copied").and_then(J::as_u64).unwrap_or(0);
         let est = p.get("estimated_rows").and_then(J::as_u64).map(|e| format!(" of ~{e}")).unwrap_or_default();

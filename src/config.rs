@@ -24,6 +24,8 @@ pub struct Config {
     #[serde(default)]
     pub resync: ResyncConfig,
     #[serde(default)]
+    pub inspect: InspectConfig,
+    #[serde(default)]
     pub admin: AdminConfig,
 }
 
@@ -319,6 +321,25 @@ impl Default for ResyncConfig {
     }
 }
 
+/// `[inspect]`: the consistency inspector (see [`crate::views::inspect`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InspectConfig {
+    /// Published keys read back from memcached and compared with what was
+    /// published, per second; 0 disables the inspector.
+    #[serde(default = "default_inspect_rate")]
+    pub keys_per_second: u32,
+}
+
+impl Default for InspectConfig {
+    fn default() -> Self {
+        Self { keys_per_second: default_inspect_rate() }
+    }
+}
+
+/// The largest `inspect.keys_per_second`.
+pub const MAX_INSPECT_RATE: u32 = 100_000;
+
 /// `[admin]`: the HTTP endpoint for health, readiness, status, metrics and
 /// resync requests.
 #[derive(Debug, Clone, Deserialize)]
@@ -390,6 +411,9 @@ fn default_memcached_timeout_ms() -> u64 {
 }
 fn default_resync_interval() -> u64 {
     600
+}
+fn default_inspect_rate() -> u32 {
+    50
 }
 
 /// One problem in the configuration: the key it is about, what was found and
@@ -884,6 +908,13 @@ impl Config {
                 "0 (disabled) or at least 10 seconds; 600 by default",
             );
         }
+        if self.inspect.keys_per_second > MAX_INSPECT_RATE {
+            push(
+                "inspect.keys_per_second".into(),
+                self.inspect.keys_per_second.to_string(),
+                "0 (disabled) up to 100000 keys per second; 50 by default",
+            );
+        }
         p
     }
 }
@@ -942,6 +973,23 @@ path = ":memory:"
         assert_eq!(refs[0].schema, "appdb");
         assert_eq!(refs[1].sqlite_name(), "otherdb.t");
         assert_eq!(c.resync.interval_secs, 600);
+    }
+
+    #[test]
+    fn inspect_rate_defaults_and_bounds() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.inspect.keys_per_second, 50);
+        let c = Config::from_toml(&format!("{MINIMAL}[inspect]\nkeys_per_second = 0\n")).unwrap();
+        assert_eq!(c.inspect.keys_per_second, 0);
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
+        let p = Config::from_toml(&format!("{MINIMAL}[inspect]\nkeys_per_second = 1000000\n")).unwrap().validate();
+        assert!(p.iter().any(|p| p.key == "inspect.keys_per_second" && p.found == "1000000"), "{p:?}");
+        for bad in ["-1", "2.5", "\"fast\""] {
+            let e = Config::from_toml(&format!("{MINIMAL}[inspect]\nkeys_per_second = {bad}\n")).unwrap_err();
+            assert!(e.contains("keys_per_second"), "{bad}: {e}");
+        }
+        let e = Config::from_toml(&format!("{MINIMAL}[inspect]\nrate = 5\n")).unwrap_err();
+        assert!(e.contains("rate"), "{e}");
     }
 
     #[test]

@@ -34,6 +34,7 @@
 //! | `tailcache_memcached_lost_state_total` | counter | | times memcached was found restarted, flushed or unreachable |
 //! | `tailcache_resyncs_total` | counter | `trigger` | full resyncs finished: `interval`, `signal`, `admin`, `command`, `start`, ... |
 //! | `tailcache_resync_drift_keys_total` | counter | `kind` | keys a resync found wrong in memcached and repaired: `missing`, `differed`, `deleted` (stale: published before, no longer produced) |
+//! | `tailcache_inspected_keys_total` | counter | `result` | published keys the consistency inspector read back from memcached: `consistent` (holds what was published), `inconsistent` (differs or is missing, still so when checked again once publishing caught up; logged and repaired), `in_flight` (differed, but a publish changed the key or memcached matched by the second look) |
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,9 +74,10 @@ pub const MEMCACHED_ERRORS_NAME: &str = "tailcache_memcached_errors_total";
 pub const LOST_STATE_NAME: &str = "tailcache_memcached_lost_state_total";
 pub const RESYNCS_NAME: &str = "tailcache_resyncs_total";
 pub const RESYNC_DRIFT_NAME: &str = "tailcache_resync_drift_keys_total";
+pub const INSPECTED_KEYS_NAME: &str = "tailcache_inspected_keys_total";
 
 /// Every exported metric name (counters with their `_total` suffix).
-pub const ALL_NAMES: [&str; 22] = [
+pub const ALL_NAMES: [&str; 23] = [
     SOURCE_CONNECTED_NAME,
     SOURCE_LAG_NAME,
     BINLOG_EVENTS_NAME,
@@ -98,6 +100,7 @@ pub const ALL_NAMES: [&str; 22] = [
     LOST_STATE_NAME,
     RESYNCS_NAME,
     RESYNC_DRIFT_NAME,
+    INSPECTED_KEYS_NAME,
 ];
 
 /// A counter per binlog event type (the type byte is the label): a fixed
@@ -202,6 +205,7 @@ struct Metrics {
     memcached_errors: Labeled<Counter>,
     resyncs: Family<Label1, Counter>,
     resync_drift: Family<Label1, Counter>,
+    inspected: Family<Label1, Counter>,
 }
 
 /// `tailcache_rows_applied_total{table="schema.table"}`, looked up by the
@@ -255,6 +259,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         memcached_errors: Labeled::new("server"),
         resyncs: Family::default(),
         resync_drift: Family::default(),
+        inspected: Family::default(),
     };
     r.register(SOURCE_CONNECTED_NAME, "1 while the binlog stream is open", m.source_connected.clone());
     r.register(SOURCE_LAG_NAME, "Seconds the replica is behind the server", m.source_lag.clone());
@@ -303,6 +308,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     r.register(base(RESYNCS_NAME), "Full resyncs finished, by trigger", m.resyncs.clone());
     r.register(base(RESYNC_DRIFT_NAME), "Keys a resync found wrong in memcached, by kind", m.resync_drift.clone());
+    r.register(
+        base(INSPECTED_KEYS_NAME),
+        "Published keys the consistency inspector read back from memcached, by result",
+        m.inspected.clone(),
+    );
     Metrics { registry: r, ..m }
 });
 
@@ -484,6 +494,15 @@ pub fn resync_finished(trigger: &str, counts: &crate::status::ResyncCounts) {
     }
 }
 
+/// The results of the consistency inspector, by label value.
+pub const INSPECT_RESULTS: [&str; 3] = ["consistent", "inconsistent", "in_flight"];
+
+/// `n` keys inspected with `result` (one of [`INSPECT_RESULTS`]); `n = 0`
+/// makes the series exist (at 0), for alerts on a rate.
+pub fn keys_inspected(result: &'static str, n: u64) {
+    METRICS.inspected.get_or_create(&[("result", result.to_owned())]).inc_by(n);
+}
+
 /// The value of a counter family member, for tests.
 #[cfg(test)]
 fn family_value<S: Clone + std::hash::Hash + Eq>(f: &Family<S, Counter>, labels: &S) -> u64 {
@@ -511,6 +530,7 @@ mod tests {
         publish_failed();
         memcached_error("127.0.0.1:11211");
         resync_finished("start", &Default::default());
+        keys_inspected("consistent", 3);
         BINLOG_EVENTS.inc(16); // XID
         BINLOG_EVENTS_IGNORED.inc(4); // ROTATE, as an example
         let text = render();

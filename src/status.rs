@@ -120,6 +120,10 @@ pub struct StatusView {
     pub snapshot: Option<SnapshotProgress>,
     /// A publish has succeeded since the replica became consistent.
     pub published_consistent: bool,
+    /// The consistency inspector's results (last hour, since start);
+    /// `None` when it is disabled (`inspect.keys_per_second = 0`) or
+    /// there is no publisher.
+    pub inspect: Option<crate::views::inspect::Tally>,
     /// The replica position memcached must be published at, at least, for
     /// the consistent replica to count as published: the last change sent
     /// to the publisher when the replica became consistent (`None`: none

@@ -266,7 +266,7 @@ mod tests {
     use super::*;
 
     fn put(view: &str, key: &str) -> Change {
-        Change::Put { view: Arc::from(view), key: key.into(), hash: [7; 16] }
+        Change::Put { view: Arc::from(view), key: key.into(), hash: [7; 16], vhash: [7; 16] }
     }
 
     #[test]

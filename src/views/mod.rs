@@ -88,6 +88,7 @@ pub mod checkpoint;
 pub mod doubt;
 pub mod encode;
 pub mod incremental;
+pub mod inspect;
 pub mod ordered;
 pub mod orphans;
 pub mod published;

@@ -1,7 +1,11 @@
 //! What memcached was last given, persisted in the state file.
 //!
-//! `_tailcache_published(view, key, hash)` holds, for every key a view has
-//! written, the hash of the entry written. A computed view is diffed
+//! `_tailcache_published(view, key, hash, vhash)` holds, for every key a
+//! view has written, the hash of the entry written (`hash`, of its payload:
+//! see [`super::encode::entry_hash`]) and the hash of the bytes and flags
+//! memcached was given (`vhash`, see [`value_hash`]; what the consistency
+//! inspector, [`super::inspect`], compares what memcached holds with;
+//! `NULL` in rows written before it existed). A computed view is diffed
 //! against it: entries that are new or whose hash changed become sets,
 //! published keys the view no longer produces become deletes. Once
 //! memcached has acknowledged the ops, [`Published::record`] stores the new
@@ -26,6 +30,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
+use xxhash_rust::xxh3::Xxh3;
 
 use super::{ComputedView, Entry, ViewSet};
 use crate::config::Codec;
@@ -48,6 +53,7 @@ pub fn ensure_tables(conn: &Connection) -> Result<()> {
             view TEXT NOT NULL,
             key BLOB NOT NULL,
             hash BLOB NOT NULL,
+            vhash BLOB,
             PRIMARY KEY (view, key)
         ) WITHOUT ROWID;
         CREATE TABLE IF NOT EXISTS _tailcache_epoch (
@@ -55,7 +61,44 @@ pub fn ensure_tables(conn: &Connection) -> Result<()> {
             token BLOB NOT NULL
         );",
     )
-    .map_err(|e| Error::sqlite("create _tailcache_published", e))
+    .map_err(|e| Error::sqlite("create _tailcache_published", e))?;
+    // State files written before the inspector have no `vhash`: added
+    // (NULL in every existing row, which the inspector skips until the key
+    // is written again).
+    let has_vhash = conn
+        .prepare("SELECT 1 FROM pragma_table_info('_tailcache_published') WHERE name = 'vhash'")
+        .and_then(|mut s| s.exists([]))
+        .map_err(|e| Error::sqlite("read the columns of _tailcache_published", e))?;
+    if !has_vhash {
+        conn.execute_batch("ALTER TABLE _tailcache_published ADD COLUMN vhash BLOB")
+            .map_err(|e| Error::sqlite("add column vhash to _tailcache_published", e))?;
+    }
+    Ok(())
+}
+
+/// The hash of a value as memcached holds it: xxh3-128 of its client
+/// flags and bytes. For `dogpile`, whose value carries its computation
+/// time, the wrapper's `ct` float is left out (as [`same_value`] does), so
+/// an identical entry computed at another time hashes the same.
+pub fn value_hash(codec: Codec, value: &[u8], flags: u32) -> [u8; 16] {
+    let mut h = Xxh3::new();
+    h.update(&flags.to_le_bytes());
+    match dogpile_float(codec, value) {
+        Some((start, end)) => {
+            h.update(&value[..start]);
+            h.update(&value[end..]);
+        }
+        None => h.update(value),
+    }
+    h.digest128().to_be_bytes()
+}
+
+/// Where a `dogpile` value's `ct` float is: in `[value, {"ct": <f64>,
+/// "v": 2}]` the metadata map is the last 16 bytes, of which the f64 is
+/// bytes 5..13 (after its 0xcb marker, which stays in what is compared).
+fn dogpile_float(codec: Codec, value: &[u8]) -> Option<(usize, usize)> {
+    let n = value.len();
+    (codec == Codec::Dogpile && n >= 17 && value[n - 12] == 0xcb).then(|| (n - 11, n - 3))
 }
 
 /// The sentinel token stored after the last full republish.
@@ -70,8 +113,18 @@ pub fn read_epoch(conn: &Connection) -> Result<Option<Vec<u8>>> {
 /// publish: a copy each would cost an allocation per entry).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Put { view: Arc<str>, key: Vec<u8>, hash: [u8; 16] },
-    Remove { view: Arc<str>, key: Vec<u8> },
+    /// `vhash`: [`value_hash`] of the value written (or, for an entry a
+    /// resync's read-back found identical, of the value held).
+    Put {
+        view: Arc<str>,
+        key: Vec<u8>,
+        hash: [u8; 16],
+        vhash: [u8; 16],
+    },
+    Remove {
+        view: Arc<str>,
+        key: Vec<u8>,
+    },
 }
 
 impl Change {
@@ -135,13 +188,14 @@ impl Plan {
 
     /// One piece of a view computed in full (see [`Sweep`]): a set for each
     /// entry not recorded with its hash.
-    pub fn sets(view: &Arc<str>, entries: Vec<Entry>, marks: &[Mark], exptime: u32) -> Plan {
+    pub fn sets(view: &Arc<str>, entries: Vec<Entry>, marks: &[Mark], exptime: u32, codec: Codec) -> Plan {
         let mut plan = Plan::default();
         let mut counts = ViewCounts { view: view.to_string(), ..Default::default() };
         for (e, m) in entries.into_iter().zip(marks) {
             if !m.current(&e.hash) {
                 let key = e.key.into_bytes();
-                plan.changes.push(Change::Put { view: view.clone(), key: key.clone(), hash: e.hash });
+                let vhash = value_hash(codec, &e.value, e.flags);
+                plan.changes.push(Change::Put { view: view.clone(), key: key.clone(), hash: e.hash, vhash });
                 plan.ops.push(Op::Set { key, value: e.value, flags: e.flags, exptime });
                 counts.set += 1;
             }
@@ -210,20 +264,11 @@ pub fn same_value(codec: Codec, expected: &[u8], flags: u32, found: &[u8], found
     if flags != found_flags || expected.len() != found.len() {
         return false;
     }
-    match codec {
-        Codec::Msgpack | Codec::Json | Codec::Pickle => expected == found,
-        Codec::Dogpile => {
-            // [value, {"ct": <f64>, "v": 2}]: the metadata map is 16 bytes,
-            // of which the f64 is bytes 5..13.
-            let n = expected.len();
-            if n < 17 {
-                return expected == found;
-            }
-            let (float_start, float_end) = (n - 11, n - 3);
-            expected[..float_start] == found[..float_start]
-                && expected[float_end..] == found[float_end..]
-                && expected[float_start - 1] == 0xcb
+    match dogpile_float(codec, expected) {
+        Some((float_start, float_end)) => {
+            expected[..float_start] == found[..float_start] && expected[float_end..] == found[float_end..]
         }
+        None => expected == found,
     }
 }
 
@@ -294,6 +339,9 @@ impl Resync {
                 Held::Differs => counts.differed += 1,
             }
             let key = e.key.into_bytes();
+            // Identical (ct aside, for dogpile) to what memcached holds
+            // when not rewritten: the same value hash either way.
+            let vhash = value_hash(self.codec, &e.value, e.flags);
             if h != Held::Same {
                 plan.ops.push(Op::Set { key: key.clone(), value: e.value, flags: e.flags, exptime: self.exptime });
                 view_counts.set += 1;
@@ -302,7 +350,7 @@ impl Resync {
             // Rewritten entries are recorded even when their hash is, so a
             // refusal of the rewrite (Plan::reject) can unrecord them.
             if !recorded || h != Held::Same {
-                plan.changes.push(Change::Put { view: self.view.clone(), key, hash: e.hash });
+                plan.changes.push(Change::Put { view: self.view.clone(), key, hash: e.hash, vhash });
             }
         }
         for (j, key) in self.stale.into_iter().enumerate() {
@@ -512,7 +560,7 @@ impl Published {
     pub fn diff(&self, book: &Connection, computed: Vec<ComputedView>, viewset: &ViewSet) -> Result<Plan> {
         let ctx = |e| Error::sqlite("read _tailcache_published", e);
         let mut plan = Plan::default();
-        let exptime = viewset.exptime();
+        let (exptime, codec) = (viewset.exptime(), viewset.codec());
         let mut get = book.prepare_cached(LOOKUP).map_err(ctx)?;
         for c in computed {
             let mut counts = ViewCounts { view: c.view.clone(), ..Default::default() };
@@ -540,7 +588,8 @@ impl Published {
             for e in c.entries {
                 if hash_of(&mut get, &c.view, e.key.as_bytes()).map_err(ctx)? != Some(e.hash) {
                     let key = e.key.into_bytes();
-                    plan.changes.push(Change::Put { view: name.clone(), key: key.clone(), hash: e.hash });
+                    let vhash = value_hash(codec, &e.value, e.flags);
+                    plan.changes.push(Change::Put { view: name.clone(), key: key.clone(), hash: e.hash, vhash });
                     plan.ops.push(Op::Set { key, value: e.value, flags: e.flags, exptime });
                     counts.set += 1;
                 }
@@ -599,17 +648,19 @@ impl Published {
         let mut delta: BTreeMap<&str, i64> = BTreeMap::new();
         {
             let mut update = tx
-                .prepare_cached("UPDATE _tailcache_published SET hash = ?3 WHERE view = ?1 AND key = ?2")
+                .prepare_cached("UPDATE _tailcache_published SET hash = ?3, vhash = ?4 WHERE view = ?1 AND key = ?2")
                 .map_err(ctx)?;
             let mut insert = tx
-                .prepare_cached("INSERT OR IGNORE INTO _tailcache_published (view, key, hash) VALUES (?1, ?2, ?3)")
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO _tailcache_published (view, key, hash, vhash) VALUES (?1, ?2, ?3, ?4)",
+                )
                 .map_err(ctx)?;
             let mut remove =
                 tx.prepare_cached("DELETE FROM _tailcache_published WHERE view = ?1 AND key = ?2").map_err(ctx)?;
             for c in changes {
                 match c {
-                    Change::Put { view, key, hash } => {
-                        let args = (&**view, key, &hash[..]);
+                    Change::Put { view, key, hash, vhash } => {
+                        let args = (&**view, key, &hash[..], &vhash[..]);
                         if insert.execute(args).map_err(ctx)? == 1 {
                             *delta.entry(view).or_default() += 1;
                         } else {
@@ -650,6 +701,43 @@ mod tests {
 
     fn entry(key: &str, value: &[u8], hash: u8) -> Entry {
         Entry { key: key.into(), value: value.to_vec(), flags: 0, hash: [hash; 16] }
+    }
+
+    #[test]
+    fn an_old_state_file_gains_the_value_hash_column() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(
+            "CREATE TABLE _tailcache_published (view TEXT NOT NULL, key BLOB NOT NULL, hash BLOB NOT NULL,
+             PRIMARY KEY (view, key)) WITHOUT ROWID;
+             INSERT INTO _tailcache_published VALUES ('v', x'6b', x'00');",
+        )
+        .unwrap();
+        let mut p = Published::load(&c).unwrap();
+        ensure_tables(&c).unwrap(); // twice is fine
+        let old: Option<Vec<u8>> = c.query_row("SELECT vhash FROM _tailcache_published", [], |r| r.get(0)).unwrap();
+        assert_eq!(old, None, "existing rows have no value hash");
+        let v: Arc<str> = "v".into();
+        p.record(&c, &[Change::Put { view: v, key: b"k".to_vec(), hash: [1; 16], vhash: [2; 16] }], None).unwrap();
+        let new: Vec<u8> = c.query_row("SELECT vhash FROM _tailcache_published", [], |r| r.get(0)).unwrap();
+        assert_eq!(new, vec![2; 16]);
+    }
+
+    #[test]
+    fn value_hashes_cover_bytes_and_flags_but_not_dogpiles_creation_time() {
+        let wrap = |payload: &[u8], ct: f64| {
+            let mut b = Vec::new();
+            mp::array_len(&mut b, 2);
+            b.extend_from_slice(payload);
+            dogpile_metadata(&mut b, ct);
+            b
+        };
+        let (a, b) = (wrap(b"\xa3abc", 1.0), wrap(b"\xa3abc", 2.5));
+        assert_eq!(value_hash(Codec::Dogpile, &a, 0), value_hash(Codec::Dogpile, &b, 0));
+        assert_ne!(value_hash(Codec::Msgpack, &a, 0), value_hash(Codec::Msgpack, &b, 0));
+        assert_ne!(value_hash(Codec::Dogpile, &a, 0), value_hash(Codec::Dogpile, &wrap(b"\xa3abd", 1.0), 0));
+        assert_ne!(value_hash(Codec::Dogpile, &a, 0), value_hash(Codec::Dogpile, &a, 1), "flags count");
+        assert_ne!(value_hash(Codec::Json, b"{}", 2), value_hash(Codec::Json, b"[]", 2));
+        assert_eq!(value_hash(Codec::Json, b"{}", 2), value_hash(Codec::Json, b"{}", 2));
     }
 
     #[test]
@@ -715,7 +803,12 @@ mod tests {
         let c = Connection::open_in_memory().unwrap();
         let mut p = Published::load(&c).unwrap();
         let (v, w): (Arc<str>, Arc<str>) = ("v".into(), "w".into());
-        let put = |view: &Arc<str>, k: &str, h: u8| Change::Put { view: view.clone(), key: k.into(), hash: [h; 16] };
+        let put = |view: &Arc<str>, k: &str, h: u8| Change::Put {
+            view: view.clone(),
+            key: k.into(),
+            hash: [h; 16],
+            vhash: [h; 16],
+        };
         let changes: Vec<Change> = (1..=5).map(|i| put(&v, &format!("k{i}"), i)).chain([put(&w, "k1", 7)]).collect();
         p.record(&c, &changes, None).unwrap();
         assert_eq!((p.keys("v"), p.keys("w"), p.len()), (5, 1, 6));
@@ -733,7 +826,8 @@ mod tests {
         let first = Published::unseen(&c, &sweep, &[], 2).unwrap();
         assert_eq!(first, vec![b"k3".to_vec(), b"k4".to_vec()]);
         assert_eq!(Published::unseen(&c, &sweep, b"k4", 2).unwrap(), vec![b"k5".to_vec()]);
-        let plan = Plan::sets(&v, vec![entry("k2", b"b", 9), entry("k1", b"a", 1)], &[marks[1], marks[0]], 0);
+        let plan =
+            Plan::sets(&v, vec![entry("k2", b"b", 9), entry("k1", b"a", 1)], &[marks[1], marks[0]], 0, Codec::Msgpack);
         assert_eq!(plan.ops.len(), 2, "k2 not recorded with 9, k1 repeated");
         Published::end(&c, sweep).unwrap();
         let sweep = p.begin(&c, "v").unwrap();

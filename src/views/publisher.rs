@@ -74,6 +74,11 @@
 //!   memcached server up or down, the last publish (time, position,
 //!   latency), the publish error while rounds fail, and
 //!   `published_consistent` once a consistent replica was published.
+//! * **Consistency inspector** (see [`super::inspect`]): between rounds,
+//!   never during one, published keys are read back at a low rate and
+//!   compared with what was recorded; a key still wrong once publishing
+//!   caught up is recorded in doubt and its view computed in full by the
+//!   next round.
 //! * **Start-up.** The views are compiled (lazily, at the first publish, so
 //!   the replica's tables exist); when the replica is already consistent,
 //!   every view is recomputed and whatever differs from
@@ -91,6 +96,7 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::watch;
 
 use super::doubt::InDoubt;
+use super::inspect::Inspector;
 use super::published::{Change, Plan, Published, Resync, Sweep, ViewCounts, read_epoch};
 use super::{ChangeSet, ComputedView, Scratch, ViewError, ViewSet};
 use crate::config::{Config, MemcachedConfig, Shape};
@@ -468,7 +474,7 @@ impl Round<'_> {
         if resync {
             self.resync(Resync::new(sweep.view().clone(), viewset, piece.entries, &marks, Vec::new())).await
         } else {
-            self.write(Plan::sets(sweep.view(), piece.entries, &marks, viewset.exptime())).await
+            self.write(Plan::sets(sweep.view(), piece.entries, &marks, viewset.exptime(), viewset.codec())).await
         }
     }
 
@@ -617,6 +623,7 @@ struct Worker {
     /// Views whose next computation must be complete: a failed compute or
     /// a refused entry left their published state behind the replica.
     needs_full: HashSet<String>,
+    inspector: Inspector,
 }
 
 /// Waits until `deadline`, merging messages; false when shutting down.
@@ -720,7 +727,9 @@ async fn run(
     if matches!(crate::replica::read_checkpoint(&conn)?, Some((_, true))) {
         pending.ready = true;
     }
+    let inspector = Inspector::new(cfg.inspect.keys_per_second, mc.codec, &status);
     let mut w = Worker {
+        inspector,
         status,
         reject_log: RateLimit::new(),
         cfg,
@@ -758,13 +767,19 @@ async fn run(
             if closed {
                 return Ok(());
             }
-            let tick = tokio::time::Instant::now() + LOST_STATE_CHECK;
+            let mut tick = tokio::time::Instant::now() + LOST_STATE_CHECK;
+            if let Some(due) = w.inspector.due_at().filter(|_| w.viewset.is_some()) {
+                tick = tick.min(tokio::time::Instant::from_std(due));
+            }
             if !pause(tick, &mut rx, &mut closed, &mut pending, &mut shutdown, true).await {
                 return Ok(());
             }
             if !pending.ready && w.viewset.is_some() && last_check.is_none_or(|t| t.elapsed() >= LOST_STATE_CHECK) {
                 last_check = Some(Instant::now());
                 w.check_state(&mut pending).await;
+            }
+            if !pending.ready && w.inspector.due() {
+                w.inspect(&mut pending).await?;
             }
             continue;
         }
@@ -806,6 +821,10 @@ async fn run(
                     // A lost state makes the next round a full resync.
                     last_check = Some(Instant::now());
                     w.check_state(&mut pending).await;
+                }
+                if !pending.ready && w.inspector.overdue() {
+                    // Never idle for a tick: inspected after a round.
+                    w.inspect(&mut pending).await?;
                 }
             }
             Ok(Outcome::NotConsistent) => {
@@ -859,6 +878,31 @@ impl Worker {
         if absorbed.malformed > 0 {
             pending.force_full("in_doubt_unreadable");
         }
+        Ok(())
+    }
+
+    /// Runs one inspection (see [`super::inspect`]) when nothing is in
+    /// doubt; keys found inconsistent are recorded in doubt and the next
+    /// round computes their views in full (the views reading the same
+    /// tables too), which rewrites them.
+    async fn inspect(&mut self, pending: &mut Pending) -> Result<()> {
+        let Some(viewset) = self.viewset.as_ref() else { return Ok(()) };
+        if self.doubt.unsettled() {
+            self.inspector.skip();
+            return Ok(());
+        }
+        let views = self.inspector.inspect(&self.sink, &self.book, &mut self.published, &self.status).await?;
+        for view in views {
+            match viewset.views().iter().find(|v| v.name() == view) {
+                Some(v) => {
+                    pending.touched.extend(v.reads().iter().cloned());
+                    self.needs_full.insert(view);
+                }
+                None => pending.all = true,
+            }
+            pending.ready = true;
+        }
+        self.sync_health();
         Ok(())
     }
 

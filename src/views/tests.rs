@@ -495,7 +495,7 @@ pub(super) fn swept(reader: &Connection, c: &Connection, vs: &ViewSet, index: us
     loop {
         let (computed, done) = vs.row_piece(index, &mut rows, now(), &mut scratch, piece).unwrap();
         let marks = Published::mark(c, &mut sweep, &computed.entries).unwrap();
-        add(Plan::sets(&name, computed.entries, &marks, vs.exptime()));
+        add(Plan::sets(&name, computed.entries, &marks, vs.exptime(), vs.codec()));
         if done {
             break;
         }

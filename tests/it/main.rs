@@ -7,6 +7,7 @@ mod enumerate;
 mod events;
 mod harness;
 mod harness_selftest;
+mod inspect;
 mod ops;
 mod orphans;
 mod readers;

@@ -16,6 +16,8 @@
 // The harness carries its own `#![allow(dead_code)]`.
 #[path = "../tests/it/harness.rs"]
 mod harness;
+#[path = "support/killloop.rs"]
+mod killloop;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -1129,6 +1131,10 @@ fn main() {
         }
         if want("backlog") {
             bench_backlog(&mut rep, &mc).await;
+        }
+        // Only when named (≈ 2 min for 200 iterations): not part of "all".
+        if args.iter().any(|a| "killloop".contains(a.as_str())) {
+            killloop::bench_killloop(&mut rep).await;
         }
         println!("\n=== summary ({:.0} s) ===", started.elapsed().as_secs_f64());
         for l in &rep.lines {

@@ -95,9 +95,80 @@ query = "SELECT id, v FROM mark"
 /// What a reader finds under the prefix, the sentinel key left out (its
 /// token differs per instance by design).
 fn contents(mc: &Memcached) -> Dump {
-    let mut m = mc.dump(PREFIX);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut m = loop {
+        match dump(&mc.addr(), PREFIX) {
+            Some(m) => break m,
+            // The crawler is still walking for the previous dump: poll again.
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            None => panic!("memcached at {} answered BUSY to `lru_crawler metadump all` for 10 s", mc.addr()),
+        }
+    };
     m.remove(&format!("{PREFIX}{}", tailcache::sink::EPOCH_KEY_SUFFIX));
     m
+}
+
+/// `Memcached::dump` of the test harness, but `None` when the crawler is
+/// busy (it still walks for the previous request; the harness panics):
+/// every key under `prefix` with its value and flags.
+fn dump(addr: &str, prefix: &str) -> Option<Dump> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect memcached");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"lru_crawler metadump all\r\n").expect("write metadump");
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut keys = Vec::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).expect("read metadump");
+        let line = line.trim_end();
+        if line == "END" {
+            break;
+        }
+        if line.starts_with("BUSY") {
+            return None;
+        }
+        assert!(!line.starts_with("ERROR") && !line.starts_with("CLIENT_ERROR"), "metadump refused: {line}");
+        let Some(enc) = line.strip_prefix("key=").and_then(|l| l.split(' ').next()) else { continue };
+        // Keys here are plain ASCII; `%XX` decoded all the same.
+        let mut key = Vec::new();
+        let b = enc.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            match (b[i], enc.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())) {
+                (b'%', Some(v)) => {
+                    key.push(v);
+                    i += 3;
+                }
+                (c, _) => {
+                    key.push(c);
+                    i += 1;
+                }
+            }
+        }
+        let key = String::from_utf8_lossy(&key).into_owned();
+        if key.starts_with(prefix) {
+            keys.push(key);
+        }
+    }
+    let mut out = Dump::new();
+    for chunk in keys.chunks(100) {
+        s.write_all(format!("get {}\r\n", chunk.join(" ")).as_bytes()).expect("write get");
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).expect("read get");
+            if line == "END\r\n" {
+                break;
+            }
+            let parts: Vec<&str> = line.trim_end().split(' ').collect();
+            let ["VALUE", k, flags, len, ..] = parts.as_slice() else { panic!("unexpected reply {line:?}") };
+            let mut data = vec![0u8; len.parse::<usize>().unwrap() + 2];
+            r.read_exact(&mut data).expect("read value");
+            data.truncate(data.len() - 2);
+            out.insert(k.to_string(), (data, flags.parse().unwrap()));
+        }
+    }
+    Some(out)
 }
 
 fn has_marker(mc: &Memcached, marker: &str) -> bool {

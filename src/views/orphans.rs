@@ -69,6 +69,7 @@ pub async fn sweep(
     let prefix = mc.key_prefix.as_str();
     let opts = Options::for_config(mc);
     for (i, server) in sink.servers().iter().enumerate() {
+        let started = std::time::Instant::now();
         let mut orphans: Vec<(String, Vec<u8>)> = Vec::new();
         let mut complete = true;
         match KeyEnumerator::start(server, prefix.as_bytes(), &opts).await {
@@ -98,7 +99,11 @@ pub async fn sweep(
                             }
                         }
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        let c = e.counts();
+                        tracing::debug!(server = %server, listed = c.seen, under_prefix = c.under_prefix, orphans = orphans.len(), took_ms = started.elapsed().as_millis() as u64, "memcached keys listed");
+                        break;
+                    }
                     Err(err) => {
                         complete = false;
                         report(&mut found, refused, server, &err);

@@ -16,6 +16,8 @@
 // The harness carries its own `#![allow(dead_code)]`.
 #[path = "../tests/it/harness.rs"]
 mod harness;
+#[path = "support/killloop.rs"]
+mod killloop;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -1050,6 +1052,55 @@ async fn bench_resync(rep: &mut Report, mc: &Memcached) {
     }
 }
 
+/// Latency A/B in one process: the 100-row and the 100,000-row view alone,
+/// each measured with this build and with `BENCH_AB_BIN` in turn
+/// (new, old, new, old, … `BENCH_AB_ROUNDS` times each), against the same
+/// server and memcached, so both builds see the machine's drift alike.
+async fn latency_ab(rep: &mut Report, old: PathBuf) {
+    let n = env_usize("BENCH_LATENCY_N", 300);
+    let rounds = env_usize("BENCH_AB_ROUNDS", 2);
+    let new = harness::tailcache_bin();
+    println!("latency A/B: new = {}, old = {}, {rounds} rounds", new.display(), old.display());
+    let big_mc = Memcached::start_with(&["-m", "1024"]);
+    let mut res: std::collections::BTreeMap<(usize, &str), Vec<(Duration, Duration)>> = Default::default();
+    for round in 0..rounds {
+        for size in [100, 100_000] {
+            for (label, bin) in [("new", &new), ("old", &old)] {
+                // SAFETY: set between runs, while no other thread of this
+                // process reads the environment (no daemon is being spawned;
+                // the harness reads TAILCACHE_BIN when it spawns one).
+                unsafe { std::env::set_var("TAILCACHE_BIN", bin) };
+                println!("  (A/B round {round}: {label} build, {size}-row view)");
+                let r = bench_latency(rep, &big_mc, &[size], n, false).await[0];
+                res.entry((size, label)).or_default().push(r);
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe { std::env::set_var("TAILCACHE_BIN", &new) };
+    for ((size, label), v) in &res {
+        let p50: Vec<String> = v.iter().map(|r| format!("{:.3}", ms(r.0))).collect();
+        let p99: Vec<String> = v.iter().map(|r| format!("{:.3}", ms(r.1))).collect();
+        rep.info(
+            &format!("latency A/B [{size} rows, {label}]: p50 / p99 per round"),
+            format!("{} / {} ms", p50.join(" "), p99.join(" ")),
+        );
+    }
+    for size in [100, 100_000] {
+        let med =
+            |label: &str, f: fn(&(Duration, Duration)) -> Duration| median(res[&(size, label)].iter().map(f).collect());
+        let d50 = ms(med("new", |r| r.0)) - ms(med("old", |r| r.0));
+        let d99 = ms(med("new", |r| r.1)) - ms(med("old", |r| r.1));
+        rep.metric(
+            &format!("latency A/B [{size} rows]: new - old, median p50"),
+            format!("{d50:+.3} ms"),
+            "<= +0.05 ms",
+            Some(d50 <= 0.05),
+        );
+        rep.info(&format!("latency A/B [{size} rows]: new - old, median p99"), format!("{d99:+.3} ms"));
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 7. Consistency inspector: CPU of an idle daemon, default rate vs disabled
 // ---------------------------------------------------------------------------
@@ -1161,7 +1212,9 @@ fn main() {
         if want("inspect") {
             bench_inspect(&mut rep, &mc).await;
         }
-        if want("latency") {
+        if let Some(old) = std::env::var_os("BENCH_AB_BIN").filter(|_| want("latency")) {
+            latency_ab(&mut rep, PathBuf::from(old)).await;
+        } else if want("latency") {
             let n = env_usize("BENCH_LATENCY_N", 300);
             // 1M keys need more than memcached's default 64 MB.
             let big_mc = Memcached::start_with(&["-m", "1024"]);
@@ -1214,6 +1267,10 @@ fn main() {
         }
         if want("backlog") {
             bench_backlog(&mut rep, &mc).await;
+        }
+        // Only when named (≈ 2 min for 200 iterations): not part of "all".
+        if args.iter().any(|a| "killloop".contains(a.as_str())) {
+            killloop::bench_killloop(&mut rep).await;
         }
         println!("\n=== summary ({:.0} s) ===", started.elapsed().as_secs_f64());
         for l in &rep.lines {

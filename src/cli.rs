@@ -358,12 +358,13 @@ fn render_resync(v: &serde_json::Value) -> String {
     let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     let counts = |v: &serde_json::Value| {
         format!(
-            "checked {}, missing {}, differed {}, deleted {}, unchanged {}",
+            "checked {}, missing {}, differed {}, deleted {}, unchanged {}, orphans {}",
             n(v, "checked"),
             n(v, "missing"),
             n(v, "differed"),
             n(v, "deleted"),
-            n(v, "unchanged")
+            n(v, "unchanged"),
+            n(v, "orphans")
         )
     };
     let mut out = format!(
@@ -373,6 +374,8 @@ fn render_resync(v: &serde_json::Value) -> String {
         n(v, "duration_ms"),
         counts(v)
     );
+    // Keys under the prefix that no view's template matches: left alone.
+    out.push_str(&format!(", foreign keys left alone {}", n(v, "foreign")));
     if let Some(views) = v.get("views").and_then(|x| x.as_object()) {
         for (name, c) in views {
             out.push_str(&format!("\n  view {name}: {}", counts(c)));

@@ -1,6 +1,6 @@
 //! Crash points for the crash tests, with the `fail` crate, compiled in
 //! only with the `failpoints` feature (`scripts/test.sh` builds with it; a
-//! release build has none, and [`failpoint!`](crate::failpoint) expands to
+//! release build has none, and [`failpoint!`](macro@crate::failpoint) expands to
 //! nothing).
 //!
 //! Each point is named after the step it follows. The process reads the

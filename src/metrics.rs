@@ -484,7 +484,12 @@ pub fn resync_finished(trigger: &str, counts: &crate::status::ResyncCounts) {
     let ok = !trigger.is_empty() && trigger.len() <= 32 && trigger.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
     let trigger = if ok { trigger } else { "other" };
     METRICS.resyncs.get_or_create(&[("trigger", trigger.to_owned())]).inc();
-    for (kind, n) in [("missing", counts.missing), ("differed", counts.differed), ("deleted", counts.deleted)] {
+    for (kind, n) in [
+        ("missing", counts.missing),
+        ("differed", counts.differed),
+        ("deleted", counts.deleted),
+        ("orphan", counts.orphans),
+    ] {
         METRICS.resync_drift.get_or_create(&[("kind", kind.to_owned())]).inc_by(n);
     }
 }

@@ -30,6 +30,13 @@ pub struct ResyncCounts {
     pub deleted: u64,
     /// Present and identical: not written.
     pub unchanged: u64,
+    /// Found in memcached under the prefix, matching the view's key
+    /// template, but neither produced by it nor recorded: deleted.
+    pub orphans: u64,
+    /// Found under the prefix, matching no view's key template: left
+    /// alone (another application may share the prefix); only in the
+    /// total.
+    pub foreign: u64,
 }
 
 impl ResyncCounts {
@@ -39,6 +46,8 @@ impl ResyncCounts {
         self.differed += o.differed;
         self.deleted += o.deleted;
         self.unchanged += o.unchanged;
+        self.orphans += o.orphans;
+        self.foreign += o.foreign;
     }
 }
 

@@ -1,6 +1,7 @@
 //! memcached: each server answers (`version`), its item size limit
 //! (`stats settings`, `item_size_max`) is at least `memcached.max_item_size`,
-//! and `memcached.exptime` is a value the protocol accepts.
+//! it lets a resync list its keys (`lru_crawler`, `dump_enabled`), and
+//! `memcached.exptime` is a value the protocol accepts.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,6 +17,9 @@ pub struct ServerFacts {
     pub version: String,
     /// `item_size_max` from `stats settings`, when reported.
     pub item_size_max: Option<u64>,
+    /// Why `lru_crawler metadump` would be refused (`lru_crawler no`,
+    /// `dump_enabled no`), when `stats settings` says so.
+    pub unlistable: Option<String>,
 }
 
 /// Asks `addr` for `version` and `stats settings` on one connection.
@@ -39,6 +43,7 @@ pub async fn server_facts(addr: &str, timeout: Duration) -> Result<ServerFacts, 
             None => return Err(format!("unexpected answer to `version`: {:?}", line.trim_end())),
         };
         let mut item_size_max = None;
+        let mut unlistable = None;
         loop {
             read(&mut line).await?;
             let l = line.trim_end();
@@ -47,12 +52,16 @@ pub async fn server_facts(addr: &str, timeout: Duration) -> Result<ServerFacts, 
             }
             if let Some(v) = l.strip_prefix("STAT item_size_max ") {
                 item_size_max = v.trim().parse().ok();
+            } else if l == "STAT lru_crawler no" {
+                unlistable = Some("lru_crawler no (started with -o no_lru_crawler)".to_owned());
+            } else if l == "STAT dump_enabled no" {
+                unlistable = Some("dump_enabled no (started with -X)".to_owned());
             } else if !l.starts_with("STAT ") {
                 // e.g. a proxy that does not know `stats settings`
                 break;
             }
         }
-        Ok(ServerFacts { version, item_size_max })
+        Ok(ServerFacts { version, item_size_max, unlistable })
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(r) => r,
@@ -77,6 +86,15 @@ pub async fn check(mc: &MemcachedConfig, r: &mut Report) {
     let facts = futures_util::future::join_all(mc.servers.iter().map(|s| server_facts(s, timeout))).await;
     for (addr, f) in mc.servers.iter().zip(facts) {
         let name = format!("memcached {addr}");
+        if let Ok(ServerFacts { unlistable: Some(why), .. }) = &f {
+            r.warn(
+                format!("memcached {addr} key listing"),
+                format!(
+                    "{why}: a resync cannot list this server's keys, so keys nobody remembers (orphans) stay there"
+                ),
+                format!("start memcached on {addr} without -o no_lru_crawler and without -X"),
+            );
+        }
         match f {
             Err(e) => r.problem(
                 name,
@@ -84,7 +102,7 @@ pub async fn check(mc: &MemcachedConfig, r: &mut Report) {
                 "a memcached answering `version`",
                 format!("start memcached on {addr} or fix memcached.servers"),
             ),
-            Ok(ServerFacts { version, item_size_max: Some(max) }) if (max as usize) < mc.max_item_size => r.problem(
+            Ok(ServerFacts { version, item_size_max: Some(max), .. }) if (max as usize) < mc.max_item_size => r.problem(
                 name,
                 format!("memcached {version} with item_size_max = {max} (-I {})", human(max)),
                 format!("item_size_max >= memcached.max_item_size = {}", mc.max_item_size),
@@ -94,14 +112,14 @@ pub async fn check(mc: &MemcachedConfig, r: &mut Report) {
                     human(mc.max_item_size as u64)
                 ),
             ),
-            Ok(ServerFacts { version, item_size_max: Some(max) }) => r.ok_line(
+            Ok(ServerFacts { version, item_size_max: Some(max), .. }) => r.ok_line(
                 name,
                 format!(
                     "memcached {version}, item_size_max = {max} (>= memcached.max_item_size = {})",
                     mc.max_item_size
                 ),
             ),
-            Ok(ServerFacts { version, item_size_max: None }) => r.warn(
+            Ok(ServerFacts { version, item_size_max: None, .. }) => r.warn(
                 name,
                 format!("memcached {version} does not report item_size_max in `stats settings`"),
                 format!(

@@ -404,6 +404,16 @@ impl Sink {
         out
     }
 
+    /// Deletes `keys` on server `i` only, wherever the placement would put
+    /// them: for keys found there by an enumeration (orphans).
+    pub async fn delete_on(&self, i: usize, keys: Vec<Vec<u8>>) -> Result<(), SinkError> {
+        let ops: Vec<Op> = keys.into_iter().map(|key| Op::Delete { key }).collect();
+        let refs: Vec<&Op> = ops.iter().collect();
+        let r = self.apply_on(i, &refs).await;
+        self.mark(i, &r);
+        r.map(drop)
+    }
+
     async fn apply_on(&self, i: usize, ops: &[&Op]) -> Result<Vec<Rejection>, SinkError> {
         let mut rejected = Vec::new();
         if ops.is_empty() {

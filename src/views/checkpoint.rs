@@ -42,6 +42,12 @@ pub fn start(conn: &mut Connection, path: &Path, tables: &[TableRef]) {
             return;
         }
     };
+    start_with(conn, own);
+}
+
+/// Like [`start`], for any database in WAL mode: `own` is a second
+/// connection to it, which the thread checkpoints with.
+pub fn start_with(conn: &mut Connection, own: Connection) {
     // One pending request is enough: the checkpoint copies whatever the
     // log holds when it runs.
     let (tx, rx) = mpsc::sync_channel::<()>(1);

@@ -12,7 +12,7 @@
 //! in pipelined `mg` batches, on every server each key is placed on, and
 //! their [`value_hash`] compared with the `vhash` recorded when the key was
 //! written. A key without a `vhash` (recorded before it existed) or in
-//! doubt ([`super::doubt::DOUBT`], being rewritten) is skipped, not counted.
+//! doubt ([`DOUBT`], being rewritten) is skipped, not counted.
 //!
 //! A key that differs (or is missing) is a *suspect*. It is looked at
 //! again at the next inspection, once the publisher has caught up (idle, or
@@ -37,8 +37,7 @@ use rand::Rng;
 use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
 
-use super::doubt::DOUBT;
-use super::published::{Published, value_hash};
+use super::published::{DOUBT, Published, value_hash};
 use crate::config::Codec;
 use crate::error::{Error, Result};
 use crate::metrics;

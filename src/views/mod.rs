@@ -90,6 +90,7 @@ pub mod encode;
 pub mod incremental;
 pub mod inspect;
 pub mod ordered;
+pub mod orphans;
 pub mod published;
 pub mod publisher;
 pub mod template;
@@ -649,6 +650,12 @@ impl ViewSet {
     }
 
     /// A broken view whose keys stay in memcached (`on_error = "keep"`).
+    /// The compiled views whose key template could have rendered `key`
+    /// (with `prefix`).
+    pub fn views_matching<'a>(&'a self, prefix: &'a str, key: &'a [u8]) -> impl Iterator<Item = &'a str> + 'a {
+        self.views.iter().filter(move |v| v.key.matches(prefix, key)).map(|v| v.name.as_str())
+    }
+
     pub fn keeps_keys_of(&self, name: &str) -> bool {
         self.broken.iter().any(|(n, _, o)| n == name && *o == crate::config::OnError::Keep)
     }

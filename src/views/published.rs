@@ -41,6 +41,11 @@ use crate::status::ResyncCounts;
 /// The keys a [`Sweep`] has marked; TEMP, so per connection.
 const SEEN_TABLE: &str = "CREATE TEMP TABLE IF NOT EXISTS _tailcache_seen (key BLOB PRIMARY KEY) WITHOUT ROWID";
 
+/// The hash recorded for a key in doubt (see [`super::doubt`]). Entry
+/// hashes are xxh3-128 of the payload: this value is never one in practice
+/// (2^-128).
+pub const DOUBT: [u8; 16] = [0; 16];
+
 /// Creates the bookkeeping tables when missing.
 pub fn ensure_tables(conn: &Connection) -> Result<()> {
     conn.execute_batch(
@@ -419,6 +424,11 @@ impl Published {
         self.counts.get(view).copied().unwrap_or(0)
     }
 
+    /// The views with published keys.
+    pub fn view_names(&self) -> Vec<String> {
+        self.counts.keys().cloned().collect()
+    }
+
     /// Number of published keys over all views.
     pub fn len(&self) -> u64 {
         self.counts.values().sum()
@@ -594,7 +604,7 @@ impl Published {
         Ok(plan)
     }
 
-    /// Records each `(view, key)` as [`super::doubt::DOUBT`] (a key not
+    /// Records each `(view, key)` as [`DOUBT`] (a key not
     /// recorded before is added), in one write transaction on `book`: the
     /// next computation of the view rewrites or deletes it, whatever was
     /// recorded.
@@ -610,7 +620,7 @@ impl Published {
                 .prepare_cached("UPDATE _tailcache_published SET hash = ?3 WHERE view = ?1 AND key = ?2")
                 .map_err(ctx)?;
             for (view, key) in keys {
-                let args = (view.as_str(), key, &super::doubt::DOUBT[..]);
+                let args = (view.as_str(), key, &DOUBT[..]);
                 if insert.execute(args).map_err(ctx)? == 1 {
                     *delta.entry(view).or_default() += 1;
                 } else {
@@ -765,7 +775,10 @@ mod tests {
         // k1 identical, k2 differs, k3 missing, gone present (on some
         // server), gone2 absent (everywhere)
         let (mut plan, counts) = r.plan(&[Held::Same, Held::Differs, Held::Missing, Held::Differs, Held::Missing]);
-        assert_eq!(counts, ResyncCounts { checked: 3, missing: 1, differed: 1, deleted: 1, unchanged: 1 });
+        assert_eq!(
+            counts,
+            ResyncCounts { checked: 3, missing: 1, differed: 1, deleted: 1, unchanged: 1, ..Default::default() }
+        );
         assert_eq!(
             plan.ops.iter().map(|o| (o.key().to_vec(), matches!(o, Op::Set { .. }))).collect::<Vec<_>>(),
             vec![(b"k2".to_vec(), true), (b"k3".to_vec(), true), (b"gone".to_vec(), false)]

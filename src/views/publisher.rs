@@ -26,6 +26,15 @@
 //!   commit during the read) before the next is read, and the published
 //!   keys the view no longer produces are found at the end (see
 //!   [`super::published`]). Memory follows the piece, not the view.
+//! * **Keys in doubt.** Every write is preceded by a durable mark of its
+//!   keys ([`super::doubt`]): for every key, either `_tailcache_published`
+//!   equals what memcached holds, or the key is in doubt. Keys left in doubt
+//!   by a failed round, a crash or a timeout are recorded as such before the
+//!   next round, which computes every view in full and so sets or deletes
+//!   each of them again, whatever was recorded.
+//! * **Orphans.** A full resync ends with a sweep of what memcached holds
+//!   under the prefix ([`super::orphans`]): keys a view's template matches
+//!   that nothing records are deleted.
 //! * **Failures.** A failed memcached exchange ([`ErrorClass::Retriable`](crate::sink::ErrorClass::Retriable):
 //!   connection, timeout, garbled answer) is retried with capped, jittered
 //!   exponential backoff (50 ms → 5 s); the retry is a *full resync* (see
@@ -607,6 +616,8 @@ struct Worker {
     published: Published,
     doubt: InDoubt,
     sink: Sink,
+    /// Servers reported as refusing to list their keys (once each).
+    unlistable: HashSet<String>,
     scratch: Scratch,
     last_full: Option<Instant>,
     /// Views whose next computation must be complete: a failed compute or
@@ -730,6 +741,7 @@ async fn run(
         published,
         doubt,
         sink,
+        unlistable: HashSet::new(),
         scratch: Scratch::default(),
         last_full: None,
         needs_full: HashSet::new(),
@@ -1098,8 +1110,20 @@ impl Worker {
             round.published.record(round.book, &[], Some(token))?;
         }
         let recorded = Instant::now();
-        let Round { down, counts, resync, changes, acked, memcached, record, .. } = round;
+        let Round { down, counts, mut resync, changes, acked, memcached, record, .. } = round;
         let acked = acked.unwrap_or(recorded);
+        // A full resync also finds the keys nobody remembers, once its own
+        // writes are recorded (see `super::orphans`).
+        let mut foreign = 0;
+        if full && down.is_empty() {
+            let views = self.published.view_names();
+            let found =
+                super::orphans::sweep(&self.sink, &self.mc, viewset, &self.book, &views, &mut self.unlistable).await?;
+            for (view, n) in found.orphans {
+                resync.entry(view).or_default().orphans += n;
+            }
+            foreign = found.foreign;
+        }
         let resync = full.then_some(resync);
         // Per-stage timings of this publish, to tell where a slow commit ->
         // memcached sample spent its time (binlog + replica commit + hand-over,
@@ -1182,6 +1206,7 @@ impl Worker {
             for c in views.values() {
                 total.add(c);
             }
+            total.foreign = foreign;
             let trigger = if pending.triggers.is_empty() { "full".to_owned() } else { pending.triggers.join(",") };
             let duration_ms = started.elapsed().as_millis() as u64;
             tracing::info!(
@@ -1191,6 +1216,8 @@ impl Worker {
                 differed = total.differed,
                 deleted = total.deleted,
                 unchanged = total.unchanged,
+                orphans = total.orphans,
+                foreign = total.foreign,
                 duration_ms,
                 position = %position,
                 "resync finished"

@@ -82,13 +82,20 @@ fn differences(got: &BTreeMap<String, (Vec<u8>, u32)>, want: &BTreeMap<String, (
     )
 }
 
-/// Waits until `mc` holds exactly what the reference holds.
-async fn converged(mc: &Memcached, reference: &Memcached, when: &str) {
+/// Waits until `mc` holds exactly what the reference holds, once both
+/// published a commit made now (a marker page's new title): equality
+/// before that could be two daemons equally behind.
+async fn converged(root: &mut mysql_async::Conn, mc: &Memcached, reference: &Memcached, when: &str) {
+    let mark = format!("mark-{}", rand::random::<u64>());
+    root.query_drop(format!("UPDATE page SET title = '{mark}' WHERE slug = 'marker'")).await.unwrap();
+    let marked = |m: &BTreeMap<String, (Vec<u8>, u32)>| {
+        m.get(&format!("{PREFIX}page:marker")).is_some_and(|(v, _)| v.windows(mark.len()).any(|w| w == mark.as_bytes()))
+    };
     let mut last = String::new();
     let r = tokio::time::timeout(CONVERGE, async {
         loop {
             let (got, want) = (contents(mc), contents(reference));
-            if !want.is_empty() && got == want {
+            if marked(&want) && got == want {
                 return;
             }
             last = differences(&got, &want);
@@ -143,17 +150,28 @@ async fn churn(conn: &mut mysql_async::Conn, g: u32, round: u32) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_crash_at_every_point_heals_to_exactly_what_the_views_say() {
+/// A database with the workload's tables, the daemon's config, its
+/// memcached, and a reference daemon publishing to a memcached of its own.
+struct Rig {
+    db: TestDb,
+    root: mysql_async::Conn,
+    text: String,
+    mc: Memcached,
+    mc_ref: Memcached,
+    _reference: Daemon,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig(hint: &str) -> Rig {
     if !tailcache::failpoint::ENABLED {
         panic!("this build has no crash points: run the tests with `--features failpoints` (scripts/test.sh does)");
     }
     let server = harness::server();
-    let db = server.create_db("crash").await;
+    let db = server.create_db(hint).await;
     // The reference daemon reads as a user of its own, with a server_id of
     // its own (tailcache tells its own leftover binlog dump connections
     // apart from other readers by user and host).
-    let ref_db = server.create_db("crash_ref").await;
+    let ref_db = server.create_db(&format!("{hint}_ref")).await;
     let mut root = db.root_conn().await;
     root.query_drop(format!("GRANT SELECT ON `{}`.* TO '{}'@'%'", db.name, ref_db.user)).await.unwrap();
     if server.flavor == harness::Flavor::Mysql {
@@ -169,28 +187,38 @@ async fn a_crash_at_every_point_heals_to_exactly_what_the_views_say() {
     )
     .await
     .unwrap();
-    let groups: Vec<String> = (1..=GROUPS).map(|g| format!("({g}, 'g{g}', 1)")).collect();
+    // Group 0 is never switched: it holds the marker page (see `converged`).
+    let groups: Vec<String> = (0..=GROUPS).map(|g| format!("({g}, 'g{g}', 1)")).collect();
     root.query_drop(format!("INSERT INTO grp VALUES {}", groups.join(","))).await.unwrap();
     for chunk in (1..=PAGES).collect::<Vec<_>>().chunks(1000) {
         let rows: Vec<String> = chunk.iter().map(|i| format!("('p{i}', 'title {i}', {})", i % GROUPS + 1)).collect();
         root.query_drop(format!("INSERT INTO page (slug, title, grp_id) VALUES {}", rows.join(","))).await.unwrap();
     }
+    root.query_drop("INSERT INTO page (slug, title, grp_id) VALUES ('marker', 'mark', 0)").await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.db").to_string_lossy().into_owned();
     let ref_state = dir.path().join("ref.db").to_string_lossy().into_owned();
     let (mc, mc_ref) = (Memcached::start(), Memcached::start());
     let text = config(&db, db.server_id, &state, &mc);
-    let _reference = Daemon::start(&config(&ref_db, ref_id, &ref_state, &mc_ref));
+    let reference = Daemon::start(&config(&ref_db, ref_id, &ref_state, &mc_ref));
     let mut d = Daemon::start(&text);
-    converged(&mc, &mc_ref, "first start").await;
+    converged(&mut root, &mc, &mc_ref, "first start").await;
     d.stop();
+    Rig { db, root, text, mc, mc_ref, _reference: reference, _dir: dir }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_at_every_point_heals_to_exactly_what_the_views_say() {
+    let Rig { db, mut root, text, mc, mc_ref, _reference, _dir } = rig("crash").await;
 
     let mut round = 0;
     let mut reached = Vec::new();
     for point in tailcache::failpoint::POINTS {
         round += 1;
-        let crash_env = [("FAILPOINTS", format!("{point}=return"))];
+        // The start's full publish waits for the catch-up, so that what
+        // changed while it was down is in it (its pieces, its deletes).
+        let crash_env = [("FAILPOINTS", format!("publish.start=sleep(2000);{point}=return"))];
         let env: Vec<(&str, &str)> = crash_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let mut xa: Option<mysql_async::Conn> = None;
         // The group the crash round switches; switched back while the
@@ -199,7 +227,7 @@ async fn a_crash_at_every_point_heals_to_exactly_what_the_views_say() {
         // (missing if still recorded).
         let g = if *point == "publish.mid_deletes" {
             // An active one, so that its pages are deleted.
-            root.query_first("SELECT MIN(id) FROM grp WHERE active = 1").await.unwrap().unwrap()
+            root.query_first("SELECT MIN(id) FROM grp WHERE active = 1 AND id > 0").await.unwrap().unwrap()
         } else {
             round % GROUPS + 1
         };
@@ -246,12 +274,57 @@ async fn a_crash_at_every_point_heals_to_exactly_what_the_views_say() {
         // and that left since are stale unless remembered, keys it deleted
         // and that came back unchanged are missing unless remembered.
         let mut d = Daemon::start_with_env(&text, &[], &[("FAILPOINTS", "publish.start=sleep(2000)")]);
-        converged(&mc, &mc_ref, &format!("restart after a crash at {point}")).await;
+        converged(&mut root, &mc, &mc_ref, &format!("restart after a crash at {point}")).await;
         // And it keeps publishing.
         round += 1;
         churn(&mut root, round % GROUPS + 1, round).await;
-        converged(&mc, &mc_ref, &format!("a commit after the restart that followed {point}")).await;
+        converged(&mut root, &mc, &mc_ref, &format!("a commit after the restart that followed {point}")).await;
         d.stop();
     }
     assert_eq!(reached, tailcache::failpoint::POINTS, "every crash point was reached");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_at_random_instants_heals_to_exactly_what_the_views_say() {
+    use rand::{Rng, SeedableRng};
+    let Rig { db, mut root, text, mc, mc_ref, _reference, _dir } = rig("kill9").await;
+    let seed: u64 = std::env::var("TAILCACHE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("kill9_at_random_instants: seed {seed} (TAILCACHE_TEST_SEED={seed} replays it)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut round = 1000;
+    for iteration in 0..8 {
+        let mut d = Daemon::start(&text);
+        // Commits keep coming while the daemon starts, publishes, and dies
+        // at a random instant.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (stop, url, first) = (stop.clone(), db.root_url.clone(), round);
+            tokio::spawn(async move {
+                let mut c = mysql_async::Conn::from_url(url).await.unwrap();
+                let mut r = first;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    r += 1;
+                    churn(&mut c, r % GROUPS + 1, r).await;
+                }
+                r
+            })
+        };
+        let after = Duration::from_millis(rng.random_range(0..400));
+        tokio::time::sleep(after).await; // the random instant, not a synchronisation
+        d.kill9();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        round = writer.await.unwrap();
+        // More rows move while it is down.
+        round += 1;
+        churn(&mut root, round % GROUPS + 1, round).await;
+        let mut d = Daemon::start_with_env(&text, &[], &[("FAILPOINTS", "publish.start=sleep(2000)")]);
+        converged(
+            &mut root,
+            &mc,
+            &mc_ref,
+            &format!("seed {seed}, iteration {iteration}: restart after kill -9 at {after:?}"),
+        )
+        .await;
+        d.stop();
+    }
 }

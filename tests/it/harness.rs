@@ -1283,6 +1283,19 @@ impl Memcached {
     /// and flags, from `lru_crawler metadump all` then pipelined `get`s
     /// (keys this test suite writes need no URL-decoding beyond `%XX`).
     pub fn dump(&self, prefix: &str) -> std::collections::BTreeMap<String, (Vec<u8>, u32)> {
+        // One crawl at a time per server: tailcache's orphan sweep may hold
+        // it (`BUSY`) for a moment.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.try_dump(prefix) {
+                Some(m) => return m,
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                None => panic!("memcached at {} stayed BUSY with another crawl for 30 s", self.addr()),
+            }
+        }
+    }
+
+    fn try_dump(&self, prefix: &str) -> Option<std::collections::BTreeMap<String, (Vec<u8>, u32)>> {
         let mut s = self.connect();
         s.write_all(b"lru_crawler metadump all\r\n").expect("write metadump");
         let mut r = BufReader::new(s.try_clone().expect("dup memcached socket"));
@@ -1294,11 +1307,16 @@ impl Memcached {
             if line == "END" {
                 break;
             }
-            if line.starts_with("BUSY") || line.starts_with("ERROR") || line.starts_with("CLIENT_ERROR") {
+            if line.starts_with("BUSY") {
+                return None;
+            }
+            if line.starts_with("ERROR") || line.starts_with("CLIENT_ERROR") {
                 panic!("memcached at {} refused `lru_crawler metadump all`: {line}", self.addr());
             }
             let Some(enc) = line.strip_prefix("key=").and_then(|l| l.split(' ').next()) else { continue };
-            let key = url_decode(enc);
+            let mut key = Vec::new();
+            tailcache::sink::enumerate::url_decode(enc.as_bytes(), &mut key);
+            let key = String::from_utf8_lossy(&key).into_owned();
             if key.starts_with(prefix) {
                 keys.push(key);
             }
@@ -1323,7 +1341,30 @@ impl Memcached {
                 out.insert(k.to_string(), (data, flags.parse().expect("flags")));
             }
         }
-        out
+        Some(out)
+    }
+
+    /// The CAS unique of `key` (text-protocol `gets`): it changes whenever
+    /// the key is written.
+    pub fn cas(&self, key: &str) -> Option<u64> {
+        let mut s = self.connect();
+        s.write_all(format!("gets {key}\r\n").as_bytes()).expect("write gets");
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).expect("read gets response");
+        if line == "END\r\n" {
+            return None;
+        }
+        let parts: Vec<&str> = line.trim_end().split(' ').collect();
+        match parts.as_slice() {
+            ["VALUE", k, _flags, len, cas] if *k == key => {
+                let len: usize = len.parse().expect("length");
+                let mut data = vec![0u8; len + 2];
+                r.read_exact(&mut data).expect("read value");
+                Some(cas.parse().expect("cas"))
+            }
+            _ => panic!("unexpected memcached reply to `gets {key}`: {line:?}"),
+        }
     }
 
     /// Blocking text-protocol `set` (no expiry); panics unless `STORED`.
@@ -1343,24 +1384,6 @@ impl Drop for Memcached {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn url_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn memcached_answers(port: u16) -> bool {

@@ -9,6 +9,7 @@ mod harness;
 mod harness_selftest;
 mod inspect;
 mod ops;
+mod orphans;
 mod readers;
 mod reconnect;
 mod rejects;

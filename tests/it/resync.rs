@@ -140,7 +140,7 @@ async fn resync(
 }
 
 fn counts(checked: u64, missing: u64, differed: u64, deleted: u64, unchanged: u64) -> ResyncCounts {
-    ResyncCounts { checked, missing, differed, deleted, unchanged }
+    ResyncCounts { checked, missing, differed, deleted, unchanged, ..Default::default() }
 }
 
 #[tokio::test]

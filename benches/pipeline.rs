@@ -7,7 +7,7 @@
 //!
 //! ```sh
 //! cargo bench --bench pipeline                 # everything
-//! cargo bench --bench pipeline -- latency      # only some: idle latency resync catchup bulk backlog
+//! cargo bench --bench pipeline -- latency      # only some: idle latency resync catchup bulk backlog inspect
 //! ```
 //!
 //! Sizes can be shrunk for profiling: `BENCH_LATENCY_N`, `BENCH_CATCHUP_ROWS`,
@@ -1102,6 +1102,88 @@ async fn latency_ab(rep: &mut Report, old: PathBuf) {
 }
 
 // ---------------------------------------------------------------------------
+// 7. Consistency inspector: CPU of an idle daemon, default rate vs disabled
+// ---------------------------------------------------------------------------
+
+/// `GET /status` of the admin endpoint on `port`, as JSON.
+fn admin_status(port: u16) -> Option<serde_json::Value> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    serde_json::from_str(raw.split_once("\r\n\r\n")?.1).ok()
+}
+
+/// utime + stime of `pid` (all threads), in clock ticks (`/proc/<pid>/stat`).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the `(comm)` field: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
+    f.iter().sum()
+}
+
+/// The publisher thread's name as `/proc/…/comm` shows it (15 bytes).
+const PUBLISHER_COMM: &str = "tailcache-publi";
+
+async fn bench_inspect(rep: &mut Report, mc: &Memcached) {
+    let rows = env_usize("BENCH_INSPECT_ROWS", 100_000);
+    let secs = env_usize("BENCH_INSPECT_SECS", 60) as u64;
+    let db = harness::server().create_db("inspect").await;
+    let mut conn = db.root_conn().await;
+    exec(&mut conn, "CREATE TABLE r (id INT PRIMARY KEY, name VARCHAR(64) NOT NULL, v INT NOT NULL)").await;
+    exec(&mut conn, &format!("INSERT INTO r SELECT seq, CONCAT('row-', seq), seq % 977 FROM seq_1_to_{rows}")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let views = "[[views]]\nname = \"r\"\nkey = \"r:{id}\"\nquery = \"SELECT id, name, v FROM r\"\n";
+    let base = config(&db, &state, &["r"], Some((mc, "in:")), views);
+    // Disabled first (it also builds the state), then the default rate, on
+    // the same state: each daemon idle once its start-up publish is done.
+    for (label, rate) in [("disabled (keys_per_second = 0)", 0u32), ("default rate (keys_per_second = 50)", 50)] {
+        let port = harness::free_port();
+        let cfg = format!("{base}\n[inspect]\nkeys_per_second = {rate}\n\n[admin]\nlisten = \"127.0.0.1:{port}\"\n");
+        let mut d = Daemon::start(&cfg);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let st = admin_status(port);
+            let keys = st.as_ref().and_then(|s| s["views"]["r"]["keys"].as_u64());
+            if st.as_ref().is_some_and(|s| s["published_consistent"] == true) && keys == Some(rows as u64) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{rows} keys not published:\n{}", tail_log(&d, 40));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Settle (the start-up publish's aftermath: checkpoints, caches),
+        // then measure an idle window.
+        std::thread::sleep(Duration::from_secs(5));
+        let before = admin_status(port).and_then(|s| s["inspect"]["since_start"]["keys"].as_u64()).unwrap_or(0);
+        let (t0, c0, (p0, a0)) = (Instant::now(), cpu_ticks(d.pid()), cpu_ns(d.pid(), PUBLISHER_COMM));
+        std::thread::sleep(Duration::from_secs(secs));
+        let (c1, (p1, a1)) = (cpu_ticks(d.pid()), cpu_ns(d.pid(), PUBLISHER_COMM));
+        let wall = t0.elapsed().as_secs_f64();
+        let after = admin_status(port).and_then(|s| s["inspect"]["since_start"]["keys"].as_u64()).unwrap_or(0);
+        let tick = 100.0; // USER_HZ
+        let process_ms = (c1 - c0) as f64 * 1000.0 / tick;
+        let publisher_ms = (p1 - p0) as f64 / 1e6;
+        let threads_ms = a1.saturating_sub(a0) as f64 / 1e6;
+        rep.info(
+            &format!("inspect: idle {rows}-key view, {label}"),
+            format!(
+                "process {process_ms:.0} ms CPU in {wall:.0} s ({:.3} % of a core; stat ticks), all threads {threads_ms:.1} ms, publisher thread {publisher_ms:.1} ms ({:.3} %; schedstat), {} keys inspected",
+                process_ms / wall / 10.0,
+                publisher_ms / wall / 10.0,
+                after - before
+            ),
+        );
+        if rate > 0 {
+            assert!(after > before, "the inspector inspected nothing:\n{}", tail_log(&d, 40));
+        }
+        d.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -1126,6 +1208,9 @@ fn main() {
         let mut rep = Report { lines: Vec::new() };
         if want("idle") {
             bench_idle(&mut rep, &mc).await;
+        }
+        if want("inspect") {
+            bench_inspect(&mut rep, &mc).await;
         }
         if let Some(old) = std::env::var_os("BENCH_AB_BIN").filter(|_| want("latency")) {
             latency_ab(&mut rep, PathBuf::from(old)).await;

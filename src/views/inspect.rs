@@ -12,14 +12,15 @@
 //! in pipelined `mg` batches, on every server each key is placed on, and
 //! their [`value_hash`] compared with the `vhash` recorded when the key was
 //! written. A key without a `vhash` (recorded before it existed) or in
-//! doubt ([`super::doubt::DOUBT`], being rewritten) is skipped, not counted.
+//! doubt ([`DOUBT`], being rewritten) is skipped, not counted.
 //!
 //! A key that differs (or is missing) is a *suspect*. It is looked at
 //! again at the next inspection, once the publisher has caught up (idle, or
 //! just after a round): if its record changed meanwhile (a round rewrote or
 //! deleted it) or memcached now holds the recorded value, it was
 //! `in_flight`; if it still differs, it is `inconsistent`: logged (warn,
-//! with view, key, expected and found hashes), counted, and repaired: the
+//! with view, key, expected and found hashes; at most [`LOG_BURST`] lines a
+//! minute, the rest counted in the next line), counted, and repaired: the
 //! key is recorded in doubt and the publisher's next round computes its
 //! view in full, which writes it again (or deletes it).
 //!
@@ -36,8 +37,7 @@ use rand::Rng;
 use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
 
-use super::doubt::DOUBT;
-use super::published::{Published, value_hash};
+use super::published::{DOUBT, Published, value_hash};
 use crate::config::Codec;
 use crate::error::{Error, Result};
 use crate::metrics;
@@ -51,6 +51,11 @@ pub const TICK: Duration = Duration::from_secs(1);
 const MAX_SUSPECTS: usize = 10_000;
 /// The value size assumed per key when batching reads.
 const EXPECTED_LEN: usize = 512;
+/// At most this many inconsistency log lines per [`LOG_WINDOW`] (an
+/// evicting memcached would otherwise log every key it lost); the rest are
+/// counted, and their number is given in the next line.
+pub const LOG_BURST: u32 = 10;
+pub const LOG_WINDOW: Duration = Duration::from_secs(60);
 /// Minutes in the window of [`Tally::last_hour`].
 const WINDOW_MINUTES: u64 = 60;
 
@@ -224,6 +229,10 @@ pub struct Inspector {
     /// The cursor was put at a random place (once, at the first inspection).
     placed: bool,
     suspects: Vec<Suspect>,
+    /// Start of the current log window, lines logged and suppressed in it.
+    log_window: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
 }
 
 /// `(view, key, hash, vhash)` as read from the table.
@@ -247,7 +256,17 @@ impl Inspector {
                 metrics::keys_inspected(r, 0);
             }
         }
-        Inspector { rate: keys_per_second, codec, last: None, cursor: None, placed: false, suspects: Vec::new() }
+        Inspector {
+            rate: keys_per_second,
+            codec,
+            last: None,
+            cursor: None,
+            placed: false,
+            suspects: Vec::new(),
+            log_window: None,
+            logged: 0,
+            suppressed: 0,
+        }
     }
 
     /// When the next inspection is due; `None` when disabled.
@@ -313,7 +332,12 @@ impl Inspector {
                             (_, Some(h)) => hex(&h),
                             (_, None) => "unreadable".to_owned(),
                         };
+                        let Some(suppressed) = self.may_log(now) else {
+                            repair.push((s.sample.view, s.sample.key));
+                            continue;
+                        };
                         tracing::warn!(
+                            suppressed,
                             view = %s.sample.view,
                             key = %String::from_utf8_lossy(&s.sample.key),
                             expected = %hex(&s.sample.vhash),
@@ -361,6 +385,22 @@ impl Inspector {
         views.sort();
         views.dedup();
         Ok(views)
+    }
+
+    /// `Some(lines suppressed since the last one)` when a line may be
+    /// logged (see [`LOG_BURST`]).
+    fn may_log(&mut self, now: Instant) -> Option<u64> {
+        if self.log_window.is_none_or(|w| now.duration_since(w) >= LOG_WINDOW) {
+            self.log_window = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < LOG_BURST {
+            self.logged += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
     }
 
     /// What memcached holds for each sample: [`Held`] on the servers the
@@ -520,6 +560,14 @@ mod tests {
         assert_eq!(record_of(&c, "w", b"zz").unwrap(), None);
         let off = Inspector::new(0, Codec::Msgpack, &Status::new());
         assert!(off.due_at().is_none() && !off.due() && !off.overdue());
+        // Inconsistency lines are rate-limited, the suppressed ones counted.
+        let t0 = Instant::now();
+        for _ in 0..LOG_BURST {
+            assert_eq!(i.may_log(t0), Some(0));
+        }
+        assert_eq!(i.may_log(t0), None);
+        assert_eq!(i.may_log(t0 + Duration::from_secs(1)), None);
+        assert_eq!(i.may_log(t0 + LOG_WINDOW), Some(2));
     }
 
     #[test]

@@ -44,7 +44,10 @@ fn config_with(state: &Path, servers: &[&Memcached], extra_memcached: &str, view
         state.display(),
         servers.join(", ")
     );
-    let cfg = Config::from_toml(&text).unwrap();
+    let mut cfg = Config::from_toml(&text).unwrap();
+    // The resyncs here count tampered keys: the consistency inspector
+    // would repair them first.
+    cfg.inspect.keys_per_second = 0;
     assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
     Arc::new(cfg)
 }

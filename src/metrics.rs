@@ -20,7 +20,7 @@
 //! | `tailcache_transactions_applied_total` | counter | | MySQL transactions the replica advanced past (also those that touched no watched table) |
 //! | `tailcache_snapshots_total` | counter | `reason` | full snapshots taken: `initial`, `forced`, `admin`, `signal`, `interval`, `server_changed`, `tables_changed`, `table_missing`, `position_lost`, `error` |
 //! | `tailcache_table_resnapshots_total` | counter | | single-table re-snapshots (DDL, a changed TABLE_MAP, statement-format DML, a table-scoped decode error) |
-//! | `tailcache_reconnects_total` | counter | | binlog links lost and retried |
+//! | `tailcache_reconnects_total` | counter | | binlog sessions that ended with a transient error and were retried: one per attempt, so a server down for a few seconds counts several |
 //! | `tailcache_view_compute_seconds` | histogram | `view` | time to compute one view over the replica |
 //! | `tailcache_publish_latency_seconds` | histogram | | from the first binlog event of a transaction to memcached's acknowledgement |
 //! | `tailcache_keys_set_total` | counter | `view` | keys written to memcached (once per key, not per server) |
@@ -278,7 +278,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     r.register(base(SNAPSHOTS_NAME), "Full snapshots taken, by reason", m.snapshots.clone());
     r.register(base(TABLE_RESNAPSHOTS_NAME), "Single-table re-snapshots", TABLE_RESNAPSHOTS.clone());
-    r.register(base(RECONNECTS_NAME), "Binlog links lost and retried", m.reconnects.clone());
+    r.register(base(RECONNECTS_NAME), "Binlog sessions ended by a transient error and retried (one per attempt)", m.reconnects.clone());
     r.register(VIEW_COMPUTE_NAME, "Seconds to compute one view over the replica", m.view_compute.family.clone());
     r.register(
         PUBLISH_LATENCY_NAME,

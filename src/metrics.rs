@@ -278,7 +278,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     r.register(base(SNAPSHOTS_NAME), "Full snapshots taken, by reason", m.snapshots.clone());
     r.register(base(TABLE_RESNAPSHOTS_NAME), "Single-table re-snapshots", TABLE_RESNAPSHOTS.clone());
-    r.register(base(RECONNECTS_NAME), "Binlog sessions ended by a transient error and retried (one per attempt)", m.reconnects.clone());
+    r.register(
+        base(RECONNECTS_NAME),
+        "Binlog sessions ended by a transient error and retried (one per attempt)",
+        m.reconnects.clone(),
+    );
     r.register(VIEW_COMPUTE_NAME, "Seconds to compute one view over the replica", m.view_compute.family.clone());
     r.register(
         PUBLISH_LATENCY_NAME,

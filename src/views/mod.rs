@@ -69,7 +69,8 @@
 //! CAS and CRLF (about 60 bytes in memcached 1.6), so a value tailcache
 //! accepts is never refused with "object too large".
 //!
-//! **Rejected entries** (any of the above): an error is logged naming the
+//! **Rejected entries** (any of the above): an error is logged (at most 10
+//! lines a minute, the rest counted in the next line) naming the
 //! view, the key (when there is one) and the size or column, the
 //! `tailcache_entries_rejected_total` counter increments (also shown in
 //! `/status` as `entries_rejected`), the rest of the view is still

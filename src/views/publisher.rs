@@ -362,6 +362,9 @@ struct Round<'w> {
     /// Marks the keys of each write in doubt before it is sent.
     doubt: &'w mut InDoubt,
     reject_log: &'w mut RateLimit,
+    /// Entries a view could not render (bad key, too large, ...): each is
+    /// counted, the log lines are rate-limited like refusals.
+    invalid_log: &'w mut RateLimit,
     needs_full: &'w mut HashSet<String>,
     /// Bookkeeping held until the read transaction ends: under a rollback
     /// journal (attached schemas) a write cannot commit while the replica
@@ -469,7 +472,7 @@ impl Round<'_> {
     /// Writes one piece of a sweep: what differs from the bookkeeping, or,
     /// in a full resync, from what memcached holds.
     async fn piece(&mut self, sweep: &mut Sweep, piece: ComputedView, resync: bool, viewset: &ViewSet) -> Result<()> {
-        note_computed(&piece);
+        note_computed(&piece, self.invalid_log);
         let marks = Published::mark(self.lookup, sweep, &piece.entries)?;
         if resync {
             self.resync(Resync::new(sweep.view().clone(), viewset, piece.entries, &marks, Vec::new())).await
@@ -497,10 +500,15 @@ impl Round<'_> {
 }
 
 /// Logs a computed view's rejected entries.
-fn note_computed(c: &ComputedView) {
+fn note_computed(c: &ComputedView, log: &mut RateLimit) {
+    let now = Instant::now();
     for r in &c.rejected {
         metrics::entry_rejected(r.view(), r.reason());
-        tracing::error!(view = %c.view, "{r}");
+        // At most REJECT_LOG_BURST lines a minute: a view with many bad
+        // rows would otherwise log each of them at every full computation.
+        if let Some(suppressed) = log.allow(now) {
+            tracing::error!(view = %c.view, suppressed, "{r}");
+        }
     }
 }
 
@@ -604,6 +612,7 @@ async fn delete_all(round: &mut Round<'_>, viewset: &ViewSet, view: &str, resync
 struct Worker {
     status: Arc<Status>,
     reject_log: RateLimit,
+    invalid_log: RateLimit,
     cfg: Arc<Config>,
     mc: MemcachedConfig,
     /// Reads the replica (one read transaction per round).
@@ -732,6 +741,7 @@ async fn run(
         inspector,
         status,
         reject_log: RateLimit::new(),
+        invalid_log: RateLimit::new(),
         cfg,
         mc,
         conn,
@@ -1014,6 +1024,7 @@ impl Worker {
             published,
             doubt,
             reject_log: &mut self.reject_log,
+            invalid_log: &mut self.invalid_log,
             needs_full: &mut self.needs_full,
             deferred: (!wal).then(Vec::new),
             down: Vec::new(),
@@ -1045,7 +1056,7 @@ impl Worker {
                         round.needs_full.remove(&c.view);
                     }
                     metrics::view_computed(&c.view, t0.elapsed());
-                    note_computed(&c);
+                    note_computed(&c, round.invalid_log);
                     if c.duplicate_keys > 0 {
                         tracing::warn!(view = %c.view, duplicates = c.duplicate_keys, "rows rendered the same key; the later row won");
                     }

@@ -722,15 +722,18 @@ mod tests {
         assert_eq!(new, vec![2; 16]);
     }
 
+    /// A dogpile value: `[payload, {"ct": ct, "v": 2}]`.
+    fn dogpile_value(payload: &[u8], ct: f64) -> Vec<u8> {
+        let mut b = Vec::new();
+        mp::array_len(&mut b, 2);
+        b.extend_from_slice(payload);
+        dogpile_metadata(&mut b, ct);
+        b
+    }
+
     #[test]
     fn value_hashes_cover_bytes_and_flags_but_not_dogpiles_creation_time() {
-        let wrap = |payload: &[u8], ct: f64| {
-            let mut b = Vec::new();
-            mp::array_len(&mut b, 2);
-            b.extend_from_slice(payload);
-            dogpile_metadata(&mut b, ct);
-            b
-        };
+        let wrap = dogpile_value;
         let (a, b) = (wrap(b"\xa3abc", 1.0), wrap(b"\xa3abc", 2.5));
         assert_eq!(value_hash(Codec::Dogpile, &a, 0), value_hash(Codec::Dogpile, &b, 0));
         assert_ne!(value_hash(Codec::Msgpack, &a, 0), value_hash(Codec::Msgpack, &b, 0));
@@ -742,13 +745,7 @@ mod tests {
 
     #[test]
     fn dogpile_values_compare_without_their_creation_time() {
-        let wrap = |payload: &[u8], ct: f64| {
-            let mut b = Vec::new();
-            mp::array_len(&mut b, 2);
-            b.extend_from_slice(payload);
-            dogpile_metadata(&mut b, ct);
-            b
-        };
+        let wrap = dogpile_value;
         let (a, b) = (wrap(b"\xa3abc", 1.0), wrap(b"\xa3abc", 2.5));
         assert_ne!(a, b);
         assert!(same_value(Codec::Dogpile, &a, 0, &b, 0));
